@@ -1,0 +1,308 @@
+//! The compact form a tensor takes after a value stage (`share`, `quantize`,
+//! `binarize`): one small symbol per element plus the per-group parameters
+//! that turn a symbol back into a value.
+//!
+//! Every value stage produces a [`Coded`]; the output formats store it and the
+//! dense writer and `decompress` both go through [`Coded::decode_into`], which
+//! is why a packed file restores to the dense output bit for bit.
+
+use rayon::prelude::*;
+
+/// A tensor seen as a matrix: `rows` = the first dimension (output
+/// channels / neurons), `cols` = the product of the others (the input
+/// dimension). Scalars and vectors are one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatrixShape {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl MatrixShape {
+    /// The matrix view of a tensor shape; `None` when the element count
+    /// overflows `usize`.
+    pub fn of(shape: &[usize]) -> Option<Self> {
+        match shape.split_first() {
+            None => Some(Self { rows: 1, cols: 1 }),
+            Some((&rows, rest)) if !rest.is_empty() => {
+                let cols = rest.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+                rows.checked_mul(cols)?;
+                Some(Self { rows, cols })
+            }
+            Some((&n, _)) => Some(Self { rows: 1, cols: n }),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Which elements share one set of parameters (scale, zero point, codebook).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    /// One set for the whole tensor.
+    Tensor,
+    /// One set per output channel (row).
+    Channel,
+    /// One set per run of `n` consecutive elements along the input dimension;
+    /// `n` divides the number of columns.
+    Group(usize),
+}
+
+impl Granularity {
+    /// Number of consecutive row-major elements that share one parameter set.
+    /// Callers have checked that a group size divides `shape.cols`.
+    pub fn group_len(self, shape: MatrixShape) -> usize {
+        let len = match self {
+            Granularity::Tensor => shape.len(),
+            Granularity::Channel => shape.cols,
+            Granularity::Group(n) => n,
+        };
+        len.max(1)
+    }
+}
+
+/// How symbols map back to values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decode {
+    /// Integer quantization: `value = ((symbol + qmin) - zero_point[g]) * scale[g]`
+    /// with `qmin = -2^(bits-1)`, so `symbol + qmin` is the signed integer `q`.
+    /// `zero_points` is empty for symmetric quantization (zero point 0).
+    Affine {
+        scales: Vec<f32>,
+        zero_points: Vec<i32>,
+    },
+    /// A codebook per group (weight sharing, binary, ternary):
+    /// `value = values[g * entries + symbol]`.
+    Codebook { entries: usize, values: Vec<f32> },
+    /// FP8 E4M3: `value = e4m3(symbol) * scale[g]`.
+    Fp8 { scales: Vec<f32> },
+}
+
+/// A tensor as symbols plus decode parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Coded {
+    /// One symbol per element, row-major, each `< 2^bits`.
+    pub symbols: Vec<u8>,
+    /// Bits a symbol needs when bit-packed (1..=8).
+    pub bits: u8,
+    /// Elements per parameter group (see [`Granularity::group_len`]).
+    pub group_len: usize,
+    pub decode: Decode,
+}
+
+/// Signed integer of an affine symbol: `symbol + qmin`, `qmin = -2^(bits-1)`.
+pub fn affine_q(symbol: u8, bits: u8) -> i32 {
+    i32::from(symbol) - (1i32 << (bits - 1))
+}
+
+/// The affine symbol of a signed integer `q` (inverse of [`affine_q`]).
+pub fn affine_symbol(q: i32, bits: u8) -> u8 {
+    (q + (1i32 << (bits - 1))) as u8
+}
+
+/// The one place an affine value is computed; `q - zero_point` is exact in f32.
+#[inline]
+pub fn affine_value(q: i32, zero_point: i32, scale: f32) -> f32 {
+    (q - zero_point) as f32 * scale
+}
+
+/// FP8 E4M3 (the `float8_e4m3fn` of PyTorch: no infinities, max 448) to f32.
+#[inline]
+pub fn e4m3_to_f32(code: u8) -> f32 {
+    float8::F8E4M3::from_bits(code).to_f32()
+}
+
+/// f32 to FP8 E4M3, rounding to nearest even and saturating at ±448.
+#[inline]
+pub fn f32_to_e4m3(x: f32) -> u8 {
+    let clamped = if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(-448.0, 448.0)
+    };
+    float8::F8E4M3::from_f32(clamped).to_bits()
+}
+
+impl Coded {
+    /// Number of parameter groups.
+    pub fn groups(&self) -> usize {
+        self.symbols.len().div_ceil(self.group_len.max(1))
+    }
+
+    /// The value of element `i` (plain reference path).
+    pub fn value(&self, i: usize) -> f32 {
+        let g = i / self.group_len;
+        let s = self.symbols[i];
+        match &self.decode {
+            Decode::Affine {
+                scales,
+                zero_points,
+            } => {
+                let zp = zero_points.get(g).copied().unwrap_or(0);
+                affine_value(affine_q(s, self.bits), zp, scales[g])
+            }
+            Decode::Codebook { entries, values } => values[g * entries + usize::from(s)],
+            Decode::Fp8 { scales } => e4m3_to_f32(s) * scales[g],
+        }
+    }
+
+    /// Decodes every element into `out` (same length as `symbols`), in parallel
+    /// over groups. Bit-identical to [`Coded::value`].
+    pub fn decode_into(&self, out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            self.symbols.len(),
+            "decode_into: length mismatch"
+        );
+        let gl = self.group_len.max(1);
+        let bits = self.bits;
+        out.par_chunks_mut(gl)
+            .zip(self.symbols.par_chunks(gl))
+            .enumerate()
+            .for_each(|(g, (o, s))| match &self.decode {
+                Decode::Affine {
+                    scales,
+                    zero_points,
+                } => {
+                    let zp = zero_points.get(g).copied().unwrap_or(0);
+                    let scale = scales[g];
+                    for (o, &s) in o.iter_mut().zip(s) {
+                        *o = affine_value(affine_q(s, bits), zp, scale);
+                    }
+                }
+                Decode::Codebook { entries, values } => {
+                    let book = &values[g * entries..(g + 1) * entries];
+                    for (o, &s) in o.iter_mut().zip(s) {
+                        *o = book[usize::from(s)];
+                    }
+                }
+                Decode::Fp8 { scales } => {
+                    let scale = scales[g];
+                    for (o, &s) in o.iter_mut().zip(s) {
+                        *o = e4m3_to_f32(s) * scale;
+                    }
+                }
+            });
+    }
+
+    /// All values, decoded.
+    pub fn decode(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.symbols.len()];
+        self.decode_into(&mut out);
+        out
+    }
+
+    /// The symbol that decodes to exactly zero in group `g`, if there is one.
+    /// Sparse encoding leaves these positions out.
+    pub fn zero_symbol(&self, g: usize) -> Option<u8> {
+        match &self.decode {
+            Decode::Affine { zero_points, .. } => {
+                let zp = zero_points.get(g).copied().unwrap_or(0);
+                let sym = zp + (1i32 << (self.bits - 1));
+                (0..(1i32 << self.bits)).contains(&sym).then_some(sym as u8)
+            }
+            Decode::Codebook { entries, values } => values
+                .get(g * entries..(g + 1) * entries)?
+                .iter()
+                .position(|&v| v == 0.0 && v.is_sign_positive())
+                .map(|p| p as u8),
+            Decode::Fp8 { .. } => Some(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matrix_shape_views_the_first_dimension_as_rows() {
+        assert_eq!(
+            MatrixShape::of(&[4, 3, 2, 2]),
+            Some(MatrixShape { rows: 4, cols: 12 })
+        );
+        assert_eq!(
+            MatrixShape::of(&[7]),
+            Some(MatrixShape { rows: 1, cols: 7 })
+        );
+        assert_eq!(MatrixShape::of(&[]), Some(MatrixShape { rows: 1, cols: 1 }));
+        assert_eq!(MatrixShape::of(&[usize::MAX, 2]), None);
+    }
+
+    #[test]
+    fn affine_symbols_round_trip_the_signed_range() {
+        for bits in 2..=8u8 {
+            let lo = -(1i32 << (bits - 1));
+            let hi = (1i32 << (bits - 1)) - 1;
+            for q in lo..=hi {
+                assert_eq!(affine_q(affine_symbol(q, bits), bits), q);
+            }
+        }
+    }
+
+    #[test]
+    fn e4m3_round_trips_every_finite_code() {
+        for code in 0..=255u8 {
+            let v = e4m3_to_f32(code);
+            if v.is_nan() {
+                continue;
+            }
+            let back = f32_to_e4m3(v);
+            assert_eq!(e4m3_to_f32(back), v, "code {code:#04x}");
+        }
+        assert_eq!(e4m3_to_f32(f32_to_e4m3(1e9)), 448.0);
+        assert_eq!(e4m3_to_f32(f32_to_e4m3(-1e9)), -448.0);
+    }
+
+    #[test]
+    fn decode_into_matches_value_for_every_scheme() {
+        let affine = Coded {
+            symbols: vec![0, 1, 2, 3, 4, 5, 6, 7],
+            bits: 3,
+            group_len: 4,
+            decode: Decode::Affine {
+                scales: vec![0.5, 2.0],
+                zero_points: vec![1, -1],
+            },
+        };
+        let book = Coded {
+            symbols: vec![0, 1, 1, 0],
+            bits: 1,
+            group_len: 2,
+            decode: Decode::Codebook {
+                entries: 2,
+                values: vec![-1.0, 1.0, -3.0, 3.0],
+            },
+        };
+        for c in [affine, book] {
+            let d = c.decode();
+            for (i, v) in d.iter().enumerate() {
+                assert_eq!(v.to_bits(), c.value(i).to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn the_zero_symbol_decodes_to_zero() {
+        let c = Coded {
+            symbols: vec![0; 4],
+            bits: 4,
+            group_len: 2,
+            decode: Decode::Affine {
+                scales: vec![0.1, 0.2],
+                zero_points: vec![3, -2],
+            },
+        };
+        for g in 0..2 {
+            let s = c.zero_symbol(g).unwrap();
+            let mut probe = c.clone();
+            probe.symbols[g * 2] = s;
+            assert_eq!(probe.value(g * 2), 0.0);
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Fidelity of a compressed tensor against the tensor that entered the value
+//! stages.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Error measures of `approx` against `exact`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Fidelity {
+    pub mse: f64,
+    pub max_abs_error: f64,
+    /// 10·log10(Σx² / Σ(x−y)²); `null` in JSON when the error is zero
+    /// (infinite SNR) or the signal is zero.
+    pub snr_db: Option<f64>,
+    /// Cosine similarity; `null` when either side is all zeros.
+    pub cosine: Option<f64>,
+    /// Fraction of exact zeros in `approx`.
+    pub sparsity: f64,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Sums {
+    err2: f64,
+    max_abs: f64,
+    x2: f64,
+    y2: f64,
+    xy: f64,
+    zeros: u64,
+}
+
+impl Sums {
+    fn add(mut self, x: f32, y: f32) -> Self {
+        let (x, y) = (f64::from(x), f64::from(y));
+        let d = x - y;
+        self.err2 += d * d;
+        self.max_abs = self.max_abs.max(d.abs());
+        self.x2 += x * x;
+        self.y2 += y * y;
+        self.xy += x * y;
+        self.zeros += u64::from(y == 0.0);
+        self
+    }
+
+    fn merge(self, o: Self) -> Self {
+        Self {
+            err2: self.err2 + o.err2,
+            max_abs: self.max_abs.max(o.max_abs),
+            x2: self.x2 + o.x2,
+            y2: self.y2 + o.y2,
+            xy: self.xy + o.xy,
+            zeros: self.zeros + o.zeros,
+        }
+    }
+}
+
+fn finish(s: Sums, n: usize) -> Fidelity {
+    let n = n.max(1) as f64;
+    let finite = |v: f64| v.is_finite().then_some(v);
+    Fidelity {
+        mse: s.err2 / n,
+        max_abs_error: s.max_abs,
+        snr_db: if s.err2 > 0.0 && s.x2 > 0.0 {
+            finite(10.0 * (s.x2 / s.err2).log10())
+        } else {
+            None
+        },
+        cosine: if s.x2 > 0.0 && s.y2 > 0.0 {
+            finite(s.xy / (s.x2.sqrt() * s.y2.sqrt()))
+        } else {
+            None
+        },
+        sparsity: s.zeros as f64 / n,
+    }
+}
+
+/// Plain sequential version, for tests.
+pub fn fidelity_reference(exact: &[f32], approx: &[f32]) -> Fidelity {
+    let s = exact
+        .iter()
+        .zip(approx)
+        .fold(Sums::default(), |s, (&x, &y)| s.add(x, y));
+    finish(s, exact.len())
+}
+
+/// Fidelity in parallel over chunks.
+pub fn fidelity(exact: &[f32], approx: &[f32]) -> Fidelity {
+    assert_eq!(exact.len(), approx.len(), "fidelity: length mismatch");
+    let s = exact
+        .par_chunks(1 << 16)
+        .zip(approx.par_chunks(1 << 16))
+        .map(|(a, b)| {
+            a.iter()
+                .zip(b)
+                .fold(Sums::default(), |s, (&x, &y)| s.add(x, y))
+        })
+        .reduce(Sums::default, Sums::merge);
+    finish(s, exact.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hand_worked_example() {
+        let f = fidelity_reference(&[1.0, 2.0, 0.0, -2.0], &[1.0, 1.0, 0.0, -2.0]);
+        assert_eq!(f.mse, 0.25);
+        assert_eq!(f.max_abs_error, 1.0);
+        assert!((f.snr_db.unwrap() - 10.0 * 9f64.log10()).abs() < 1e-12);
+        assert!((f.cosine.unwrap() - 7.0 / (3.0 * 6f64.sqrt())).abs() < 1e-12);
+        assert_eq!(f.sparsity, 0.25);
+    }
+
+    #[test]
+    fn identical_tensors_have_no_error_and_no_finite_snr() {
+        let x = [0.5f32, -1.0, 3.0];
+        let f = fidelity(&x, &x);
+        assert_eq!(f.mse, 0.0);
+        assert_eq!(f.snr_db, None);
+        assert!((f.cosine.unwrap() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn parallel_matches_reference() {
+        let x: Vec<f32> = (0..200_000)
+            .map(|i| ((i * 37 % 1001) as f32) - 500.0)
+            .collect();
+        let y: Vec<f32> = x.iter().map(|v| (v / 7.0).round() * 7.0).collect();
+        let (a, b) = (fidelity(&x, &y), fidelity_reference(&x, &y));
+        assert!((a.mse - b.mse).abs() <= 1e-9 * b.mse);
+        assert_eq!(a.max_abs_error, b.max_abs_error);
+        assert_eq!(a.sparsity, b.sparsity);
+    }
+}

@@ -1,0 +1,950 @@
+//! k-means weight sharing (Han et al., "Deep Compression", section 3): the
+//! nonzero weights of a tensor, or of each row, are clustered into `k`
+//! values, and every weight is stored as the index of its cluster.
+//!
+//! Weights that are exactly zero were removed by pruning. They are not
+//! clustered and never move: when the tensor has any exact zero, codebook
+//! entry 0 of every group is 0.0 and the `k` centroids follow at 1..=k.
+//!
+//! In one dimension Lloyd's algorithm needs no per-element assignment: with
+//! the values sorted, cluster `j` is the run of values between the midpoints
+//! of centroid `j` and its neighbours, so an iteration is `k` binary searches
+//! plus one sum per run. [`kmeans_1d_reference`] is the textbook loop over all
+//! centroids per element, kept to check the fast path against.
+//!
+//! Non-finite weights are not clustered either; they take the nearest end of
+//! the codebook (NaN the first centroid), so a damaged tensor still encodes.
+
+use rayon::prelude::*;
+
+use crate::compress::coded::{Coded, Decode, MatrixShape};
+
+/// How the `k` centroids are placed before the first Lloyd iteration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// Evenly spaced between the smallest and largest nonzero weight; keeps
+    /// centroids on the rare large weights, which Deep Compression found
+    /// matters most for accuracy.
+    Linear,
+    /// Evenly spaced over the cumulative distribution (quantiles).
+    Density,
+    /// k-means++ seeding, from a fixed seed so results are reproducible.
+    KmeansPlusPlus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShareParams {
+    /// Number of shared values, 2..=255 (one more entry is reserved for 0.0).
+    pub clusters: usize,
+    pub init: Init,
+    /// Upper bound on Lloyd iterations; the loop stops earlier once no
+    /// centroid moves.
+    pub iterations: usize,
+    /// One codebook per row instead of one for the whole tensor.
+    pub per_channel: bool,
+}
+
+/// The result of one-dimensional k-means.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KMeans {
+    /// `k` centroids, ascending. Repeated values appear only when the input
+    /// has fewer than `k` distinct values.
+    pub centroids: Vec<f32>,
+    /// Within-cluster sum of squares after the initialization and after every
+    /// iteration that moved a centroid (the iteration that moves nothing ends
+    /// the loop and adds no entry).
+    pub objective: Vec<f64>,
+}
+
+/// Below this many values the kernels run on the calling thread: the caller
+/// is then usually already parallel over rows.
+const PARALLEL_MIN: usize = 1 << 16;
+
+/// Values per unit of work when a run of sorted values is summed. The split
+/// depends only on positions, so sums (and thus centroids) are the same
+/// whether or not the work runs in parallel.
+const SUM_CHUNK: usize = 1 << 14;
+
+/// Elements per unit of work in the final assignment.
+const ASSIGN_CHUNK: usize = 1 << 16;
+
+/// Seed of the k-means++ generator: fixed so a pipeline gives the same file
+/// on every run.
+const KMEANS_PP_SEED: u64 = 0x6d6f_6465_6c70_7265;
+
+/// Clusters the nonzero weights of `data` (a `shape.rows` × `shape.cols`
+/// matrix, row-major) and returns their codebook form.
+///
+/// Preconditions (checked by the pipeline spec): `p.clusters` in 2..=255,
+/// `data.len() == shape.len()`.
+pub fn share(data: &[f32], shape: MatrixShape, p: &ShareParams) -> Coded {
+    assert!(
+        (2..=255).contains(&p.clusters),
+        "share: clusters must be 2..=255, got {}",
+        p.clusters
+    );
+    assert_eq!(data.len(), shape.len(), "share: data does not match shape");
+    let group_len = if p.per_channel {
+        shape.cols
+    } else {
+        shape.len()
+    }
+    .max(1);
+    let has_zero = if data.len() >= PARALLEL_MIN {
+        data.par_iter().any(|&x| x == 0.0)
+    } else {
+        data.contains(&0.0)
+    };
+    let zero_entries = usize::from(has_zero);
+    let entries = p.clusters + zero_entries;
+    let groups = data.len().div_ceil(group_len);
+    let mut symbols = vec![0u8; data.len()];
+    let mut values = vec![0.0f32; groups * entries];
+    symbols
+        .par_chunks_mut(group_len)
+        .zip(data.par_chunks(group_len))
+        .zip(values.par_chunks_mut(entries))
+        .for_each(|((symbols, data), book)| {
+            share_group(data, symbols, book, p);
+        });
+    Coded {
+        symbols,
+        bits: bits_for_entries(entries),
+        group_len,
+        decode: Decode::Codebook { entries, values },
+    }
+}
+
+/// Bits a symbol needs to address `entries` codebook entries (at least 1).
+fn bits_for_entries(entries: usize) -> u8 {
+    (usize::BITS - entries.saturating_sub(1).leading_zeros()).max(1) as u8
+}
+
+/// Clusters one group. `book` is the group's codebook: the zero entry (kept
+/// at 0.0, the symbol of exact zeros) when it has `k + 1` entries, then the
+/// `k` centroids.
+fn share_group(data: &[f32], symbols: &mut [u8], book: &mut [f32], p: &ShareParams) {
+    let k = p.clusters;
+    let offset = book.len() - k;
+    let book = &mut book[offset..];
+    let offset = offset as u8;
+    let clustered = |x: &f32| *x != 0.0 && x.is_finite();
+    let mut sorted: Vec<f32> = if data.len() >= PARALLEL_MIN {
+        data.par_iter().copied().filter(clustered).collect()
+    } else {
+        data.iter().copied().filter(clustered).collect()
+    };
+    sort_values(&mut sorted);
+    let km = kmeans_1d(&sorted, k, p.init, p.iterations);
+    drop(sorted);
+    book.copy_from_slice(&km.centroids);
+    let mids = midpoints(&km.centroids);
+    let assign = |symbols: &mut [u8], data: &[f32]| {
+        for (s, &x) in symbols.iter_mut().zip(data) {
+            *s = if x == 0.0 {
+                0
+            } else {
+                offset + nearest_cluster(&mids, x) as u8
+            };
+        }
+    };
+    if data.len() >= PARALLEL_MIN {
+        symbols
+            .par_chunks_mut(ASSIGN_CHUNK)
+            .zip(data.par_chunks(ASSIGN_CHUNK))
+            .for_each(|(s, d)| assign(s, d));
+    } else {
+        assign(symbols, data);
+    }
+}
+
+fn sort_values(v: &mut [f32]) {
+    if v.len() >= PARALLEL_MIN {
+        v.par_sort_unstable_by(f32::total_cmp);
+    } else {
+        v.sort_unstable_by(f32::total_cmp);
+    }
+}
+
+/// Decision boundaries between consecutive sorted centroids. In f64 the
+/// midpoint of two f32 values is exact, so "left of the midpoint" is exactly
+/// "nearer the left centroid".
+fn midpoints(centroids: &[f32]) -> Vec<f64> {
+    centroids
+        .windows(2)
+        .map(|w| (f64::from(w[0]) + f64::from(w[1])) * 0.5)
+        .collect()
+}
+
+/// Index of the nearest centroid given the midpoints; a value exactly on a
+/// midpoint goes to the upper centroid. NaN compares false and goes to 0.
+#[inline]
+fn nearest_cluster(mids: &[f64], x: f32) -> usize {
+    let x = f64::from(x);
+    mids.partition_point(|&m| m <= x)
+}
+
+/// One-dimensional k-means (Lloyd) over `sorted` values.
+///
+/// Preconditions: `sorted` is ascending (as by `f32::total_cmp`) and finite;
+/// `k >= 1`. With at most `k` distinct values the centroids are those values
+/// (the last repeated to fill `k`) and no iteration runs; with no values they
+/// are all 0.0.
+pub fn kmeans_1d(sorted: &[f32], k: usize, init: Init, iterations: usize) -> KMeans {
+    assert!(k >= 1, "kmeans_1d: k must be at least 1");
+    debug_assert!(
+        sorted.windows(2).all(|w| w[0] <= w[1]),
+        "kmeans_1d: values are not sorted"
+    );
+    if sorted.is_empty() {
+        return KMeans {
+            centroids: vec![0.0; k],
+            objective: vec![0.0],
+        };
+    }
+    if let Some(mut distinct) = distinct_values_up_to(sorted, k) {
+        let last = *distinct.last().expect("sorted is not empty");
+        distinct.resize(k, last);
+        return KMeans {
+            centroids: distinct,
+            objective: vec![0.0],
+        };
+    }
+    lloyd_sorted(sorted, initial_centroids(sorted, k, init), iterations)
+}
+
+/// The `k` starting centroids of [`kmeans_1d`], ascending, and strictly
+/// increasing when `sorted` has more than `k` distinct values.
+///
+/// Preconditions as for [`kmeans_1d`], and `sorted` is not empty.
+pub fn initial_centroids(sorted: &[f32], k: usize, init: Init) -> Vec<f32> {
+    assert!(
+        k >= 1 && !sorted.is_empty(),
+        "initial_centroids: empty input"
+    );
+    if let Some(mut distinct) = distinct_values_up_to(sorted, k) {
+        let last = *distinct.last().expect("sorted is not empty");
+        distinct.resize(k, last);
+        return distinct;
+    }
+    let n = sorted.len();
+    let (lo, hi) = (f64::from(sorted[0]), f64::from(sorted[n - 1]));
+    let mut c: Vec<f32> = match init {
+        Init::Linear if k == 1 => vec![((lo + hi) * 0.5) as f32],
+        Init::Linear => (0..k)
+            .map(|i| (lo + (hi - lo) * i as f64 / (k - 1) as f64) as f32)
+            .collect(),
+        Init::Density => (0..k)
+            .map(|i| {
+                let q = (i as f64 + 0.5) / k as f64;
+                sorted[((q * n as f64) as usize).min(n - 1)]
+            })
+            .collect(),
+        Init::KmeansPlusPlus => kmeans_plus_plus(sorted, k),
+    };
+    c.sort_unstable_by(f32::total_cmp);
+    if c.windows(2).any(|w| w[0] >= w[1]) || c.iter().any(|x| !x.is_finite()) {
+        make_strictly_increasing(sorted, &mut c);
+    }
+    c
+}
+
+/// The distinct values of `sorted` if there are at most `k` of them.
+/// Jumps from value to value by binary search: O(k log n).
+fn distinct_values_up_to(sorted: &[f32], k: usize) -> Option<Vec<f32>> {
+    let mut distinct = Vec::with_capacity(k);
+    let mut i = 0;
+    while i < sorted.len() {
+        if distinct.len() == k {
+            return None;
+        }
+        let v = sorted[i];
+        distinct.push(v);
+        i += sorted[i..].partition_point(|&x| x <= v);
+    }
+    Some(distinct)
+}
+
+/// Smallest value of `sorted` greater than `x`.
+fn next_value_above(sorted: &[f32], x: f32) -> Option<f32> {
+    sorted.get(sorted.partition_point(|&v| v <= x)).copied()
+}
+
+/// Largest value of `sorted` less than `x`.
+fn prev_value_below(sorted: &[f32], x: f32) -> Option<f32> {
+    sorted
+        .partition_point(|&v| v < x)
+        .checked_sub(1)
+        .map(|i| sorted[i])
+}
+
+/// Separates repeated starting centroids (a density init on a tensor where
+/// many weights share one value, or a linear init over a tiny range), so no
+/// two clusters compete for the same values.
+///
+/// With `D` the distinct values of `sorted` (more than `k` of them): the
+/// forward pass raises each centroid to at least the next data value above
+/// its predecessor, which keeps `c[i] >= D[i]`; the backward pass lowers each
+/// to at most the data value just below its successor, which keeps
+/// `c[i] >= D[i]` (so that value exists) and makes the sequence strictly
+/// increasing.
+fn make_strictly_increasing(sorted: &[f32], c: &mut [f32]) {
+    let (lo, hi) = (sorted[0], sorted[sorted.len() - 1]);
+    c[0] = c[0].clamp(lo, hi);
+    for i in 1..c.len() {
+        let floor = next_value_above(sorted, c[i - 1]).unwrap_or(f32::INFINITY);
+        c[i] = c[i].max(floor);
+    }
+    let last = c.len() - 1;
+    c[last] = c[last].min(hi);
+    for i in (0..last).rev() {
+        let ceiling = prev_value_below(sorted, c[i + 1])
+            .expect("more distinct values than centroids leave room below");
+        c[i] = c[i].min(ceiling);
+    }
+}
+
+/// SplitMix64 (Steele, Lea, Flood 2014): tiny, and good enough to sample
+/// seeds; a fixed seed keeps k-means++ reproducible.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Uniform in 0..n (n > 0), by multiply-shift.
+    fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
+    }
+}
+
+/// The stretch of sorted values between two neighbouring chosen centroids
+/// (or before the first / after the last), with the squared distance of each
+/// value to the nearer of the two, summed per `SUM_CHUNK` values.
+struct Gap {
+    start: usize,
+    end: usize,
+    /// Neighbouring centroids; an infinity stands for "none on this side"
+    /// and gives an infinite (never the minimum) distance.
+    left: f64,
+    right: f64,
+    chunk_weights: Vec<f64>,
+    weight: f64,
+}
+
+impl Gap {
+    fn new(sorted: &[f32], start: usize, end: usize, left: f64, right: f64) -> Gap {
+        let values = &sorted[start..end];
+        let sum = |chunk: &[f32]| distance2_sum(chunk, left, right);
+        let chunk_weights: Vec<f64> = if values.len() >= PARALLEL_MIN {
+            values.par_chunks(SUM_CHUNK).map(sum).collect()
+        } else {
+            values.chunks(SUM_CHUNK).map(sum).collect()
+        };
+        let weight = chunk_weights.iter().sum();
+        Gap {
+            start,
+            end,
+            left,
+            right,
+            chunk_weights,
+            weight,
+        }
+    }
+
+    #[inline]
+    fn distance2(&self, x: f32) -> f64 {
+        distance2(f64::from(x), self.left, self.right)
+    }
+}
+
+#[inline]
+fn distance2(x: f64, left: f64, right: f64) -> f64 {
+    let (l, r) = (x - left, x - right);
+    (l * l).min(r * r)
+}
+
+/// Sum of squared distances to the nearer of `left` and `right`, in four
+/// independent lanes so the additions pipeline.
+fn distance2_sum(values: &[f32], left: f64, right: f64) -> f64 {
+    let mut lanes = [0.0f64; 4];
+    let mut quads = values.chunks_exact(4);
+    for q in &mut quads {
+        for (lane, &x) in lanes.iter_mut().zip(q) {
+            *lane += distance2(f64::from(x), left, right);
+        }
+    }
+    let tail: f64 = quads
+        .remainder()
+        .iter()
+        .map(|&x| distance2(f64::from(x), left, right))
+        .sum();
+    (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + tail
+}
+
+/// k-means++ seeding (Arthur and Vassilvitskii 2007) on sorted values: each
+/// new centroid is drawn with probability proportional to its squared
+/// distance to the nearest chosen one. In one dimension a new centroid only
+/// changes the distances inside the gap it falls in, so each step rescans
+/// that gap instead of all values.
+///
+/// Precondition: `sorted` has more than `k` distinct values. Returns `k`
+/// distinct data values (fewer only if rounding leaves no positive weight;
+/// the caller repairs that).
+fn kmeans_plus_plus(sorted: &[f32], k: usize) -> Vec<f32> {
+    let mut rng = SplitMix64(KMEANS_PP_SEED);
+    let n = sorted.len();
+    let first = sorted[rng.below(n)];
+    let split = sorted.partition_point(|&v| v < first);
+    let (inf, c) = (f64::INFINITY, f64::from(first));
+    let mut gaps = vec![
+        Gap::new(sorted, 0, split, -inf, c),
+        Gap::new(sorted, split, n, c, inf),
+    ];
+    let mut chosen = vec![first];
+    while chosen.len() < k {
+        let total: f64 = gaps.iter().map(|g| g.weight).sum();
+        if total <= 0.0 || !total.is_finite() {
+            break;
+        }
+        let Some((g, i)) = sample_by_weight(sorted, &gaps, rng.unit() * total) else {
+            break;
+        };
+        let x = sorted[i];
+        let old = gaps.remove(g);
+        let split = old.start + sorted[old.start..old.end].partition_point(|&v| v < x);
+        let c = f64::from(x);
+        gaps.insert(g, Gap::new(sorted, split, old.end, c, old.right));
+        gaps.insert(g, Gap::new(sorted, old.start, split, old.left, c));
+        chosen.push(x);
+    }
+    chosen.resize(k, f32::INFINITY);
+    chosen
+}
+
+/// The gap and the index of the value where the running sum of squared
+/// distances first exceeds `target`; falls back to the last value with
+/// positive weight when rounding puts `target` past the end.
+fn sample_by_weight(sorted: &[f32], gaps: &[Gap], mut target: f64) -> Option<(usize, usize)> {
+    let last_positive = gaps.iter().rposition(|g| g.weight > 0.0)?;
+    let g = gaps
+        .iter()
+        .position(|gap| {
+            if gap.weight > target {
+                true
+            } else {
+                target -= gap.weight;
+                false
+            }
+        })
+        .unwrap_or(last_positive);
+    let gap = &gaps[g];
+    let mut fallback = None;
+    for (c, &w) in gap.chunk_weights.iter().enumerate() {
+        if w <= target {
+            target -= w;
+            continue;
+        }
+        let start = gap.start + c * SUM_CHUNK;
+        let end = (start + SUM_CHUNK).min(gap.end);
+        for (i, &x) in sorted[start..end].iter().enumerate() {
+            let d = gap.distance2(x);
+            if d > 0.0 {
+                fallback = Some(start + i);
+            }
+            if d > target {
+                return Some((g, start + i));
+            }
+            target -= d;
+        }
+    }
+    fallback
+        .or_else(|| {
+            (gap.start..gap.end)
+                .rev()
+                .find(|&i| gap.distance2(sorted[i]) > 0.0)
+        })
+        .map(|i| (g, i))
+}
+
+/// Count, sum and squared deviation from the current centroid of one
+/// cluster's values.
+#[derive(Debug, Clone, Copy, Default)]
+struct RunStats {
+    count: usize,
+    sum: f64,
+    sse: f64,
+}
+
+impl RunStats {
+    /// Four independent lanes per sum so the additions pipeline (the
+    /// order is fixed, so the result does not depend on threading).
+    fn of(values: &[f32], centroid: f32) -> RunStats {
+        let c = f64::from(centroid);
+        let (mut sum, mut sse) = ([0.0f64; 4], [0.0f64; 4]);
+        let mut quads = values.chunks_exact(4);
+        for q in &mut quads {
+            for lane in 0..4 {
+                let x = f64::from(q[lane]);
+                sum[lane] += x;
+                sse[lane] += (x - c) * (x - c);
+            }
+        }
+        let (mut tail_sum, mut tail_sse) = (0.0f64, 0.0f64);
+        for &x in quads.remainder() {
+            let x = f64::from(x);
+            tail_sum += x;
+            tail_sse += (x - c) * (x - c);
+        }
+        RunStats {
+            count: values.len(),
+            sum: (sum[0] + sum[1]) + (sum[2] + sum[3]) + tail_sum,
+            sse: (sse[0] + sse[1]) + (sse[2] + sse[3]) + tail_sse,
+        }
+    }
+
+    fn add(&mut self, other: RunStats) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.sse += other.sse;
+    }
+}
+
+/// Statistics of each cluster under nearest-centroid assignment: cluster `j`
+/// is the run of sorted values between midpoints `j-1` and `j`.
+fn cluster_stats(sorted: &[f32], centroids: &[f32]) -> Vec<RunStats> {
+    let mids = midpoints(centroids);
+    let mut bounds = Vec::with_capacity(centroids.len() + 1);
+    bounds.push(0);
+    bounds.extend(
+        mids.iter()
+            .map(|&m| sorted.partition_point(|&v| f64::from(v) < m)),
+    );
+    bounds.push(sorted.len());
+    let pieces: Vec<(usize, usize, usize)> = bounds
+        .windows(2)
+        .enumerate()
+        .flat_map(|(j, w)| {
+            (w[0]..w[1])
+                .step_by(SUM_CHUNK)
+                .map(move |s| (j, s, (s + SUM_CHUNK).min(w[1])))
+        })
+        .collect();
+    let piece_stats =
+        |&(j, s, e): &(usize, usize, usize)| RunStats::of(&sorted[s..e], centroids[j]);
+    let partial: Vec<RunStats> = if sorted.len() >= PARALLEL_MIN {
+        pieces.par_iter().map(piece_stats).collect()
+    } else {
+        pieces.iter().map(piece_stats).collect()
+    };
+    let mut stats = vec![RunStats::default(); centroids.len()];
+    for (&(j, _, _), p) in pieces.iter().zip(partial) {
+        stats[j].add(p);
+    }
+    stats
+}
+
+/// Lloyd iterations on sorted values from the given ascending centroids.
+fn lloyd_sorted(sorted: &[f32], mut centroids: Vec<f32>, iterations: usize) -> KMeans {
+    let mut stats = cluster_stats(sorted, &centroids);
+    let mut objective = Vec::with_capacity(iterations + 1);
+    objective.push(stats.iter().map(|s| s.sse).sum());
+    for _ in 0..iterations {
+        let next = updated_centroids(&centroids, stats.iter().map(|s| (s.count, s.sum)));
+        if next == centroids {
+            break;
+        }
+        centroids = next;
+        stats = cluster_stats(sorted, &centroids);
+        objective.push(stats.iter().map(|s| s.sse).sum());
+    }
+    KMeans {
+        centroids,
+        objective,
+    }
+}
+
+/// Each centroid moves to the mean of its cluster; an empty cluster keeps its
+/// centroid. Rounding the mean to f32 cannot raise the objective: the nearest
+/// f32 to the mean is no farther from it than the old (f32) centroid.
+fn updated_centroids(
+    centroids: &[f32],
+    count_and_sum: impl Iterator<Item = (usize, f64)>,
+) -> Vec<f32> {
+    centroids
+        .iter()
+        .zip(count_and_sum)
+        .map(|(&c, (count, sum))| {
+            if count == 0 {
+                c
+            } else {
+                (sum / count as f64) as f32
+            }
+        })
+        .collect()
+}
+
+/// Plain Lloyd: every iteration assigns each value to the nearest of all `k`
+/// centroids (ties to the later, i.e. upper, centroid, as in the fast path).
+/// Same stopping rule and objective as [`kmeans_1d`]; `centroids` are sorted
+/// first.
+pub fn kmeans_1d_reference(values: &[f32], mut centroids: Vec<f32>, iterations: usize) -> KMeans {
+    centroids.sort_unstable_by(f32::total_cmp);
+    let k = centroids.len();
+    let assign = |centroids: &[f32]| {
+        let mut counts = vec![0usize; k];
+        let mut sums = vec![0.0f64; k];
+        let mut sse = 0.0f64;
+        for &x in values {
+            let x64 = f64::from(x);
+            let mut best = 0;
+            let mut best_d = f64::INFINITY;
+            for (j, &c) in centroids.iter().enumerate() {
+                let d = (x64 - f64::from(c)).powi(2);
+                if d <= best_d {
+                    best = j;
+                    best_d = d;
+                }
+            }
+            counts[best] += 1;
+            sums[best] += x64;
+            sse += best_d;
+        }
+        (counts, sums, sse)
+    };
+    let (mut counts, mut sums, sse) = assign(&centroids);
+    let mut objective = vec![sse];
+    for _ in 0..iterations {
+        let next = updated_centroids(&centroids, counts.iter().copied().zip(sums.iter().copied()));
+        if next == centroids {
+            break;
+        }
+        centroids = next;
+        let (c, s, sse) = assign(&centroids);
+        (counts, sums) = (c, s);
+        objective.push(sse);
+    }
+    KMeans {
+        centroids,
+        objective,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn params(clusters: usize, init: Init, per_channel: bool) -> ShareParams {
+        ShareParams {
+            clusters,
+            init,
+            iterations: 30,
+            per_channel,
+        }
+    }
+
+    fn sorted(values: &[f32]) -> Vec<f32> {
+        let mut v = values.to_vec();
+        v.sort_unstable_by(f32::total_cmp);
+        v
+    }
+
+    /// The first index where two centroid lists differ by more than `tol`
+    /// relative to the data range.
+    fn first_difference(a: &[f32], b: &[f32], tol: f64) -> Option<(usize, f32, f32)> {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .enumerate()
+            .find(|(_, (x, y))| (f64::from(**x) - f64::from(**y)).abs() > tol)
+            .map(|(i, (x, y))| (i, *x, *y))
+    }
+
+    fn assert_never_rises(objective: &[f64]) -> Result<(), TestCaseError> {
+        for (i, w) in objective.windows(2).enumerate() {
+            // Summation order alone can move the last bits of the total.
+            let slack = 1e-12 * w[0].abs() + 1e-30;
+            prop_assert!(
+                w[1] <= w[0] + slack,
+                "objective rose at iteration {}: {} -> {}",
+                i + 1,
+                w[0],
+                w[1]
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn two_well_separated_groups_converge_to_their_means() {
+        let v = [1.0, 2.0, 3.0, 10.0, 11.0, 12.0];
+        let km = kmeans_1d(&v, 2, Init::Linear, 10);
+        assert_eq!(km.centroids, vec![2.0, 11.0]);
+        // From [1, 12]: (0+1+4)+(4+1+0) = 10; then (1+0+1)+(1+0+1) = 4.
+        assert_eq!(km.objective, vec![10.0, 4.0]);
+        assert_eq!(kmeans_1d_reference(&v, vec![12.0, 1.0], 10), km);
+    }
+
+    #[test]
+    fn inits_follow_deep_compression() {
+        let v: Vec<f32> = (0..10).map(|i| (i * i) as f32).collect();
+        assert_eq!(
+            initial_centroids(&v, 4, Init::Linear),
+            vec![0.0, 27.0, 54.0, 81.0]
+        );
+        // Quantiles at 1/8, 3/8, 5/8, 7/8 of 10 values: indices 1, 3, 6, 8.
+        assert_eq!(
+            initial_centroids(&v, 4, Init::Density),
+            vec![1.0, 9.0, 36.0, 64.0]
+        );
+        let pp = initial_centroids(&v, 4, Init::KmeansPlusPlus);
+        assert_eq!(pp, initial_centroids(&v, 4, Init::KmeansPlusPlus));
+        assert!(pp.windows(2).all(|w| w[0] < w[1]));
+        assert!(pp.iter().all(|c| v.contains(c)), "{pp:?}");
+    }
+
+    #[test]
+    fn a_density_init_on_a_repeated_value_separates_the_centroids() {
+        let mut v = vec![0.5f32; 100];
+        v.extend([0.1, 0.2, 0.9, 1.0]);
+        let v = sorted(&v);
+        let c = initial_centroids(&v, 4, Init::Density);
+        assert!(c.windows(2).all(|w| w[0] < w[1]), "{c:?}");
+        assert!(c.iter().all(|x| v.contains(x)), "{c:?}");
+    }
+
+    #[test]
+    fn fewer_distinct_values_than_clusters_gives_those_values() {
+        let v = [-1.0, -1.0, 2.0, 2.0, 2.0];
+        for init in [Init::Linear, Init::Density, Init::KmeansPlusPlus] {
+            let km = kmeans_1d(&v, 4, init, 10);
+            assert_eq!(km.centroids, vec![-1.0, 2.0, 2.0, 2.0]);
+            assert_eq!(km.objective, vec![0.0]);
+        }
+        let c = share(
+            &[0.0, 3.0, 3.0, 0.0],
+            MatrixShape { rows: 1, cols: 4 },
+            &params(8, Init::KmeansPlusPlus, false),
+        );
+        assert_eq!(c.decode(), vec![0.0, 3.0, 3.0, 0.0]);
+    }
+
+    #[test]
+    fn empty_clusters_keep_their_centroid() {
+        // The middle linear centroid (5.5) has no values nearer than the ends.
+        let v = [0.0, 0.5, 10.5, 11.0];
+        let km = kmeans_1d(&v, 3, Init::Linear, 10);
+        assert_eq!(km.centroids, vec![0.25, 5.5, 10.75]);
+    }
+
+    #[test]
+    fn pruned_zeros_keep_entry_zero_and_decode_to_exactly_zero() {
+        let data = [0.0, 1.0, 1.5, 0.0, -3.0, -3.5, 0.0, 5.0];
+        let c = share(
+            &data,
+            MatrixShape { rows: 2, cols: 4 },
+            &params(3, Init::Linear, false),
+        );
+        let Decode::Codebook { entries, values } = &c.decode else {
+            panic!("share gives a codebook");
+        };
+        assert_eq!((*entries, c.bits, c.group_len), (4, 2, 8));
+        assert_eq!(values, &vec![0.0, -3.25, 1.25, 5.0]);
+        assert_eq!(c.symbols, vec![0, 2, 2, 0, 1, 1, 0, 3]);
+        assert_eq!(c.zero_symbol(0), Some(0));
+    }
+
+    #[test]
+    fn without_zeros_there_is_no_zero_entry() {
+        let c = share(
+            &[1.0, 2.0, 3.0, 4.0],
+            MatrixShape { rows: 1, cols: 4 },
+            &params(2, Init::Linear, false),
+        );
+        assert_eq!(c.bits, 1);
+        assert_eq!(
+            c.decode,
+            Decode::Codebook {
+                entries: 2,
+                values: vec![1.5, 3.5]
+            }
+        );
+    }
+
+    #[test]
+    fn per_channel_gives_each_row_its_own_codebook() {
+        let data = [1.0, 1.0, 2.0, 2.0, 100.0, 100.0, 0.0, 200.0];
+        let c = share(
+            &data,
+            MatrixShape { rows: 2, cols: 4 },
+            &params(2, Init::Density, true),
+        );
+        assert_eq!(c.group_len, 4);
+        // Row 0 has no zero but shares the tensor's layout: entry 0 unused.
+        assert_eq!(
+            c.decode,
+            Decode::Codebook {
+                entries: 3,
+                values: vec![0.0, 1.0, 2.0, 0.0, 100.0, 200.0]
+            }
+        );
+        assert_eq!(c.decode(), data.to_vec());
+    }
+
+    #[test]
+    fn all_zero_and_empty_tensors_are_handled() {
+        let c = share(
+            &[0.0; 6],
+            MatrixShape { rows: 2, cols: 3 },
+            &params(4, Init::KmeansPlusPlus, true),
+        );
+        assert_eq!(c.decode(), vec![0.0; 6]);
+        let c = share(
+            &[],
+            MatrixShape { rows: 0, cols: 3 },
+            &params(4, Init::Linear, false),
+        );
+        assert!(c.symbols.is_empty());
+    }
+
+    #[test]
+    fn non_finite_weights_take_the_ends_of_the_codebook() {
+        let data = [f32::NEG_INFINITY, 1.0, 2.0, 3.0, f32::INFINITY, f32::NAN];
+        let c = share(
+            &data,
+            MatrixShape { rows: 1, cols: 6 },
+            &params(3, Init::Linear, false),
+        );
+        assert_eq!(c.symbols, vec![0, 0, 1, 2, 2, 0]);
+    }
+
+    #[test]
+    fn a_large_tensor_uses_the_parallel_path_and_matches_the_reference() {
+        let data: Vec<f32> = (0..(PARALLEL_MIN * 3))
+            .map(|i| {
+                if i % 5 == 0 {
+                    0.0
+                } else {
+                    ((i * 7919) % 1000) as f32 / 64.0 - 7.0
+                }
+            })
+            .collect();
+        let nonzero: Vec<f32> = data.iter().copied().filter(|&x| x != 0.0).collect();
+        let s = sorted(&nonzero);
+        for init in [Init::Linear, Init::Density, Init::KmeansPlusPlus] {
+            let start = initial_centroids(&s, 16, init);
+            let fast = kmeans_1d(&s, 16, init, 15);
+            let reference = kmeans_1d_reference(&nonzero, start, 15);
+            assert_eq!(
+                first_difference(&fast.centroids, &reference.centroids, 1e-4),
+                None,
+                "{init:?}"
+            );
+        }
+    }
+
+    fn grid_values() -> impl Strategy<Value = Vec<f32>> {
+        // Multiples of 1/256: sums are exact in f64, so both paths agree.
+        prop::collection::vec(-2000i32..2000, 1..300)
+            .prop_map(|v| v.into_iter().map(|x| x as f32 / 256.0).collect())
+    }
+
+    fn any_init() -> impl Strategy<Value = Init> {
+        prop_oneof![
+            Just(Init::Linear),
+            Just(Init::Density),
+            Just(Init::KmeansPlusPlus)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn the_objective_never_rises(
+            values in prop::collection::vec(-10.0f32..10.0, 1..400),
+            k in 1usize..20,
+            init in any_init(),
+        ) {
+            let s = sorted(&values);
+            let fast = kmeans_1d(&s, k, init, 25);
+            assert_never_rises(&fast.objective)?;
+            prop_assert!(fast.centroids.windows(2).all(|w| w[0] <= w[1]));
+            prop_assert!(fast.centroids.iter().all(|c| c.is_finite()));
+            let start = initial_centroids(&s, k, init);
+            let reference = kmeans_1d_reference(&values, start, 25);
+            assert_never_rises(&reference.objective)?;
+        }
+
+        #[test]
+        fn the_fast_path_matches_the_reference_from_the_same_start(
+            values in grid_values(),
+            k in 1usize..24,
+            init in any_init(),
+        ) {
+            let s = sorted(&values);
+            let start = initial_centroids(&s, k, init);
+            let reference = kmeans_1d_reference(&values, start.clone(), 20);
+            let fast = lloyd_sorted(&s, start, 20);
+            prop_assert_eq!(
+                first_difference(&fast.centroids, &reference.centroids, 1e-6),
+                None
+            );
+            prop_assert_eq!(fast.objective.len(), reference.objective.len());
+            for (i, (a, b)) in fast.objective.iter().zip(&reference.objective).enumerate() {
+                prop_assert!(
+                    (a - b).abs() <= 1e-9 * a.abs().max(1.0),
+                    "objective {} differs: {} vs {}", i, a, b
+                );
+            }
+        }
+
+        #[test]
+        fn symbols_index_the_codebook_and_zeros_stay_zero(
+            rows in 1usize..5,
+            cols in 1usize..40,
+            seed in prop::collection::vec((-4.0f32..4.0, 0u8..3), 200),
+            clusters in 2usize..40,
+            init in any_init(),
+            per_channel in any::<bool>(),
+        ) {
+            let data: Vec<f32> = (0..rows * cols)
+                .map(|i| {
+                    let (v, z) = seed[i % seed.len()];
+                    if z == 0 { 0.0 } else { v }
+                })
+                .collect();
+            let shape = MatrixShape { rows, cols };
+            let c = share(&data, shape, &params(clusters, init, per_channel));
+            let Decode::Codebook { entries, values } = &c.decode else {
+                panic!("share gives a codebook")
+            };
+            prop_assert_eq!(c.bits, bits_for_entries(*entries));
+            prop_assert!(*entries <= 1 << c.bits);
+            prop_assert_eq!(values.len(), c.groups() * entries);
+            let decoded = c.decode();
+            for (i, (&x, &s)) in data.iter().zip(&c.symbols).enumerate() {
+                prop_assert!(usize::from(s) < *entries, "symbol {} at {}", s, i);
+                let book_value = values[(i / c.group_len) * entries + usize::from(s)];
+                prop_assert_eq!(decoded[i], book_value);
+                if x == 0.0 {
+                    prop_assert_eq!(decoded[i].to_bits(), 0.0f32.to_bits(), "zero moved at {}", i);
+                } else {
+                    let has_zero_entry = data.contains(&0.0);
+                    prop_assert!(s != 0 || !has_zero_entry, "nonzero took the zero entry at {}", i);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,334 @@
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use modelpress::compress::report::Report;
+use modelpress::compress::spec::{preset, Pipeline, PipelineError, PRESETS};
+use modelpress::format::reader::Checkpoint;
+use modelpress::run::{self, CompressRequest, OutputFormat, Progress, RunError};
+
+/// Compress trained neural-network checkpoints (safetensors).
+#[derive(Parser)]
+#[command(name = "modelpress", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compress a checkpoint (a .safetensors file or a sharded directory).
+    Compress {
+        input: PathBuf,
+        /// Output directory.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// A named pipeline (see `modelpress presets`).
+        #[arg(
+            long,
+            conflicts_with = "pipeline",
+            required_unless_present = "pipeline"
+        )]
+        preset: Option<String>,
+        /// A pipeline JSON file: {"stages": [...]}.
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Packed)]
+        format: OutputFormat,
+        /// config.json to use instead of the one beside the input.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Restore a packed checkpoint to its dense form.
+    Decompress {
+        input: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// List a checkpoint's tensors (and, for a packed file, their encodings).
+    Inspect {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the named pipelines with their stages.
+    Presets {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Bad usage or bad input: exit code 2.
+#[derive(Debug)]
+struct BadInput(String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+fn classify(e: RunError) -> anyhow::Error {
+    if e.is_bad_input() {
+        BadInput(e.to_string()).into()
+    } else {
+        e.into()
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = std::panic::catch_unwind(|| run_command(cli));
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<BadInput>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(_) => {
+            eprintln!("error: internal failure (see the message above)");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load_pipeline(preset_name: Option<&str>, file: Option<&Path>) -> anyhow::Result<Pipeline> {
+    match (preset_name, file) {
+        (Some(name), _) => preset(name).map(|p| p.pipeline()).ok_or_else(|| {
+            let names: Vec<_> = PRESETS.iter().map(|p| p.name).collect();
+            BadInput(format!(
+                "unknown preset `{name}`; known presets: {}",
+                names.join(", ")
+            ))
+            .into()
+        }),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| BadInput(format!("{}: {e}", path.display())))?;
+            Pipeline::from_json(&text).map_err(|e| match e {
+                PipelineError::Json(_) | PipelineError::Spec(_) => {
+                    BadInput(format!("{}: {e}", path.display())).into()
+                }
+            })
+        }
+        (None, None) => Err(BadInput("give --preset NAME or --pipeline FILE".into()).into()),
+    }
+}
+
+fn run_command(cli: Cli) -> anyhow::Result<()> {
+    let cancel = AtomicBool::new(false);
+    match cli.command {
+        Command::Compress {
+            input,
+            output,
+            preset,
+            pipeline,
+            format,
+            config,
+        } => {
+            let pipeline = load_pipeline(preset.as_deref(), pipeline.as_deref())?;
+            let req = CompressRequest {
+                pipeline: &pipeline,
+                format,
+                config: config.as_deref(),
+            };
+            let bars = Bars::new();
+            let report = run::compress(&input, &output, &req, &bars, &cancel).map_err(classify)?;
+            bars.finish();
+            print_summary(&report, &output);
+        }
+        Command::Decompress { input, output } => {
+            let bars = Bars::new();
+            let restored = run::decompress(&input, &output, &bars, &cancel).map_err(classify)?;
+            bars.finish();
+            println!(
+                "restored {} tensors ({} bytes) into {}",
+                restored.tensors,
+                restored.bytes,
+                output.display()
+            );
+        }
+        Command::Inspect { path, json } => inspect(&path, json)?,
+        Command::Presets { json } => {
+            if json {
+                let list: Vec<_> = PRESETS
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "name": p.name,
+                            "description": p.description,
+                            "pipeline": p.spec(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for p in PRESETS {
+                    println!("{}\n  {}", p.name, p.description);
+                    for s in &p.spec().stages {
+                        println!("  - {}", serde_json::to_string(s)?);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+fn print_summary(report: &Report, out: &Path) {
+    let t = &report.totals;
+    println!("{:<22} {}", "output", out.display());
+    println!("{:<22} {}", "format", report.format);
+    println!("{:<22} {}", "tensors", t.tensors);
+    println!("{:<22} {}", "bytes before", human(t.bytes_before));
+    println!("{:<22} {}", "bytes after", human(t.bytes_after));
+    println!("{:<22} {:.2}x", "ratio", t.ratio);
+    println!("{:<22} {:.4}", "parameters kept", t.parameters_kept);
+    match (&t.worst_snr_tensor, t.worst_snr_db) {
+        (Some(name), Some(db)) => println!("{:<22} {db:.2} dB ({name})", "worst-tensor SNR"),
+        _ => println!("{:<22} lossless", "worst-tensor SNR"),
+    }
+    println!("{:<22} {:.2} s", "time", t.seconds_total);
+}
+
+fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
+    let ckpt = Checkpoint::open(path).map_err(|e| BadInput(e.to_string()))?;
+    let mut packed = Vec::new();
+    for i in 0..ckpt.shard_names().len() {
+        if let Ok(d) = run::packed_descriptions(ckpt.shard_metadata(i)) {
+            packed.extend(d);
+        }
+    }
+    if json {
+        let tensors: Vec<_> = ckpt
+            .tensors()
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name,
+                    "dtype": t.dtype.name(),
+                    "shape": t.shape,
+                    "bytes": t.end - t.start,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "path": path,
+            "shards": ckpt.shard_names(),
+            "total_bytes": ckpt.total_bytes(),
+            "tensors": tensors,
+            "packed": if packed.is_empty() { None } else { Some(&packed) },
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!(
+        "{} shard(s), {} tensors, {}",
+        ckpt.shard_names().len(),
+        ckpt.tensors().len(),
+        human(ckpt.total_bytes())
+    );
+    for t in ckpt.tensors() {
+        println!(
+            "{:<48} {:<8} {:<20} {}",
+            t.name,
+            t.dtype.name(),
+            format!("{:?}", t.shape),
+            human((t.end - t.start) as u64)
+        );
+    }
+    if !packed.is_empty() {
+        println!("\npacked encodings:");
+        for d in &packed {
+            println!(
+                "{:<48} {:<8} {:<20} {}",
+                d.name,
+                d.dtype.name(),
+                format!("{:?}", d.shape),
+                serde_json::to_string(&d.values).context("describing an encoding")?
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Progress bars on a terminal, nothing otherwise.
+struct Bars {
+    bar: Mutex<Option<ProgressBar>>,
+    enabled: bool,
+}
+
+impl Bars {
+    fn new() -> Self {
+        Self {
+            bar: Mutex::new(None),
+            enabled: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(mut b) = self.bar.lock() {
+            if let Some(b) = b.take() {
+                b.finish_and_clear();
+            }
+        }
+    }
+}
+
+impl Progress for Bars {
+    fn phase(&self, name: &str, total: usize) {
+        if !self.enabled {
+            return;
+        }
+        if let Ok(mut b) = self.bar.lock() {
+            if let Some(old) = b.take() {
+                old.finish_and_clear();
+            }
+            let bar = ProgressBar::new(total as u64);
+            let style = ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} {wide_msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_prefix(name.to_string());
+            *b = Some(bar);
+        }
+    }
+
+    fn tensor_done(&self, name: &str, done: usize, _total: usize) {
+        if let Ok(b) = self.bar.lock() {
+            if let Some(b) = b.as_ref() {
+                b.set_position(done as u64);
+                b.set_message(name.to_string());
+            }
+        }
+    }
+}
