@@ -190,6 +190,42 @@ impl Coded {
             });
     }
 
+    /// Decodes elements `start..start + out.len()` into `out`.
+    pub fn decode_range(&self, start: usize, out: &mut [f32]) {
+        let gl = self.group_len.max(1);
+        let bits = self.bits;
+        let mut done = 0;
+        while done < out.len() {
+            let i = start + done;
+            let g = i / gl;
+            let n = (gl - i % gl).min(out.len() - done);
+            let (o, s) = (&mut out[done..done + n], &self.symbols[i..i + n]);
+            match &self.decode {
+                Decode::Affine {
+                    scales,
+                    zero_points,
+                } => {
+                    let zp = zero_points.get(g).copied().unwrap_or(0);
+                    for (o, &s) in o.iter_mut().zip(s) {
+                        *o = affine_value(affine_q(s, bits), zp, scales[g]);
+                    }
+                }
+                Decode::Codebook { entries, values } => {
+                    let book = &values[g * entries..(g + 1) * entries];
+                    for (o, &s) in o.iter_mut().zip(s) {
+                        *o = book[usize::from(s)];
+                    }
+                }
+                Decode::Fp8 { scales } => {
+                    for (o, &s) in o.iter_mut().zip(s) {
+                        *o = e4m3_to_f32(s) * scales[g];
+                    }
+                }
+            }
+            done += n;
+        }
+    }
+
     /// All values, decoded.
     pub fn decode(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.symbols.len()];
@@ -283,6 +319,13 @@ mod tests {
             let d = c.decode();
             for (i, v) in d.iter().enumerate() {
                 assert_eq!(v.to_bits(), c.value(i).to_bits());
+            }
+            for start in 0..d.len() {
+                for len in 0..=d.len() - start {
+                    let mut out = vec![0.0; len];
+                    c.decode_range(start, &mut out);
+                    assert_eq!(out, d[start..start + len], "range {start}+{len}");
+                }
             }
         }
     }

@@ -97,6 +97,26 @@ pub fn fidelity(exact: &[f32], approx: &[f32]) -> Fidelity {
     finish(s, exact.len())
 }
 
+/// Fidelity against values produced chunk by chunk: `approx(start, out)`
+/// fills `out` with elements `start..start + out.len()`. Nothing the size of
+/// the tensor is allocated.
+pub fn fidelity_with(exact: &[f32], approx: impl Fn(usize, &mut [f32]) + Sync) -> Fidelity {
+    const CHUNK: usize = 1 << 14;
+    let s = exact
+        .par_chunks(CHUNK)
+        .enumerate()
+        .map(|(k, a)| {
+            let mut buf = [0f32; CHUNK];
+            let b = &mut buf[..a.len()];
+            approx(k * CHUNK, b);
+            a.iter()
+                .zip(b.iter())
+                .fold(Sums::default(), |s, (&x, &y)| s.add(x, y))
+        })
+        .reduce(Sums::default, Sums::merge);
+    finish(s, exact.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +147,11 @@ mod tests {
             .collect();
         let y: Vec<f32> = x.iter().map(|v| (v / 7.0).round() * 7.0).collect();
         let (a, b) = (fidelity(&x, &y), fidelity_reference(&x, &y));
+        let c = fidelity_with(&x, |start, out| {
+            out.copy_from_slice(&y[start..start + out.len()])
+        });
+        assert!((c.mse - b.mse).abs() <= 1e-9 * b.mse);
+        assert_eq!(c.sparsity, b.sparsity);
         assert!((a.mse - b.mse).abs() <= 1e-9 * b.mse);
         assert_eq!(a.max_abs_error, b.max_abs_error);
         assert_eq!(a.sparsity, b.sparsity);

@@ -144,7 +144,6 @@ impl Layers {
         name: &str,
         dtype: Dtype,
         p: &Processed,
-        dense: &[f32],
         pipeline: &Pipeline,
         stage_idx: &[usize],
     ) -> Result<Vec<Piece<'static>>, String> {
@@ -160,8 +159,13 @@ impl Layers {
         }
         let (Some(si), Values::Coded(c)) = (value_stage, &p.values) else {
             self.unquantized(name, &p.shape, dtype.is_float_weight());
-            let mut bytes = vec![0u8; dense.len() * dtype.bitsize() / 8];
-            super::dtype::from_f32(dtype, dense, &mut bytes);
+            let Values::Raw(values) = &p.values else {
+                return Err(format!(
+                    "`{name}`: this stage has no compressed-tensors form"
+                ));
+            };
+            let mut bytes = vec![0u8; values.len() * dtype.bitsize() / 8];
+            super::dtype::from_f32(dtype, values, &mut bytes);
             return Ok(vec![piece(name.to_string(), dtype, p.shape.clone(), bytes)]);
         };
         let m = MatrixShape::of(&p.shape).ok_or_else(|| format!("`{name}`: shape overflows"))?;
