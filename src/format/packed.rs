@@ -23,6 +23,7 @@
 
 use std::borrow::Cow;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::dtype::{from_f32, to_f32, Dtype};
@@ -415,12 +416,16 @@ fn pack_coded(
     let mut sparse = None;
     if encode.is_some() {
         let zero_of: Vec<Option<u8>> = (0..c.groups()).map(|g| c.zero_symbol(g)).collect();
-        let nonzero: Vec<bool> = c
-            .symbols
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| zero_of[i / gl] != Some(s))
-            .collect();
+        let mut nonzero = vec![false; c.symbols.len()];
+        nonzero
+            .par_chunks_mut(gl)
+            .zip(c.symbols.par_chunks(gl))
+            .zip(&zero_of)
+            .for_each(|((nz, sym), &zero)| {
+                for (nz, &s) in nz.iter_mut().zip(sym) {
+                    *nz = Some(s) != zero;
+                }
+            });
         let kept: Vec<u8> = c
             .symbols
             .iter()
