@@ -152,42 +152,17 @@ impl Coded {
     }
 
     /// Decodes every element into `out` (same length as `symbols`), in parallel
-    /// over groups. Bit-identical to [`Coded::value`].
+    /// over chunks. Bit-identical to [`Coded::value`].
     pub fn decode_into(&self, out: &mut [f32]) {
         assert_eq!(
             out.len(),
             self.symbols.len(),
             "decode_into: length mismatch"
         );
-        let gl = self.group_len.max(1);
-        let bits = self.bits;
-        out.par_chunks_mut(gl)
-            .zip(self.symbols.par_chunks(gl))
+        const CHUNK: usize = 1 << 16;
+        out.par_chunks_mut(CHUNK)
             .enumerate()
-            .for_each(|(g, (o, s))| match &self.decode {
-                Decode::Affine {
-                    scales,
-                    zero_points,
-                } => {
-                    let zp = zero_points.get(g).copied().unwrap_or(0);
-                    let scale = scales[g];
-                    for (o, &s) in o.iter_mut().zip(s) {
-                        *o = affine_value(affine_q(s, bits), zp, scale);
-                    }
-                }
-                Decode::Codebook { entries, values } => {
-                    let book = &values[g * entries..(g + 1) * entries];
-                    for (o, &s) in o.iter_mut().zip(s) {
-                        *o = book[usize::from(s)];
-                    }
-                }
-                Decode::Fp8 { scales } => {
-                    let scale = scales[g];
-                    for (o, &s) in o.iter_mut().zip(s) {
-                        *o = e4m3_to_f32(s) * scale;
-                    }
-                }
-            });
+            .for_each(|(k, o)| self.decode_range(k * CHUNK, o));
     }
 
     /// Decodes elements `start..start + out.len()` into `out`.
