@@ -87,7 +87,27 @@ fn kernels(c: &mut Criterion) {
         per_channel: false,
     };
     g.bench_function("share-16", |b| b.iter(|| share(&w, shape, &p)));
-    let coded = share(&w, shape, &p);
+    // As in the deep-compression preset: 40% of the weights pruned first.
+    let mut pruned = w.clone();
+    prune_magnitude(&mut pruned, 0.4);
+    let pp = ShareParams {
+        init: Init::KmeansPlusPlus,
+        ..p
+    };
+    g.bench_function("share-16-kmeans++-pruned", |b| {
+        b.iter(|| share(&pruned, shape, &pp))
+    });
+    let per_row = ShareParams {
+        per_channel: true,
+        ..pp
+    };
+    g.bench_function("share-16-kmeans++-per-channel", |b| {
+        b.iter(|| share(&pruned, shape, &per_row))
+    });
+    let coded = share(&pruned, shape, &pp);
+    g.bench_function("huffman-frequencies", |b| {
+        b.iter(|| frequencies(&coded.symbols))
+    });
     let freqs = frequencies(&coded.symbols);
     let code = Huffman::from_frequencies(&freqs);
     let stream = code.encode(&coded.symbols).unwrap();
