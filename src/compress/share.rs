@@ -12,6 +12,16 @@
 //! plus one sum per run. [`kmeans_1d_reference`] is the textbook loop over all
 //! centroids per element, kept to check the fast path against.
 //!
+//! Sorting tens of millions of weights would cost more than everything else,
+//! so large groups are clustered over a histogram instead ([`ValueHistogram`]):
+//! bins that each span at most 2^-9 of their values' magnitude, with exact
+//! count, mean and spread. A bin's squared distance to a centroid `c` is
+//! `count * (mean - c)^2` plus its spread, so assigning whole bins to the
+//! centroid nearest their mean and moving centroids to weighted means is
+//! Lloyd's algorithm on the bins, and its objective, the exact one over the
+//! weights, still never rises. Only the final assignment looks at each weight
+//! again, and it is exact: nearest of the final centroids.
+//!
 //! Non-finite weights are not clustered either; they take the nearest end of
 //! the codebook (NaN the first centroid), so a damaged tensor still encodes.
 
@@ -65,8 +75,25 @@ const PARALLEL_MIN: usize = 1 << 16;
 /// whether or not the work runs in parallel.
 const SUM_CHUNK: usize = 1 << 14;
 
-/// Elements per unit of work in the final assignment.
+/// Elements per unit of work in the final assignment and in the histogram.
 const ASSIGN_CHUNK: usize = 1 << 16;
+
+/// Groups at least this long are clustered over a [`ValueHistogram`]; below
+/// it sorting a copy is cheaper than clearing the histogram.
+const HISTOGRAM_MIN: usize = 1 << 18;
+
+/// Leading bits of the order-preserving key that name a histogram bin: the
+/// sign, the 8 exponent bits and the top 9 mantissa bits, so a bin spans at
+/// most 2^-9 (0.2%) of its values' magnitude.
+const BIN_BITS: u32 = 18;
+const BINS: usize = 1 << BIN_BITS;
+/// Mantissa bits that vary within a bin.
+const BIN_LOW_BITS: u32 = 32 - BIN_BITS;
+const BIN_LOW_MASK: u32 = (1 << BIN_LOW_BITS) - 1;
+
+/// Bins per cluster below which a histogram is too coarse to place the
+/// centroids well; such groups are sorted instead.
+const MIN_BINS_PER_CLUSTER: usize = 16;
 
 /// Seed of the k-means++ generator: fixed so a pipeline gives the same file
 /// on every run.
@@ -128,24 +155,15 @@ fn share_group(data: &[f32], symbols: &mut [u8], book: &mut [f32], p: &SharePara
     let offset = book.len() - k;
     let book = &mut book[offset..];
     let offset = offset as u8;
-    let clustered = |x: &f32| *x != 0.0 && x.is_finite();
-    let mut sorted: Vec<f32> = if data.len() >= PARALLEL_MIN {
-        data.par_iter().copied().filter(clustered).collect()
-    } else {
-        data.iter().copied().filter(clustered).collect()
-    };
-    sort_values(&mut sorted);
-    let km = kmeans_1d(&sorted, k, p.init, p.iterations);
-    drop(sorted);
+    let km = cluster_group(data, k, p.init, p.iterations);
     book.copy_from_slice(&km.centroids);
     let mids = midpoints(&km.centroids);
+    // Without branches on the value: pruned zeros are scattered at random,
+    // so a branch on them would be mispredicted about as often as taken.
     let assign = |symbols: &mut [u8], data: &[f32]| {
         for (s, &x) in symbols.iter_mut().zip(data) {
-            *s = if x == 0.0 {
-                0
-            } else {
-                offset + nearest_cluster(&mids, x) as u8
-            };
+            let cluster = offset + nearest_cluster(&mids, x) as u8;
+            *s = if x == 0.0 { 0 } else { cluster };
         }
     };
     if data.len() >= PARALLEL_MIN {
@@ -156,6 +174,27 @@ fn share_group(data: &[f32], symbols: &mut [u8], book: &mut [f32], p: &SharePara
     } else {
         assign(symbols, data);
     }
+}
+
+/// k-means over the nonzero finite values of one group: over their
+/// histogram when the group is large and the histogram fine enough for `k`,
+/// else over a sorted copy. The choice depends only on the data, so results
+/// do not depend on threading.
+fn cluster_group(data: &[f32], k: usize, init: Init, iterations: usize) -> KMeans {
+    if data.len() >= HISTOGRAM_MIN {
+        let hist = ValueHistogram::of(data);
+        if hist.resolves(k) {
+            return kmeans_1d_binned(&hist, k, init, iterations);
+        }
+    }
+    let clustered = |x: &f32| *x != 0.0 && x.is_finite();
+    let mut sorted: Vec<f32> = if data.len() >= PARALLEL_MIN {
+        data.par_iter().copied().filter(clustered).collect()
+    } else {
+        data.iter().copied().filter(clustered).collect()
+    };
+    sort_values(&mut sorted);
+    kmeans_1d(&sorted, k, init, iterations)
 }
 
 fn sort_values(v: &mut [f32]) {
@@ -324,7 +363,11 @@ impl SplitMix64 {
 
     /// Uniform in 0..n (n > 0), by multiply-shift.
     fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
+        self.below_u64(n as u64) as usize
+    }
+
+    fn below_u64(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
     }
 }
 
@@ -560,7 +603,7 @@ fn lloyd_sorted(sorted: &[f32], mut centroids: Vec<f32>, iterations: usize) -> K
     let mut objective = Vec::with_capacity(iterations + 1);
     objective.push(stats.iter().map(|s| s.sse).sum());
     for _ in 0..iterations {
-        let next = updated_centroids(&centroids, stats.iter().map(|s| (s.count, s.sum)));
+        let next = updated_centroids(&centroids, stats.iter().map(|s| (s.count as u64, s.sum)));
         if next == centroids {
             break;
         }
@@ -579,7 +622,7 @@ fn lloyd_sorted(sorted: &[f32], mut centroids: Vec<f32>, iterations: usize) -> K
 /// f32 to the mean is no farther from it than the old (f32) centroid.
 fn updated_centroids(
     centroids: &[f32],
-    count_and_sum: impl Iterator<Item = (usize, f64)>,
+    count_and_sum: impl Iterator<Item = (u64, f64)>,
 ) -> Vec<f32> {
     centroids
         .iter()
@@ -594,6 +637,344 @@ fn updated_centroids(
         .collect()
 }
 
+/// Count, sum and sum of squares of the values in one histogram bin, kept
+/// as integers: the values of a bin share sign and exponent, so each is
+/// `(base + low) * 2^e` with `low` its last [`BIN_LOW_BITS`] mantissa bits.
+/// Integer sums are exact and do not depend on the order they were added in,
+/// so partial histograms from threads merge to the same result every time.
+#[derive(Debug, Clone, Copy, Default)]
+struct BinSums {
+    count: u64,
+    low: u64,
+    low_squares: u64,
+}
+
+/// One slot per bin and a last one that collects the values not clustered.
+type BinTable = [BinSums; BINS + 1];
+
+/// Key of `x` whose unsigned order is the order of the values (negative
+/// values reversed below the positive ones).
+#[inline]
+fn order_key(bits: u32) -> u32 {
+    bits ^ (((bits as i32 >> 31) as u32) | 0x8000_0000)
+}
+
+fn new_bin_table() -> Box<BinTable> {
+    vec![BinSums::default(); BINS + 1]
+        .into_boxed_slice()
+        .try_into()
+        .expect("the vector has BINS + 1 slots")
+}
+
+fn add_to_bins(mut table: Box<BinTable>, values: &[f32]) -> Box<BinTable> {
+    for &x in values {
+        let bits = x.to_bits();
+        // Zeros go to the extra slot without a branch (they are scattered
+        // at random). Infinities and NaNs have bins of their own, left out
+        // when the table is read.
+        let bin = if bits << 1 == 0 {
+            BINS
+        } else {
+            (order_key(bits) >> BIN_LOW_BITS) as usize
+        };
+        let low = u64::from(bits & BIN_LOW_MASK);
+        let slot = &mut table[bin];
+        slot.count += 1;
+        slot.low += low;
+        slot.low_squares += low * low;
+    }
+    table
+}
+
+fn merge_bin_tables(mut a: Box<BinTable>, b: Box<BinTable>) -> Box<BinTable> {
+    for (x, y) in a.iter_mut().zip(b.iter()) {
+        x.count += y.count;
+        x.low += y.low;
+        x.low_squares += y.low_squares;
+    }
+    a
+}
+
+/// A non-empty histogram bin.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Bin {
+    count: u64,
+    mean: f64,
+    /// Sum of squared deviations of the bin's values from `mean`.
+    spread: f64,
+}
+
+impl Bin {
+    /// The bin of table slot `index`, or `None` for the bins of infinities
+    /// and NaNs.
+    fn from_sums(index: usize, sums: &BinSums) -> Option<Bin> {
+        let index = index as u32;
+        let sign_bit = 1 << (BIN_BITS - 1);
+        // Undo `order_key`: the leading bits of the value itself.
+        let leading = if index & sign_bit != 0 {
+            index ^ sign_bit
+        } else {
+            !index & ((1 << BIN_BITS) - 1)
+        } << BIN_LOW_BITS;
+        let exponent = (leading >> 23) & 0xff;
+        if exponent == 0xff {
+            return None;
+        }
+        let hidden_bit = if exponent > 0 { 1u64 << 23 } else { 0 };
+        let base = hidden_bit | u64::from(leading & 0x007f_ffff);
+        // Subnormals (exponent 0) share the scale of exponent 1.
+        let scale = 2f64.powi(exponent.max(1) as i32 - 150);
+        let n = sums.count;
+        let magnitude = (base as f64 + sums.low as f64 / n as f64) * scale;
+        // n * sum(low^2) - sum(low)^2 = n * (squared deviations), exactly.
+        let spread = u128::from(n) * u128::from(sums.low_squares)
+            - u128::from(sums.low) * u128::from(sums.low);
+        Some(Bin {
+            count: n,
+            mean: if leading >> 31 == 1 {
+                -magnitude
+            } else {
+                magnitude
+            },
+            spread: spread as f64 / n as f64 * scale * scale,
+        })
+    }
+}
+
+/// The nonzero finite values of a group as narrow bins, ascending, each with
+/// exact count, mean and spread (see the module doc).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValueHistogram {
+    bins: Vec<Bin>,
+}
+
+impl ValueHistogram {
+    /// Zeros, infinities and NaNs are left out. Parallel for long inputs;
+    /// the result does not depend on the split.
+    pub fn of(values: &[f32]) -> ValueHistogram {
+        let table = if values.len() >= PARALLEL_MIN {
+            values
+                .par_chunks(ASSIGN_CHUNK)
+                .fold(new_bin_table, add_to_bins)
+                .reduce_with(merge_bin_tables)
+                .unwrap_or_else(new_bin_table)
+        } else {
+            add_to_bins(new_bin_table(), values)
+        };
+        let bins = table[..BINS]
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.count > 0)
+            .filter_map(|(i, s)| Bin::from_sums(i, s))
+            .collect();
+        ValueHistogram { bins }
+    }
+
+    /// Non-empty bins.
+    pub fn bins(&self) -> usize {
+        self.bins.len()
+    }
+
+    /// Values counted.
+    pub fn count(&self) -> u64 {
+        self.bins.iter().map(|b| b.count).sum()
+    }
+
+    /// Whether [`kmeans_1d_binned`] can cluster these values into `k`: there
+    /// are at most `k` distinct values, or enough bins to place `k`
+    /// centroids finely.
+    pub fn resolves(&self, k: usize) -> bool {
+        self.distinct_values_up_to(k).is_some()
+            || self.bins.len() >= k.saturating_mul(MIN_BINS_PER_CLUSTER)
+    }
+
+    /// The distinct values, if there are at most `k`: each bin then holds
+    /// one value (no spread), which its mean gives exactly.
+    fn distinct_values_up_to(&self, k: usize) -> Option<Vec<f32>> {
+        (self.bins.len() <= k && self.bins.iter().all(|b| b.spread == 0.0))
+            .then(|| self.bins.iter().map(|b| b.mean as f32).collect())
+    }
+
+    /// Index of the bin holding the `rank`-th smallest value (from 0).
+    fn bin_of_rank(&self, cumulative: &[u64], rank: u64) -> usize {
+        cumulative
+            .partition_point(|&c| c <= rank)
+            .min(self.bins.len() - 1)
+    }
+}
+
+/// One-dimensional k-means over a histogram: [`kmeans_1d`] with bins in
+/// place of values (see the module doc). `objective` is the exact
+/// within-cluster sum of squares of the values under the bins' assignment.
+///
+/// Precondition: `hist.resolves(k)`, `k >= 1`.
+pub fn kmeans_1d_binned(hist: &ValueHistogram, k: usize, init: Init, iterations: usize) -> KMeans {
+    assert!(k >= 1, "kmeans_1d_binned: k must be at least 1");
+    assert!(
+        hist.resolves(k),
+        "kmeans_1d_binned: {} bins are too few for {k} clusters",
+        hist.bins.len()
+    );
+    if hist.bins.is_empty() {
+        return KMeans {
+            centroids: vec![0.0; k],
+            objective: vec![0.0],
+        };
+    }
+    if let Some(mut distinct) = hist.distinct_values_up_to(k) {
+        let last = *distinct.last().expect("hist is not empty");
+        distinct.resize(k, last);
+        return KMeans {
+            centroids: distinct,
+            objective: vec![0.0],
+        };
+    }
+    lloyd_binned(hist, initial_centroids_binned(hist, k, init), iterations)
+}
+
+/// The `k` starting centroids of [`kmeans_1d_binned`], ascending and
+/// strictly increasing. Each init works as on sorted values, with every bin
+/// standing for its count of values at its mean.
+///
+/// Precondition: `hist.resolves(k)`, `k >= 1`, `hist` not empty.
+pub fn initial_centroids_binned(hist: &ValueHistogram, k: usize, init: Init) -> Vec<f32> {
+    assert!(
+        k >= 1 && !hist.bins.is_empty() && hist.resolves(k),
+        "initial_centroids_binned: empty or too coarse histogram"
+    );
+    if let Some(mut distinct) = hist.distinct_values_up_to(k) {
+        let last = *distinct.last().expect("hist is not empty");
+        distinct.resize(k, last);
+        return distinct;
+    }
+    let bins = &hist.bins;
+    let (lo, hi) = (bins[0].mean, bins[bins.len() - 1].mean);
+    let mut c: Vec<f32> = match init {
+        Init::Linear if k == 1 => vec![((lo + hi) * 0.5) as f32],
+        Init::Linear => (0..k)
+            .map(|i| (lo + (hi - lo) * i as f64 / (k - 1) as f64) as f32)
+            .collect(),
+        Init::Density => {
+            let cumulative = cumulative_counts(bins);
+            let n = cumulative[cumulative.len() - 1];
+            (0..k)
+                .map(|i| {
+                    let q = (i as f64 + 0.5) / k as f64;
+                    let rank = ((q * n as f64) as u64).min(n - 1);
+                    bins[hist.bin_of_rank(&cumulative, rank)].mean as f32
+                })
+                .collect()
+        }
+        Init::KmeansPlusPlus => kmeans_plus_plus_binned(hist, k),
+    };
+    c.sort_unstable_by(f32::total_cmp);
+    if c.windows(2).any(|w| w[0] >= w[1]) || c.iter().any(|x| !x.is_finite()) {
+        // Bins are disjoint intervals, so no three bin means round to one
+        // f32: with `MIN_BINS_PER_CLUSTER * k` bins there are more than `k`
+        // distinct means to separate the centroids with.
+        let means: Vec<f32> = bins.iter().map(|b| b.mean as f32).collect();
+        make_strictly_increasing(&means, &mut c);
+    }
+    c
+}
+
+fn cumulative_counts(bins: &[Bin]) -> Vec<u64> {
+    bins.iter()
+        .scan(0u64, |total, b| {
+            *total += b.count;
+            Some(*total)
+        })
+        .collect()
+}
+
+/// k-means++ seeding over bins: the first centroid is the mean of the bin
+/// of a uniformly drawn value, each next one the mean of a bin drawn with
+/// probability proportional to `count * distance^2` to the nearest chosen
+/// centroid. Returns `k` values, padded with infinity if rounding leaves no
+/// positive weight (the caller repairs that).
+fn kmeans_plus_plus_binned(hist: &ValueHistogram, k: usize) -> Vec<f32> {
+    let bins = &hist.bins;
+    let mut rng = SplitMix64(KMEANS_PP_SEED);
+    let cumulative = cumulative_counts(bins);
+    let first = hist.bin_of_rank(&cumulative, rng.below_u64(cumulative[bins.len() - 1]));
+    let weight = |b: &Bin, c: f64| b.count as f64 * (b.mean - c) * (b.mean - c);
+    let c = f64::from(bins[first].mean as f32);
+    let mut weights: Vec<f64> = bins.iter().map(|b| weight(b, c)).collect();
+    weights[first] = 0.0;
+    let mut chosen = vec![bins[first].mean as f32];
+    while chosen.len() < k {
+        let total: f64 = weights.iter().sum();
+        if total <= 0.0 || !total.is_finite() {
+            break;
+        }
+        let mut target = rng.unit() * total;
+        let mut picked = None;
+        for (i, &w) in weights.iter().enumerate() {
+            if w > 0.0 {
+                picked = Some(i);
+                if w > target {
+                    break;
+                }
+            }
+            target -= w;
+        }
+        let Some(i) = picked else { break };
+        let x = bins[i].mean as f32;
+        let c = f64::from(x);
+        for (w, b) in weights.iter_mut().zip(bins) {
+            *w = w.min(weight(b, c));
+        }
+        weights[i] = 0.0;
+        chosen.push(x);
+    }
+    chosen.resize(k, f32::INFINITY);
+    chosen
+}
+
+/// Count and sum of each cluster when every bin goes to the centroid nearest
+/// its mean, and the bins' squared distances to their centroids.
+fn binned_cluster_stats(bins: &[Bin], centroids: &[f32]) -> (Vec<(u64, f64)>, f64) {
+    let mids = midpoints(centroids);
+    let mut stats = vec![(0u64, 0.0f64); centroids.len()];
+    let mut between = 0.0f64;
+    let mut j = 0;
+    for b in bins {
+        // Bins ascend, so the cluster index only grows; a mean on a midpoint
+        // goes up, as a value does.
+        while j < mids.len() && b.mean >= mids[j] {
+            j += 1;
+        }
+        let c = f64::from(centroids[j]);
+        stats[j].0 += b.count;
+        stats[j].1 += b.count as f64 * b.mean;
+        between += b.count as f64 * (b.mean - c) * (b.mean - c);
+    }
+    (stats, between)
+}
+
+/// Lloyd iterations on the bins from the given ascending centroids.
+fn lloyd_binned(hist: &ValueHistogram, mut centroids: Vec<f32>, iterations: usize) -> KMeans {
+    // Each bin's spread is the same whatever its centroid.
+    let spread: f64 = hist.bins.iter().map(|b| b.spread).sum();
+    let (mut stats, between) = binned_cluster_stats(&hist.bins, &centroids);
+    let mut objective = Vec::with_capacity(iterations + 1);
+    objective.push(spread + between);
+    for _ in 0..iterations {
+        let next = updated_centroids(&centroids, stats.iter().copied());
+        if next == centroids {
+            break;
+        }
+        centroids = next;
+        let (s, between) = binned_cluster_stats(&hist.bins, &centroids);
+        stats = s;
+        objective.push(spread + between);
+    }
+    KMeans {
+        centroids,
+        objective,
+    }
+}
+
 /// Plain Lloyd: every iteration assigns each value to the nearest of all `k`
 /// centroids (ties to the later, i.e. upper, centroid, as in the fast path).
 /// Same stopping rule and objective as [`kmeans_1d`]; `centroids` are sorted
@@ -602,7 +983,7 @@ pub fn kmeans_1d_reference(values: &[f32], mut centroids: Vec<f32>, iterations: 
     centroids.sort_unstable_by(f32::total_cmp);
     let k = centroids.len();
     let assign = |centroids: &[f32]| {
-        let mut counts = vec![0usize; k];
+        let mut counts = vec![0u64; k];
         let mut sums = vec![0.0f64; k];
         let mut sse = 0.0f64;
         for &x in values {
@@ -854,6 +1235,251 @@ mod tests {
         }
     }
 
+    /// Straightforward histogram: sort, group by the leading key bits, and
+    /// sum in f64.
+    fn histogram_reference(values: &[f32]) -> Vec<(u64, f64, f64)> {
+        let v = sorted(
+            &values
+                .iter()
+                .copied()
+                .filter(|x| *x != 0.0 && x.is_finite())
+                .collect::<Vec<_>>(),
+        );
+        v.chunk_by(|a, b| {
+            order_key(a.to_bits()) >> BIN_LOW_BITS == order_key(b.to_bits()) >> BIN_LOW_BITS
+        })
+        .map(|bin| {
+            let n = bin.len() as f64;
+            let mean = bin.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+            let spread = bin.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum();
+            (bin.len() as u64, mean, spread)
+        })
+        .collect()
+    }
+
+    /// Squared distance of every finite nonzero value to its nearest centroid.
+    fn per_value_objective(values: &[f32], centroids: &[f32]) -> f64 {
+        values
+            .iter()
+            .filter(|x| **x != 0.0 && x.is_finite())
+            .map(|&x| {
+                let c = centroids[nearest_cluster(&midpoints(centroids), x)];
+                (f64::from(x) - f64::from(c)).powi(2)
+            })
+            .sum()
+    }
+
+    /// Weights shaped like a layer's: a few clusters of different widths
+    /// and a long tail, from a fixed generator.
+    fn layer_like(seed: u64, n: usize) -> Vec<f32> {
+        let mut rng = SplitMix64(seed);
+        (0..n)
+            .map(|_| {
+                let g: f64 = (0..4).map(|_| rng.unit()).sum::<f64>() - 2.0;
+                let (center, width) =
+                    [(0.0, 0.02), (0.05, 0.01), (-0.08, 0.03), (0.0, 0.3)][rng.below(4)];
+                (center + width * g) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_histogram_keeps_exact_counts_means_and_spreads() {
+        let eps = f32::EPSILON; // 2^-23, one step of the last mantissa bit at 1.0
+        let values = [
+            1.0,
+            0.0,
+            1.0 + 8.0 * eps,
+            -2.0,
+            1.5,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            1.0,
+        ];
+        let hist = ValueHistogram::of(&values);
+        assert_eq!(hist.count(), 5);
+        // 1.0, 1.0 and 1 + 2^-20 share a bin (they differ in the last 14
+        // mantissa bits only): mean 1 + 2^-20 / 3.
+        let third = 2f64.powi(-20) / 3.0;
+        let spread = 2.0 * third * third + (2.0 * third) * (2.0 * third);
+        assert_eq!(
+            hist.bins,
+            vec![
+                Bin {
+                    count: 1,
+                    mean: -2.0,
+                    spread: 0.0
+                },
+                Bin {
+                    count: 3,
+                    mean: 1.0 + third,
+                    spread
+                },
+                Bin {
+                    count: 1,
+                    mean: 1.5,
+                    spread: 0.0
+                },
+            ]
+        );
+        // Three bins, one of them with two distinct values: too coarse for
+        // three clusters; without it the values themselves are the answer.
+        assert!(!hist.resolves(3));
+        let exact = ValueHistogram::of(&[1.0, -2.0, 1.5, 1.5]);
+        assert!(exact.resolves(3) && !exact.resolves(2));
+        assert_eq!(
+            kmeans_1d_binned(&exact, 4, Init::Linear, 5).centroids,
+            vec![-2.0, 1.0, 1.5, 1.5]
+        );
+    }
+
+    #[test]
+    fn subnormal_and_extreme_values_have_their_own_bins() {
+        let values = [
+            f32::from_bits(1),
+            -f32::from_bits(1),
+            f32::MIN_POSITIVE,
+            f32::MAX,
+            f32::MIN,
+        ];
+        let hist = ValueHistogram::of(&values);
+        let means: Vec<f64> = hist.bins.iter().map(|b| b.mean).collect();
+        let mut expected: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+        expected.sort_by(f64::total_cmp);
+        assert_eq!(means, expected);
+    }
+
+    #[test]
+    fn a_long_input_gives_the_same_histogram_on_any_number_of_threads() {
+        let values = layer_like(7, PARALLEL_MIN * 5 + 3);
+        let sequential = add_to_bins(new_bin_table(), &values);
+        let bins: Vec<Bin> = sequential[..BINS]
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.count > 0)
+            .filter_map(|(i, s)| Bin::from_sums(i, s))
+            .collect();
+        let parallel = ValueHistogram::of(&values);
+        let first = parallel.bins.iter().zip(&bins).position(|(a, b)| a != b);
+        assert_eq!(first, None);
+        assert_eq!(parallel.bins.len(), bins.len());
+    }
+
+    #[test]
+    fn a_large_tensor_is_clustered_over_its_histogram_nearly_as_well_as_by_plain_lloyd() {
+        let mut data = layer_like(11, HISTOGRAM_MIN + 1000);
+        for (i, x) in data.iter_mut().enumerate() {
+            if i % 3 == 0 {
+                *x = 0.0;
+            }
+        }
+        data[5] = f32::NAN;
+        data[7] = f32::NEG_INFINITY;
+        let nonzero: Vec<f32> = data
+            .iter()
+            .copied()
+            .filter(|x| *x != 0.0 && x.is_finite())
+            .collect();
+        let hist = ValueHistogram::of(&data);
+        assert!(hist.resolves(16));
+        let shape = MatrixShape {
+            rows: 1,
+            cols: data.len(),
+        };
+        for init in [Init::Linear, Init::Density, Init::KmeansPlusPlus] {
+            let start = initial_centroids_binned(&hist, 16, init);
+            let reference = kmeans_1d_reference(&nonzero, start, 12);
+            let c = share(
+                &data,
+                shape,
+                &ShareParams {
+                    clusters: 16,
+                    init,
+                    iterations: 12,
+                    per_channel: false,
+                },
+            );
+            let Decode::Codebook { entries, values } = &c.decode else {
+                panic!("share gives a codebook")
+            };
+            assert_eq!(*entries, 17);
+            assert_eq!(values[0], 0.0);
+            let binned = per_value_objective(&nonzero, &values[1..]);
+            let best = *reference.objective.last().unwrap();
+            assert!(
+                binned <= best * 1.01 + 1e-12,
+                "{init:?}: histogram {binned} vs reference {best}"
+            );
+            let moved = data
+                .iter()
+                .zip(&c.symbols)
+                .position(|(&x, &s)| (x == 0.0) != (s == 0));
+            assert_eq!(moved, None, "{init:?}");
+            assert!(c.symbols.iter().all(|&s| usize::from(s) < *entries));
+        }
+    }
+
+    #[test]
+    fn a_large_tensor_with_few_distinct_values_gets_exactly_those_values() {
+        let levels = [-0.75f32, -0.125, 0.25, 0.5, 3.0];
+        let data: Vec<f32> = (0..HISTOGRAM_MIN)
+            .map(|i| if i % 4 == 0 { 0.0 } else { levels[i % 5] })
+            .collect();
+        let c = share(
+            &data,
+            MatrixShape {
+                rows: 2,
+                cols: HISTOGRAM_MIN / 2,
+            },
+            &params(8, Init::KmeansPlusPlus, false),
+        );
+        let decoded = c.decode();
+        assert_eq!(data.iter().zip(&decoded).position(|(x, d)| x != d), None);
+    }
+
+    #[test]
+    fn a_large_tensor_in_too_few_bins_is_sorted_instead() {
+        // Distinct values, all within one bin.
+        let data: Vec<f32> = (0..HISTOGRAM_MIN as u32)
+            .map(|i| f32::from_bits(1.0f32.to_bits() + i % 3000))
+            .collect();
+        assert!(!ValueHistogram::of(&data).resolves(4));
+        let km = cluster_group(&data, 4, Init::Density, 10);
+        assert_eq!(km, kmeans_1d(&sorted(&data), 4, Init::Density, 10));
+    }
+
+    #[test]
+    fn over_many_layers_bins_cluster_as_well_as_values_on_average() {
+        // With many clusters Lloyd's path is sensitive: moving one boundary
+        // value can lead either path to a different local optimum, so one
+        // layer may come out a little better or worse either way. Over many
+        // layers neither may be better.
+        for k in [9, 16] {
+            for init in [Init::Linear, Init::Density, Init::KmeansPlusPlus] {
+                let (mut log_ratio_sum, mut worst, mut layers) = (0.0f64, 0.0f64, 0);
+                for seed in 0..40u64 {
+                    let values = layer_like(seed, 1000 + (seed as usize * 7919) % 2000);
+                    let hist = ValueHistogram::of(&values);
+                    assert!(hist.resolves(k), "seed {seed}");
+                    let start = initial_centroids_binned(&hist, k, init);
+                    let reference = kmeans_1d_reference(&values, start, 20);
+                    let binned = kmeans_1d_binned(&hist, k, init, 20);
+                    let ratio = per_value_objective(&values, &binned.centroids)
+                        / reference.objective.last().unwrap();
+                    log_ratio_sum += ratio.ln();
+                    worst = worst.max(ratio);
+                    layers += 1;
+                }
+                let mean_ratio = (log_ratio_sum / f64::from(layers)).exp();
+                assert!(
+                    mean_ratio <= 1.002 && worst <= 1.1,
+                    "k = {k}, {init:?}: mean ratio {mean_ratio}, worst {worst}"
+                );
+            }
+        }
+    }
+
     fn grid_values() -> impl Strategy<Value = Vec<f32>> {
         // Multiples of 1/256: sums are exact in f64, so both paths agree.
         prop::collection::vec(-2000i32..2000, 1..300)
@@ -885,6 +1511,98 @@ mod tests {
             let start = initial_centroids(&s, k, init);
             let reference = kmeans_1d_reference(&values, start, 25);
             assert_never_rises(&reference.objective)?;
+        }
+
+        #[test]
+        fn the_histogram_matches_sorting_and_grouping(
+            values in prop::collection::vec(
+                prop_oneof![
+                    -10.0f32..10.0,
+                    any::<f32>(),
+                    (0u32..1 << 24).prop_map(f32::from_bits),
+                    Just(0.0f32),
+                ],
+                0..400,
+            ),
+        ) {
+            let hist = ValueHistogram::of(&values);
+            let reference = histogram_reference(&values);
+            prop_assert_eq!(hist.bins.len(), reference.len());
+            for (i, (b, &(count, mean, spread))) in hist.bins.iter().zip(&reference).enumerate() {
+                prop_assert_eq!(b.count, count, "count of bin {}", i);
+                prop_assert!(
+                    (b.mean - mean).abs() <= 1e-12 * mean.abs(),
+                    "mean of bin {}: {} vs {}", i, b.mean, mean
+                );
+                prop_assert!(
+                    (b.spread - spread).abs() <= 1e-9 * spread + 1e-12 * mean * mean,
+                    "spread of bin {}: {} vs {}", i, b.spread, spread
+                );
+            }
+            prop_assert!(hist.bins.windows(2).all(|w| w[0].mean < w[1].mean));
+        }
+
+        #[test]
+        fn the_binned_objective_is_exact_and_never_rises(
+            seed in any::<u64>(),
+            n in 200usize..3000,
+            k in 1usize..10,
+            init in any_init(),
+        ) {
+            let values = layer_like(seed, n);
+            let hist = ValueHistogram::of(&values);
+            prop_assume!(hist.resolves(k));
+            let start = initial_centroids_binned(&hist, k, init);
+            prop_assert!(start.windows(2).all(|w| w[0] < w[1]), "{:?}", start);
+            let km = kmeans_1d_binned(&hist, k, init, 25);
+            assert_never_rises(&km.objective)?;
+            prop_assert!(km.centroids.windows(2).all(|w| w[0] <= w[1]));
+            prop_assert!(km.centroids.iter().all(|c| c.is_finite()));
+            // The first entry, from values each placed by its bin's mean.
+            let mids = midpoints(&start);
+            let direct: f64 = values
+                .iter()
+                .map(|&x| {
+                    let key = order_key(x.to_bits()) >> BIN_LOW_BITS;
+                    let bin = hist.bins.iter().find(|b| {
+                        order_key((b.mean as f32).to_bits()) >> BIN_LOW_BITS == key
+                    });
+                    let mean = bin.map_or(f64::from(x), |b| b.mean);
+                    let j = mids.partition_point(|&m| m <= mean);
+                    (f64::from(x) - f64::from(start[j])).powi(2)
+                })
+                .sum();
+            prop_assert!(
+                (km.objective[0] - direct).abs() <= 1e-9 * direct,
+                "{} vs {}", km.objective[0], direct
+            );
+        }
+
+        #[test]
+        fn clustering_bins_is_nearly_as_good_as_clustering_values(
+            seed in any::<u64>(),
+            n in 500usize..4000,
+            k in 1usize..12,
+            init in any_init(),
+        ) {
+            let values = layer_like(seed, n);
+            let hist = ValueHistogram::of(&values);
+            prop_assume!(hist.resolves(k));
+            let start = initial_centroids_binned(&hist, k, init);
+            // One step from the same start differs only by the few bins
+            // that straddle a boundary. Over many steps the paths may part
+            // (see the test over many layers).
+            let reference = kmeans_1d_reference(&values, start, 1);
+            let binned = kmeans_1d_binned(&hist, k, init, 1);
+            let ours = per_value_objective(&values, &binned.centroids);
+            let theirs = per_value_objective(&values, &reference.centroids);
+            prop_assert!(ours <= theirs * 1.01 + 1e-12, "{} vs {}", ours, theirs);
+            // The final assignment, value by value, can only do better than
+            // the bins' assignment the objective was measured under.
+            let binned = kmeans_1d_binned(&hist, k, init, 20);
+            let last = *binned.objective.last().unwrap();
+            let ours = per_value_objective(&values, &binned.centroids);
+            prop_assert!(ours <= last * (1.0 + 1e-12), "{} vs {}", ours, last);
         }
 
         #[test]
