@@ -25,8 +25,11 @@ pub const MAX_CODE_LEN: u8 = 24;
 /// (rare symbols by construction) take the slower canonical search.
 const TABLE_BITS: u32 = 11;
 
-/// Inputs at least this long are counted in parallel.
+/// Inputs at least this long are counted and encoded in parallel.
 const PARALLEL_MIN: usize = 1 << 16;
+
+/// Symbols per unit of work of the parallel encoder.
+const ENCODE_CHUNK: usize = 1 << 18;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum HuffmanError {
@@ -117,17 +120,107 @@ impl Huffman {
         })
     }
 
-    /// Encodes `symbols` (see the module doc for the bit order).
+    /// Encodes `symbols` (see the module doc for the bit order). Long inputs
+    /// are encoded in parallel; the stream is the same bit for bit.
     pub fn encode(&self, symbols: &[u8]) -> Result<Vec<u8>, HuffmanError> {
+        if symbols.len() < PARALLEL_MIN {
+            return self.encode_sequential(symbols);
+        }
+        self.encode_in_chunks(symbols, ENCODE_CHUNK)
+    }
+
+    /// The one-thread encoder, which the parallel one must equal.
+    pub fn encode_sequential(&self, symbols: &[u8]) -> Result<Vec<u8>, HuffmanError> {
         let mut out = Vec::with_capacity(symbols.len() / 2 + 8);
+        self.encode_into(symbols, 0, 0, &mut out)?;
+        Ok(out)
+    }
+
+    /// Each chunk of `chunk` symbols is encoded on its own into bytes that
+    /// start with as many zero bits as the stream before it leaves in its
+    /// last byte; joining then only merges one byte per chunk boundary.
+    fn encode_in_chunks(&self, symbols: &[u8], chunk: usize) -> Result<Vec<u8>, HuffmanError> {
+        // The bit length of every chunk first, so each knows where it starts.
+        let chunk_bits: Vec<Result<u64, HuffmanError>> = symbols
+            .par_chunks(chunk)
+            .enumerate()
+            .map(|(i, c)| self.chunk_bits(c, i * chunk))
+            .collect();
+        let mut starts = Vec::with_capacity(chunk_bits.len());
+        let mut total = 0u64;
+        for bits in chunk_bits {
+            starts.push(total);
+            total += bits?;
+        }
+        let pieces: Vec<Vec<u8>> = symbols
+            .par_chunks(chunk)
+            .zip(&starts)
+            .enumerate()
+            .map(|(i, (c, &start))| {
+                let lead = (start % 8) as u32;
+                let mut out = Vec::with_capacity(c.len() / 2 + 8);
+                self.encode_into(c, lead, i * chunk, &mut out).map(|()| out)
+            })
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(total.div_ceil(8) as usize);
+        for (piece, &start) in pieces.iter().zip(&starts) {
+            match out.last_mut() {
+                // The previous chunk ends inside this byte; its low bits
+                // were left zero for this chunk's first bits.
+                Some(last) if start % 8 != 0 => {
+                    *last |= piece[0];
+                    out.extend_from_slice(&piece[1..]);
+                }
+                _ => out.extend_from_slice(piece),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bits the codes of `symbols` take; `first_position` is the position
+    /// of `symbols[0]` in the stream, for the error.
+    fn chunk_bits(&self, symbols: &[u8], first_position: usize) -> Result<u64, HuffmanError> {
+        let mut bits = 0u64;
+        let mut missing = false;
+        for &symbol in symbols {
+            let len = self.lengths[usize::from(symbol)];
+            missing |= len == 0;
+            bits += u64::from(len);
+        }
+        if missing {
+            let position = symbols
+                .iter()
+                .position(|&s| self.lengths[usize::from(s)] == 0)
+                .expect("a symbol without a code was seen");
+            return Err(HuffmanError::SymbolWithoutCode {
+                symbol: symbols[position],
+                position: first_position + position,
+            });
+        }
+        Ok(bits)
+    }
+
+    /// Appends the codes of `symbols` to `out` after `lead` (< 8) zero bits;
+    /// the last byte is padded with zero bits.
+    fn encode_into(
+        &self,
+        symbols: &[u8],
+        lead: u32,
+        first_position: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), HuffmanError> {
+        debug_assert!(lead < 8);
         // Bits pending in the low `pending` bits of `acc`; written out 32 at
         // a time, so `pending` stays below 32 + MAX_CODE_LEN <= 64.
         let mut acc = 0u64;
-        let mut pending = 0u32;
+        let mut pending = lead;
         for (position, &symbol) in symbols.iter().enumerate() {
             let len = u32::from(self.lengths[usize::from(symbol)]);
             if len == 0 {
-                return Err(HuffmanError::SymbolWithoutCode { symbol, position });
+                return Err(HuffmanError::SymbolWithoutCode {
+                    symbol,
+                    position: first_position + position,
+                });
             }
             acc = (acc << len) | u64::from(self.codes[usize::from(symbol)]);
             pending += len;
@@ -143,7 +236,7 @@ impl Huffman {
         if pending > 0 {
             out.push((acc << (8 - pending)) as u8);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Decodes `count` symbols from `bytes`, which must end with the byte
@@ -395,9 +488,23 @@ fn package_merge(freqs: &[u64; 256], max_len: u8) -> [u8; 256] {
 /// How often each byte value occurs.
 pub fn frequencies(symbols: &[u8]) -> [u64; 256] {
     fn count(chunk: &[u8]) -> [u64; 256] {
-        let mut f = [0u64; 256];
-        for &s in chunk {
-            f[usize::from(s)] += 1;
+        // Four tables, so runs of one symbol (the zero symbol of a pruned
+        // tensor) do not wait on the previous increment of the same counter.
+        let mut tables = [[0u64; 256]; 4];
+        let mut quads = chunk.chunks_exact(4);
+        for q in &mut quads {
+            for (table, &s) in tables.iter_mut().zip(q) {
+                table[usize::from(s)] += 1;
+            }
+        }
+        for &s in quads.remainder() {
+            tables[0][usize::from(s)] += 1;
+        }
+        let mut f = tables[0];
+        for table in &tables[1..] {
+            for (x, y) in f.iter_mut().zip(table) {
+                *x += y;
+            }
         }
         f
     }
@@ -658,6 +765,37 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_long_input_is_encoded_in_parallel_to_the_same_stream() {
+        // Skewed, so chunk boundaries fall at all bit offsets.
+        let symbols: Vec<u8> = (0..ENCODE_CHUNK * 3 + 12_345)
+            .map(|i| ((i * 2_654_435_761) >> 7).trailing_zeros() as u8)
+            .collect();
+        let code = Huffman::from_frequencies(&frequencies(&symbols));
+        let parallel = code.encode(&symbols).unwrap();
+        let sequential = code.encode_sequential(&symbols).unwrap();
+        assert_eq!(first_difference(&parallel, &sequential), None);
+        assert_eq!(code.decode(&parallel, symbols.len()).unwrap(), symbols);
+    }
+
+    #[test]
+    fn a_symbol_without_code_is_reported_at_its_position_in_any_chunk() {
+        let code = Huffman::from_lengths(&[1, 2, 2]).unwrap();
+        let mut symbols = vec![1u8; 100];
+        symbols[70] = 9;
+        symbols[90] = 8;
+        for chunk in [1, 7, 64, 100] {
+            assert_eq!(
+                code.encode_in_chunks(&symbols, chunk),
+                Err(HuffmanError::SymbolWithoutCode {
+                    symbol: 9,
+                    position: 70
+                }),
+                "chunks of {chunk}"
+            );
+        }
+    }
+
     fn skewed_symbols() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
             prop::collection::vec(any::<u8>(), 0..2000),
@@ -689,6 +827,28 @@ mod tests {
             prop_assert_eq!(first_difference(&reference, &symbols), None);
             let stored = Huffman::from_lengths(code.lengths()).unwrap();
             prop_assert_eq!(stored, code);
+        }
+
+        #[test]
+        fn encoding_in_chunks_gives_the_sequential_stream(
+            symbols in skewed_symbols(),
+            chunk in 1usize..40,
+        ) {
+            let f = frequencies(&symbols);
+            let code = Huffman::from_frequencies(&f);
+            let chunked = code.encode_in_chunks(&symbols, chunk).unwrap();
+            let sequential = code.encode_sequential(&symbols).unwrap();
+            prop_assert_eq!(first_difference(&chunked, &sequential), None);
+            prop_assert_eq!(chunked.len(), sequential.len());
+        }
+
+        #[test]
+        fn counting_in_four_tables_counts_every_symbol(symbols in skewed_symbols()) {
+            let mut expected = [0u64; 256];
+            for &s in &symbols {
+                expected[usize::from(s)] += 1;
+            }
+            prop_assert_eq!(frequencies(&symbols), expected);
         }
 
         #[test]
