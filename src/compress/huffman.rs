@@ -132,88 +132,48 @@ impl Huffman {
     /// The one-thread encoder, which the parallel one must equal.
     pub fn encode_sequential(&self, symbols: &[u8]) -> Result<Vec<u8>, HuffmanError> {
         let mut out = Vec::with_capacity(symbols.len() / 2 + 8);
-        self.encode_into(symbols, 0, 0, &mut out)?;
+        self.encode_into(symbols, 0, &mut out)?;
         Ok(out)
     }
 
-    /// Each chunk of `chunk` symbols is encoded on its own into bytes that
-    /// start with as many zero bits as the stream before it leaves in its
-    /// last byte; joining then only merges one byte per chunk boundary.
+    /// Each chunk of `chunk` symbols is encoded on its own from a byte
+    /// boundary; joining shifts each one to the bit where the stream before
+    /// it ends, which costs a pass over the output bytes, not over symbols.
     fn encode_in_chunks(&self, symbols: &[u8], chunk: usize) -> Result<Vec<u8>, HuffmanError> {
-        // The bit length of every chunk first, so each knows where it starts.
-        let chunk_bits: Vec<Result<u64, HuffmanError>> = symbols
+        let pieces: Vec<(Vec<u8>, u64)> = symbols
             .par_chunks(chunk)
             .enumerate()
-            .map(|(i, c)| self.chunk_bits(c, i * chunk))
-            .collect();
-        let mut starts = Vec::with_capacity(chunk_bits.len());
-        let mut total = 0u64;
-        for bits in chunk_bits {
-            starts.push(total);
-            total += bits?;
-        }
-        let pieces: Vec<Vec<u8>> = symbols
-            .par_chunks(chunk)
-            .zip(&starts)
-            .enumerate()
-            .map(|(i, (c, &start))| {
-                let lead = (start % 8) as u32;
+            .map(|(i, c)| {
                 let mut out = Vec::with_capacity(c.len() / 2 + 8);
-                self.encode_into(c, lead, i * chunk, &mut out).map(|()| out)
+                self.encode_into(c, i * chunk, &mut out)
+                    .map(|bits| (out, bits))
             })
             .collect::<Result<_, _>>()?;
-        let mut out = Vec::with_capacity(total.div_ceil(8) as usize);
-        for (piece, &start) in pieces.iter().zip(&starts) {
-            match out.last_mut() {
-                // The previous chunk ends inside this byte; its low bits
-                // were left zero for this chunk's first bits.
-                Some(last) if start % 8 != 0 => {
-                    *last |= piece[0];
-                    out.extend_from_slice(&piece[1..]);
-                }
-                _ => out.extend_from_slice(piece),
-            }
+        let total: u64 = pieces.iter().map(|&(_, bits)| bits).sum();
+        let mut out = Vec::with_capacity(total.div_ceil(8) as usize + 8);
+        let mut bits = 0u64;
+        for (piece, piece_bits) in &pieces {
+            append_at_bit(&mut out, (bits % 8) as u32, piece);
+            bits += piece_bits;
+            out.truncate(bits.div_ceil(8) as usize);
         }
         Ok(out)
     }
 
-    /// Bits the codes of `symbols` take; `first_position` is the position
-    /// of `symbols[0]` in the stream, for the error.
-    fn chunk_bits(&self, symbols: &[u8], first_position: usize) -> Result<u64, HuffmanError> {
-        let mut bits = 0u64;
-        let mut missing = false;
-        for &symbol in symbols {
-            let len = self.lengths[usize::from(symbol)];
-            missing |= len == 0;
-            bits += u64::from(len);
-        }
-        if missing {
-            let position = symbols
-                .iter()
-                .position(|&s| self.lengths[usize::from(s)] == 0)
-                .expect("a symbol without a code was seen");
-            return Err(HuffmanError::SymbolWithoutCode {
-                symbol: symbols[position],
-                position: first_position + position,
-            });
-        }
-        Ok(bits)
-    }
-
-    /// Appends the codes of `symbols` to `out` after `lead` (< 8) zero bits;
-    /// the last byte is padded with zero bits.
+    /// Appends the codes of `symbols` to `out`, the last byte padded with
+    /// zero bits, and returns how many bits they take. `first_position` is
+    /// the position of `symbols[0]` in the whole input, for the error.
     fn encode_into(
         &self,
         symbols: &[u8],
-        lead: u32,
         first_position: usize,
         out: &mut Vec<u8>,
-    ) -> Result<(), HuffmanError> {
-        debug_assert!(lead < 8);
+    ) -> Result<u64, HuffmanError> {
         // Bits pending in the low `pending` bits of `acc`; written out 32 at
         // a time, so `pending` stays below 32 + MAX_CODE_LEN <= 64.
         let mut acc = 0u64;
-        let mut pending = lead;
+        let mut pending = 0u32;
+        let mut written = 0u64;
         for (position, &symbol) in symbols.iter().enumerate() {
             let len = u32::from(self.lengths[usize::from(symbol)]);
             if len == 0 {
@@ -226,9 +186,11 @@ impl Huffman {
             pending += len;
             if pending >= 32 {
                 pending -= 32;
+                written += 32;
                 out.extend_from_slice(&((acc >> pending) as u32).to_be_bytes());
             }
         }
+        let bits = written + u64::from(pending);
         while pending >= 8 {
             pending -= 8;
             out.push((acc >> pending) as u8);
@@ -236,7 +198,7 @@ impl Huffman {
         if pending > 0 {
             out.push((acc << (8 - pending)) as u8);
         }
-        Ok(())
+        Ok(bits)
     }
 
     /// Decodes `count` symbols from `bytes`, which must end with the byte
@@ -313,6 +275,34 @@ impl Huffman {
             table[start..start + (1 << shift)].fill(entry);
         }
         table
+    }
+}
+
+/// Appends the bit stream `piece` (from the top bit of its first byte) to
+/// `out`, whose last byte holds `used` (< 8) stream bits at the top and zero
+/// bits below. The padding bits of `piece` become trailing zero bits, which
+/// the caller drops by truncating to the bytes the stream needs.
+fn append_at_bit(out: &mut Vec<u8>, used: u32, piece: &[u8]) {
+    let Some(last) = out.last_mut().filter(|_| used > 0) else {
+        out.extend_from_slice(piece);
+        return;
+    };
+    debug_assert!(used < 8);
+    let Some(&first) = piece.first() else { return };
+    *last |= first >> used;
+    // Each new byte is the rest of piece byte j and the top of byte j + 1;
+    // eight at a time while a whole word and the byte after it are there.
+    let carry = 8 - used;
+    let mut j = 0;
+    while j + 9 <= piece.len() {
+        let word = u64::from_be_bytes(piece[j..j + 8].try_into().expect("8 bytes"));
+        let joined = (word << carry) | u64::from(piece[j + 8] >> used);
+        out.extend_from_slice(&joined.to_be_bytes());
+        j += 8;
+    }
+    for k in j..piece.len() {
+        let next = piece.get(k + 1).map_or(0, |&b| b >> used);
+        out.push((piece[k] << carry) | next);
     }
 }
 
