@@ -158,13 +158,12 @@ fn share_group(data: &[f32], symbols: &mut [u8], book: &mut [f32], p: &SharePara
     let km = cluster_group(data, k, p.init, p.iterations);
     book.copy_from_slice(&km.centroids);
     let mids = midpoints(&km.centroids);
-    // Without branches on the value: pruned zeros are scattered at random,
-    // so a branch on them would be mispredicted about as often as taken.
-    let assign = |symbols: &mut [u8], data: &[f32]| {
-        for (s, &x) in symbols.iter_mut().zip(data) {
-            let cluster = offset + nearest_cluster(&mids, x) as u8;
-            *s = if x == 0.0 { 0 } else { cluster };
-        }
+    // Long groups look clusters up by bin; building the table costs about
+    // as much as assigning a few hundred thousand values by search.
+    let table = (data.len() >= HISTOGRAM_MIN).then(|| bin_clusters(&mids));
+    let assign = |s: &mut [u8], d: &[f32]| match &table {
+        Some(table) => assign_by_bin(d, s, &mids, table, offset),
+        None => assign_by_search(d, s, &mids, offset),
     };
     if data.len() >= PARALLEL_MIN {
         symbols
@@ -173,6 +172,62 @@ fn share_group(data: &[f32], symbols: &mut [u8], book: &mut [f32], p: &SharePara
             .for_each(|(s, d)| assign(s, d));
     } else {
         assign(symbols, data);
+    }
+}
+
+/// Symbol `offset + nearest cluster` of each value, 0 for exact zeros.
+fn assign_by_search(data: &[f32], symbols: &mut [u8], mids: &[f64], offset: u8) {
+    for (s, &x) in symbols.iter_mut().zip(data) {
+        let cluster = offset + nearest_cluster(mids, x) as u8;
+        // A select, not a branch: pruned zeros are scattered at random, so a
+        // branch on them would be mispredicted about as often as taken.
+        *s = if x == 0.0 { 0 } else { cluster };
+    }
+}
+
+/// Marks a bin of [`bin_clusters`] whose values do not all have the same
+/// nearest centroid (or are not finite).
+const MIXED_BIN: u8 = u8::MAX;
+
+/// The nearest cluster of every value of each histogram bin, or
+/// [`MIXED_BIN`] when a midpoint falls inside the bin. Cluster indices are
+/// below 255, so the mark is free.
+fn bin_clusters(mids: &[f64]) -> Vec<u8> {
+    let mut table = vec![MIXED_BIN; BINS];
+    // Bins ascend in value, so the clusters of their ends only grow.
+    let (mut lowest, mut highest) = (0, 0);
+    for (bin, t) in table.iter_mut().enumerate() {
+        let first_key = (bin as u32) << BIN_LOW_BITS;
+        let low = f32::from_bits(value_bits(first_key));
+        let high = f32::from_bits(value_bits(first_key | BIN_LOW_MASK));
+        if !low.is_finite() || !high.is_finite() {
+            continue;
+        }
+        let (low, high) = (f64::from(low), f64::from(high));
+        while lowest < mids.len() && mids[lowest] <= low {
+            lowest += 1;
+        }
+        while highest < mids.len() && mids[highest] <= high {
+            highest += 1;
+        }
+        if lowest == highest {
+            *t = lowest as u8;
+        }
+    }
+    table
+}
+
+/// [`assign_by_search`] with the cluster read from the value's bin; only
+/// values in mixed bins (a few per midpoint) are searched.
+fn assign_by_bin(data: &[f32], symbols: &mut [u8], mids: &[f64], table: &[u8], offset: u8) {
+    for (s, &x) in symbols.iter_mut().zip(data) {
+        let by_bin = table[(order_key(x.to_bits()) >> BIN_LOW_BITS) as usize];
+        let cluster = if by_bin == MIXED_BIN {
+            nearest_cluster(mids, x) as u8
+        } else {
+            by_bin
+        };
+        *s = if x == 0.0 { 0 } else { offset + cluster };
     }
 }
 
@@ -187,22 +242,27 @@ fn cluster_group(data: &[f32], k: usize, init: Init, iterations: usize) -> KMean
             return kmeans_1d_binned(&hist, k, init, iterations);
         }
     }
-    let clustered = |x: &f32| *x != 0.0 && x.is_finite();
-    let mut sorted: Vec<f32> = if data.len() >= PARALLEL_MIN {
-        data.par_iter().copied().filter(clustered).collect()
-    } else {
-        data.iter().copied().filter(clustered).collect()
-    };
-    sort_values(&mut sorted);
+    let sorted = sorted_clustered_values(data);
     kmeans_1d(&sorted, k, init, iterations)
 }
 
-fn sort_values(v: &mut [f32]) {
-    if v.len() >= PARALLEL_MIN {
-        v.par_sort_unstable_by(f32::total_cmp);
+/// The nonzero finite values of `data`, ascending. Sorted as integer keys
+/// ([`order_key`] gives the order of `f32::total_cmp`), which compare
+/// faster than floats.
+fn sorted_clustered_values(data: &[f32]) -> Vec<f32> {
+    let key = |&x: &f32| (x != 0.0 && x.is_finite()).then(|| order_key(x.to_bits()));
+    let mut keys: Vec<u32> = if data.len() >= PARALLEL_MIN {
+        let mut keys: Vec<u32> = data.par_iter().filter_map(key).collect();
+        keys.par_sort_unstable();
+        keys
     } else {
-        v.sort_unstable_by(f32::total_cmp);
-    }
+        let mut keys: Vec<u32> = data.iter().filter_map(key).collect();
+        keys.sort_unstable();
+        keys
+    };
+    keys.iter_mut().for_each(|k| *k = value_bits(*k));
+    // Same size and alignment: reuse the allocation for the values.
+    keys.into_iter().map(f32::from_bits).collect()
 }
 
 /// Decision boundaries between consecutive sorted centroids. In f64 the
@@ -659,6 +719,16 @@ fn order_key(bits: u32) -> u32 {
     bits ^ (((bits as i32 >> 31) as u32) | 0x8000_0000)
 }
 
+/// The bits of the value whose [`order_key`] is `key`.
+#[inline]
+fn value_bits(key: u32) -> u32 {
+    if key & 0x8000_0000 != 0 {
+        key ^ 0x8000_0000
+    } else {
+        !key
+    }
+}
+
 fn new_bin_table() -> Box<BinTable> {
     vec![BinSums::default(); BINS + 1]
         .into_boxed_slice()
@@ -708,14 +778,7 @@ impl Bin {
     /// The bin of table slot `index`, or `None` for the bins of infinities
     /// and NaNs.
     fn from_sums(index: usize, sums: &BinSums) -> Option<Bin> {
-        let index = index as u32;
-        let sign_bit = 1 << (BIN_BITS - 1);
-        // Undo `order_key`: the leading bits of the value itself.
-        let leading = if index & sign_bit != 0 {
-            index ^ sign_bit
-        } else {
-            !index & ((1 << BIN_BITS) - 1)
-        } << BIN_LOW_BITS;
+        let leading = value_bits((index as u32) << BIN_LOW_BITS) & !BIN_LOW_MASK;
         let exponent = (leading >> 23) & 0xff;
         if exponent == 0xff {
             return None;
@@ -1284,6 +1347,40 @@ mod tests {
     }
 
     #[test]
+    fn looking_clusters_up_by_bin_matches_searching_at_every_boundary() {
+        let centroids = [-3.0f32, -0.001, 0.0, 1e-40, 0.5, 0.500_1, 7.0];
+        let mids = midpoints(&centroids);
+        let mut data = vec![
+            0.0,
+            -0.0,
+            f32::from_bits(1),
+            -f32::from_bits(1),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+            f32::MIN,
+        ];
+        for &m in &mids {
+            let m = m as f32;
+            for x in [m, m.next_up(), m.next_down(), -m] {
+                data.push(x);
+                // The ends of the bin around it.
+                let key = order_key(x.to_bits()) & !BIN_LOW_MASK;
+                data.push(f32::from_bits(value_bits(key)));
+                data.push(f32::from_bits(value_bits(key | BIN_LOW_MASK)));
+            }
+        }
+        let table = bin_clusters(&mids);
+        let (mut by_bin, mut by_search) = (vec![0u8; data.len()], vec![0u8; data.len()]);
+        assign_by_bin(&data, &mut by_bin, &mids, &table, 1);
+        assign_by_search(&data, &mut by_search, &mids, 1);
+        let first = by_bin.iter().zip(&by_search).position(|(a, b)| a != b);
+        assert_eq!(first, None, "{:?}", first.map(|i| data[i]));
+    }
+
+    #[test]
     fn a_histogram_keeps_exact_counts_means_and_spreads() {
         let eps = f32::EPSILON; // 2^-23, one step of the last mantissa bit at 1.0
         let values = [
@@ -1511,6 +1608,25 @@ mod tests {
             let start = initial_centroids(&s, k, init);
             let reference = kmeans_1d_reference(&values, start, 25);
             assert_never_rises(&reference.objective)?;
+        }
+
+        #[test]
+        fn looking_clusters_up_by_bin_matches_searching(
+            mut centroids in prop::collection::vec(
+                prop_oneof![-10.0f32..10.0, any::<f32>().prop_filter("finite", |x| x.is_finite())],
+                1..40,
+            ),
+            values in prop::collection::vec(prop_oneof![any::<f32>(), -10.0f32..10.0], 0..400),
+        ) {
+            centroids.sort_unstable_by(f32::total_cmp);
+            let mids = midpoints(&centroids);
+            let data = values;
+            let table = bin_clusters(&mids);
+            let (mut by_bin, mut by_search) = (vec![0u8; data.len()], vec![0u8; data.len()]);
+            assign_by_bin(&data, &mut by_bin, &mids, &table, 1);
+            assign_by_search(&data, &mut by_search, &mids, 1);
+            let first = by_bin.iter().zip(&by_search).position(|(a, b)| a != b);
+            prop_assert_eq!(first, None);
         }
 
         #[test]
