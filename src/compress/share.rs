@@ -623,9 +623,8 @@ impl RunStats {
     }
 }
 
-/// Statistics of each cluster under nearest-centroid assignment: cluster `j`
-/// is the run of sorted values between midpoints `j-1` and `j`.
-fn cluster_stats(sorted: &[f32], centroids: &[f32]) -> Vec<RunStats> {
+/// Where each cluster's run of `sorted` starts, and where the last ends.
+fn cluster_bounds(sorted: &[f32], centroids: &[f32]) -> Vec<usize> {
     let mids = midpoints(centroids);
     let mut bounds = Vec::with_capacity(centroids.len() + 1);
     bounds.push(0);
@@ -634,6 +633,13 @@ fn cluster_stats(sorted: &[f32], centroids: &[f32]) -> Vec<RunStats> {
             .map(|&m| sorted.partition_point(|&v| f64::from(v) < m)),
     );
     bounds.push(sorted.len());
+    bounds
+}
+
+/// Statistics of each cluster under nearest-centroid assignment: cluster `j`
+/// is the run of sorted values between midpoints `j-1` and `j`.
+fn cluster_stats(sorted: &[f32], centroids: &[f32]) -> Vec<RunStats> {
+    let bounds = cluster_bounds(sorted, centroids);
     let pieces: Vec<(usize, usize, usize)> = bounds
         .windows(2)
         .enumerate()
@@ -657,9 +663,137 @@ fn cluster_stats(sorted: &[f32], centroids: &[f32]) -> Vec<RunStats> {
     stats
 }
 
+/// Prefix sums of sorted values and of their squares, each an unevaluated
+/// pair `hi + lo` (Knuth's two-sum), so that a run's sum (a difference of
+/// two prefixes) and its squared deviation `S2 - 2c S1 + n c^2` (which
+/// cancels to a small part of its terms) keep full precision. A Lloyd
+/// iteration then costs `k` binary searches instead of a pass over the
+/// values.
+struct PrefixSums {
+    sums: Vec<TwoF64>,
+    squares: Vec<TwoF64>,
+}
+
+/// `hi + lo`, with `lo` far below the last bit of `hi`.
+#[derive(Debug, Clone, Copy, Default)]
+struct TwoF64 {
+    hi: f64,
+    lo: f64,
+}
+
+/// `a + b` and its rounding error, exactly.
+#[inline]
+fn two_sum(a: f64, b: f64) -> (f64, f64) {
+    let s = a + b;
+    let b_part = s - a;
+    (s, (a - (s - b_part)) + (b - b_part))
+}
+
+/// `a * b` and its rounding error, exactly.
+#[inline]
+fn two_product(a: f64, b: f64) -> (f64, f64) {
+    let p = a * b;
+    (p, a.mul_add(b, -p))
+}
+
+impl TwoF64 {
+    #[inline]
+    fn plus(self, x: f64) -> TwoF64 {
+        let (hi, e) = two_sum(self.hi, x);
+        TwoF64 {
+            hi,
+            lo: self.lo + e,
+        }
+    }
+
+    fn minus(self, other: TwoF64) -> TwoF64 {
+        let (hi, e) = two_sum(self.hi, -other.hi);
+        TwoF64 {
+            hi,
+            lo: e + (self.lo - other.lo),
+        }
+    }
+
+    fn times(self, c: f64) -> TwoF64 {
+        let (hi, e) = two_product(self.hi, c);
+        TwoF64 {
+            hi,
+            lo: e + self.lo * c,
+        }
+    }
+
+    fn value(self) -> f64 {
+        self.hi + self.lo
+    }
+}
+
+impl PrefixSums {
+    fn new(sorted: &[f32]) -> PrefixSums {
+        let mut sums = Vec::with_capacity(sorted.len() + 1);
+        let mut squares = Vec::with_capacity(sorted.len() + 1);
+        let (mut sum, mut square) = (TwoF64::default(), TwoF64::default());
+        sums.push(sum);
+        squares.push(square);
+        for &x in sorted {
+            let x = f64::from(x);
+            sum = sum.plus(x);
+            // Exact: an f32 times an f32 needs at most 48 bits.
+            square = square.plus(x * x);
+            sums.push(sum);
+            squares.push(square);
+        }
+        PrefixSums { sums, squares }
+    }
+
+    /// Count, sum and squared deviation from `centroid` of `sorted[a..b]`.
+    fn run(&self, a: usize, b: usize, centroid: f32) -> RunStats {
+        let n = (b - a) as f64;
+        let c = f64::from(centroid);
+        let sum = self.sums[b].minus(self.sums[a]);
+        let squares = self.squares[b].minus(self.squares[a]);
+        let cross = sum.times(2.0 * c);
+        // c * c is exact, as above.
+        let (shift, shift_error) = two_product(n, c * c);
+        let (h1, e1) = two_sum(squares.hi, -cross.hi);
+        let (h2, e2) = two_sum(h1, shift);
+        let sse = h2 + (e1 + e2 + (squares.lo - cross.lo) + shift_error);
+        RunStats {
+            count: b - a,
+            sum: sum.value(),
+            sse: sse.max(0.0),
+        }
+    }
+
+    /// [`cluster_stats`] from the prefix sums.
+    fn cluster_stats(&self, sorted: &[f32], centroids: &[f32]) -> Vec<RunStats> {
+        let bounds = cluster_bounds(sorted, centroids);
+        bounds
+            .windows(2)
+            .zip(centroids)
+            .map(|(w, &c)| self.run(w[0], w[1], c))
+            .collect()
+    }
+}
+
 /// Lloyd iterations on sorted values from the given ascending centroids.
-fn lloyd_sorted(sorted: &[f32], mut centroids: Vec<f32>, iterations: usize) -> KMeans {
-    let mut stats = cluster_stats(sorted, &centroids);
+/// Groups of fewer than [`PARALLEL_MIN`] values use prefix sums (32 bytes a
+/// value); longer ones, whose prefix sums would take too much memory, sum
+/// each cluster's run in parallel every iteration.
+fn lloyd_sorted(sorted: &[f32], centroids: Vec<f32>, iterations: usize) -> KMeans {
+    if sorted.len() < PARALLEL_MIN {
+        let prefix = PrefixSums::new(sorted);
+        lloyd_sorted_with(centroids, iterations, |c| prefix.cluster_stats(sorted, c))
+    } else {
+        lloyd_sorted_with(centroids, iterations, |c| cluster_stats(sorted, c))
+    }
+}
+
+fn lloyd_sorted_with(
+    mut centroids: Vec<f32>,
+    iterations: usize,
+    cluster_stats: impl Fn(&[f32]) -> Vec<RunStats>,
+) -> KMeans {
+    let mut stats = cluster_stats(&centroids);
     let mut objective = Vec::with_capacity(iterations + 1);
     objective.push(stats.iter().map(|s| s.sse).sum());
     for _ in 0..iterations {
@@ -668,7 +802,7 @@ fn lloyd_sorted(sorted: &[f32], mut centroids: Vec<f32>, iterations: usize) -> K
             break;
         }
         centroids = next;
-        stats = cluster_stats(sorted, &centroids);
+        stats = cluster_stats(&centroids);
         objective.push(stats.iter().map(|s| s.sse).sum());
     }
     KMeans {
@@ -1719,6 +1853,35 @@ mod tests {
             let last = *binned.objective.last().unwrap();
             let ours = per_value_objective(&values, &binned.centroids);
             prop_assert!(ours <= last * (1.0 + 1e-12), "{} vs {}", ours, last);
+        }
+
+        #[test]
+        fn prefix_sums_give_each_run_what_summing_it_gives(
+            values in prop::collection::vec(
+                prop_oneof![-10.0f32..10.0, 1000.0f32..1000.1, -1e-3f32..1e-3],
+                1..500,
+            ),
+            k in 1usize..12,
+        ) {
+            let s = sorted(&values);
+            let start = initial_centroids(&s, k, Init::Density);
+            let prefix = PrefixSums::new(&s).cluster_stats(&s, &start);
+            let summed = cluster_stats(&s, &start);
+            for (j, (p, r)) in prefix.iter().zip(&summed).enumerate() {
+                prop_assert_eq!(p.count, r.count, "count of cluster {}", j);
+                prop_assert!(
+                    (p.sum - r.sum).abs() <= 1e-12 * r.sum.abs().max(1e-30) + 1e-9 * f64::EPSILON,
+                    "sum of cluster {}: {} vs {}", j, p.sum, r.sum
+                );
+                // Summing in f64 loses up to count * eps of the terms' size;
+                // the prefix pairs lose far less.
+                let scale = s.iter().map(|&x| f64::from(x).powi(2)).fold(0.0, f64::max);
+                let tol = 1e-9 * r.sse + 4.0 * r.count as f64 * f64::EPSILON * scale * f64::EPSILON.sqrt();
+                prop_assert!(
+                    (p.sse - r.sse).abs() <= tol,
+                    "squared deviation of cluster {}: {} vs {}", j, p.sse, r.sse
+                );
+            }
         }
 
         #[test]
