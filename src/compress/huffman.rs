@@ -140,7 +140,7 @@ impl Huffman {
     /// boundary; joining shifts each one to the bit where the stream before
     /// it ends, which costs a pass over the output bytes, not over symbols.
     fn encode_in_chunks(&self, symbols: &[u8], chunk: usize) -> Result<Vec<u8>, HuffmanError> {
-        let pieces: Vec<(Vec<u8>, u64)> = symbols
+        let encoded: Vec<Result<(Vec<u8>, u64), HuffmanError>> = symbols
             .par_chunks(chunk)
             .enumerate()
             .map(|(i, c)| {
@@ -148,7 +148,10 @@ impl Huffman {
                 self.encode_into(c, i * chunk, &mut out)
                     .map(|bits| (out, bits))
             })
-            .collect::<Result<_, _>>()?;
+            .collect();
+        // In order, so the error is the one at the first bad position (a
+        // parallel collect into `Result` may stop at any).
+        let pieces: Vec<(Vec<u8>, u64)> = encoded.into_iter().collect::<Result<_, _>>()?;
         let total: u64 = pieces.iter().map(|&(_, bits)| bits).sum();
         let mut out = Vec::with_capacity(total.div_ceil(8) as usize + 8);
         let mut bits = 0u64;
@@ -765,6 +768,9 @@ mod tests {
         let parallel = code.encode(&symbols).unwrap();
         let sequential = code.encode_sequential(&symbols).unwrap();
         assert_eq!(first_difference(&parallel, &sequential), None);
+        // Long enough to pass through the encoder's block many times.
+        let bit_by_bit = encode_reference(&code, &symbols);
+        assert_eq!(first_difference(&sequential, &bit_by_bit), None);
         assert_eq!(code.decode(&parallel, symbols.len()).unwrap(), symbols);
     }
 
