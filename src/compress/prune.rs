@@ -97,18 +97,19 @@ pub fn prune_magnitude_reference(data: &mut [f32], sparsity: f64) -> usize {
 /// threshold from [`GlobalThreshold`] selects NaNs the same way.
 pub fn prune_below(data: &mut [f32], threshold: f32, ties_to_prune: usize) -> usize {
     let t = magnitude_key(threshold);
+    // Zeroes `|w| < t` with a select, not a branch: which weights fall
+    // below the threshold is as good as random.
+    let below = |chunk: &mut [f32]| {
+        let mut zeroed = 0;
+        for w in chunk.iter_mut() {
+            let prune = magnitude_key(*w) < t;
+            *w = if prune { 0.0 } else { *w };
+            zeroed += usize::from(prune);
+        }
+        zeroed
+    };
     if ties_to_prune == 0 {
-        return data
-            .par_chunks_mut(CHUNK)
-            .map(|chunk| {
-                let mut zeroed = 0;
-                for w in chunk.iter_mut().filter(|w| magnitude_key(**w) < t) {
-                    *w = 0.0;
-                    zeroed += 1;
-                }
-                zeroed
-            })
-            .sum();
+        return data.par_chunks_mut(CHUNK).map(below).sum();
     }
     // Ties go to the lowest indices, so each chunk needs to know how many
     // ties the chunks before it hold.
@@ -128,6 +129,9 @@ pub fn prune_below(data: &mut [f32], threshold: f32, ties_to_prune: usize) -> us
     data.par_chunks_mut(CHUNK)
         .zip(quotas.par_iter())
         .map(|(chunk, &quota)| {
+            if quota == 0 {
+                return below(chunk);
+            }
             let mut left = quota;
             let mut zeroed = 0;
             for w in chunk.iter_mut() {
