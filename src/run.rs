@@ -295,7 +295,10 @@ pub fn compress(
     let mut ct_layers = ct::Layers::default();
     let mut shards: Vec<(String, SafetensorsWriter, Vec<PackedTensor>)> = Vec::new();
     let total = plan.outputs.len();
+    // Buffers kept from tensor to tensor: the input in f32, and its copy
+    // that pruning changes.
     let mut buffer: Vec<f32> = Vec::new();
+    let mut work: Vec<f32> = Vec::new();
     progress.phase("compress", total);
 
     for (k, planned) in plan.outputs.iter().enumerate() {
@@ -370,6 +373,7 @@ pub fn compress(
                 &stage_idx,
                 cut,
                 &round,
+                &mut work,
             )?;
             Some((p, exact))
         };
@@ -659,7 +663,17 @@ fn global_cuts(
         if before.is_empty() {
             return Ok(values);
         }
-        let p = process(name, &values, shape, pipeline, &before, None, &|_| {})?;
+        let mut work = Vec::new();
+        let p = process(
+            name,
+            &values,
+            shape,
+            pipeline,
+            &before,
+            None,
+            &|_| {},
+            &mut work,
+        )?;
         Ok(match p.values {
             Values::Raw(v) => v,
             other => other.reconstruct(shape),

@@ -1,6 +1,5 @@
 //! Running the per-tensor stages of a pipeline on one tensor.
 
-use std::borrow::Cow;
 use std::time::Instant;
 
 use super::binarize::binarize;
@@ -51,9 +50,13 @@ pub enum TensorError {
 }
 
 /// Runs the stages `stage_indices` of `pipeline` on `values` (row-major,
-/// `shape`); `values` is copied only if a pruning stage changes it. `round_to_storage` rounds values to the dtype they will be
-/// stored in (low-rank factors are rounded before their product is formed,
-/// so the dense output and a restored packed file agree bit for bit).
+/// `shape`). `values` is copied into `work` only if a pruning stage changes
+/// it; `work` is a buffer the caller keeps from tensor to tensor, so the copy
+/// does not map fresh memory each time. `round_to_storage` rounds values to
+/// the dtype they will be stored in (low-rank factors are rounded before
+/// their product is formed, so the dense output and a restored packed file
+/// agree bit for bit).
+#[allow(clippy::too_many_arguments)]
 pub fn process(
     name: &str,
     values: &[f32],
@@ -62,6 +65,7 @@ pub fn process(
     stage_indices: &[usize],
     cut: Option<TensorCut>,
     round_to_storage: &dyn Fn(&mut [f32]),
+    work: &mut Vec<f32>,
 ) -> Result<Processed, TensorError> {
     let matrix = MatrixShape::of(shape).ok_or_else(|| TensorError::Shape {
         tensor: name.to_string(),
@@ -74,24 +78,31 @@ pub fn process(
         seconds: Vec::new(),
     };
     let mut current = Values::Raw(Vec::new());
-    let mut values: Cow<'_, [f32]> = Cow::Borrowed(values);
+    let writes = stage_indices
+        .iter()
+        .any(|&i| matches!(pipeline.stages()[i], Stage::Prune(..)));
+    if writes {
+        work.clear();
+        work.extend_from_slice(values);
+    }
     for &i in stage_indices {
         let stage = &pipeline.stages()[i];
         let started = Instant::now();
+        let values: &[f32] = if writes { work } else { values };
         match stage {
             Stage::Structural(_) => continue,
             Stage::Prune(PruneKind::Magnitude { sparsity, global }, _) => match (global, cut) {
                 (true, Some(c)) => {
-                    prune_below(values.to_mut(), c.threshold, c.ties);
+                    prune_below(work, c.threshold, c.ties);
                 }
                 _ => {
-                    prune_magnitude(values.to_mut(), *sparsity);
+                    prune_magnitude(work, *sparsity);
                 }
             },
-            Stage::Prune(PruneKind::NM { n, m }, _) => prune_n_m(values.to_mut(), matrix, *n, *m),
+            Stage::Prune(PruneKind::NM { n, m }, _) => prune_n_m(work, matrix, *n, *m),
             Stage::LowRank(choice, _) => {
                 let mut lr =
-                    low_rank(&values, matrix, *choice).map_err(|e| TensorError::LowRank {
+                    low_rank(values, matrix, *choice).map_err(|e| TensorError::LowRank {
                         tensor: name.to_string(),
                         reason: e.to_string(),
                     })?;
@@ -101,10 +112,10 @@ pub fn process(
             }
             Stage::Value(v, _) => {
                 let coded = match v {
-                    ValueStage::Share(p) => share(&values, matrix, p),
-                    ValueStage::Int(q) => quantize_int(&values, matrix, q),
-                    ValueStage::Fp8(g) => quantize_fp8(&values, matrix, *g),
-                    ValueStage::Binarize(l) => binarize(&values, matrix, *l),
+                    ValueStage::Share(p) => share(values, matrix, p),
+                    ValueStage::Int(q) => quantize_int(values, matrix, q),
+                    ValueStage::Fp8(g) => quantize_fp8(values, matrix, *g),
+                    ValueStage::Binarize(l) => binarize(values, matrix, *l),
                 };
                 current = Values::Coded(coded);
             }
@@ -114,7 +125,8 @@ pub fn process(
         out.seconds.push((i, started.elapsed().as_secs_f64()));
     }
     out.values = match current {
-        Values::Raw(_) => Values::Raw(values.into_owned()),
+        Values::Raw(_) if writes => Values::Raw(std::mem::take(work)),
+        Values::Raw(_) => Values::Raw(values.to_vec()),
         other => other,
     };
     Ok(out)
