@@ -69,10 +69,14 @@ pub enum SparseError {
 
 /// The smaller encoding of which elements are nonzero (see the module doc).
 pub fn encode_positions(nonzero: &[bool]) -> Positions {
+    encode_positions_of_mask(bitmask(nonzero))
+}
+
+/// [`encode_positions`] of a mask already in bitmask form (padding bits 0).
+pub fn encode_positions_of_mask(bytes: Vec<u8>) -> Positions {
     // The relative index is found from the bitmask: walking set bits word by
     // word costs per nonzero, not per element, and has no unpredictable
     // branch on random masks.
-    let bytes = bitmask(nonzero);
     let counts = relative_symbol_counts(&bytes);
     let (best, best_bits) = (1..=8u8)
         .map(|b| (b, counts[usize::from(b) - 1] * u64::from(b)))
@@ -106,7 +110,8 @@ pub fn decode_positions(p: &Positions, len: usize) -> Result<Vec<bool>, SparseEr
     }
 }
 
-fn bitmask(nonzero: &[bool]) -> Vec<u8> {
+/// The bitmask form of `nonzero` (see the module doc).
+pub fn bitmask(nonzero: &[bool]) -> Vec<u8> {
     let pack = |chunk: &[bool]| {
         chunk
             .iter()

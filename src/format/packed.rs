@@ -31,7 +31,9 @@ use crate::compress::bitpack::{pack_lsb, unpack_lsb};
 use crate::compress::coded::{Coded, Decode, MatrixShape};
 use crate::compress::huffman::{frequencies, Huffman};
 use crate::compress::lowrank::{product, LowRank};
-use crate::compress::sparse::{decode_positions, encode_positions, positions_bytes, Positions};
+use crate::compress::sparse::{
+    bitmask, decode_positions, encode_positions_of_mask, positions_bytes, Positions,
+};
 use crate::compress::spec::Entropy;
 use crate::compress::tensor::{Processed, Values};
 
@@ -186,9 +188,16 @@ struct StreamPlan {
 }
 
 fn plan_stream(symbols: &[u8], bits: u8, entropy: Option<Entropy>) -> StreamPlan {
-    let packed = (symbols.len() * usize::from(bits)).div_ceil(8);
-    if entropy == Some(Entropy::Huffman) && !symbols.is_empty() {
-        let freqs = frequencies(symbols);
+    let freqs =
+        (entropy == Some(Entropy::Huffman) && !symbols.is_empty()).then(|| frequencies(symbols));
+    plan_counted_stream(symbols.len(), freqs, bits)
+}
+
+/// [`plan_stream`] of `len` symbols whose frequencies are known; `freqs` is
+/// `None` when the stream is not entropy coded.
+fn plan_counted_stream(len: usize, freqs: Option<[u64; 256]>, bits: u8) -> StreamPlan {
+    let packed = (len * usize::from(bits)).div_ceil(8);
+    if let Some(freqs) = freqs.filter(|_| len > 0) {
         let code = Huffman::from_frequencies(&freqs);
         let huff = code.encoded_bits(&freqs).div_ceil(8) as usize + 256;
         if huff < packed {
@@ -252,8 +261,10 @@ struct PositionsPlan {
 }
 
 impl PositionsPlan {
-    fn new(nonzero: &[bool], entropy: Option<Entropy>) -> Self {
-        let positions = encode_positions(nonzero);
+    /// `mask` is the bitmask of the nonzero elements, `nonzeros` the number
+    /// of bits set.
+    fn new(mask: Vec<u8>, nonzeros: usize, entropy: Option<Entropy>) -> Self {
+        let positions = encode_positions_of_mask(mask);
         let gaps = match &positions {
             Positions::Relative { bits, gaps } => Some(plan_stream(gaps, *bits, entropy)),
             Positions::Bitmask { .. } => None,
@@ -261,7 +272,7 @@ impl PositionsPlan {
         Self {
             positions,
             gaps,
-            nonzeros: nonzero.iter().filter(|&&b| b).count(),
+            nonzeros,
         }
     }
 
@@ -312,7 +323,7 @@ fn raw_sparse_plan(dtype: Dtype, v: &[f32], entropy: Option<Entropy>) -> Option<
         return None;
     }
     let nonzero: Vec<bool> = v.iter().map(|&x| x != 0.0).collect();
-    let plan = PositionsPlan::new(&nonzero, entropy);
+    let plan = PositionsPlan::new(bitmask(&nonzero), v.len() - zeros, entropy);
     (plan.bytes() < zeros * dtype.bitsize() / 8).then_some(plan)
 }
 
@@ -410,32 +421,22 @@ fn pack_coded(
     encode: Option<Entropy>,
     pieces: &mut Vec<Piece<'static>>,
 ) -> PackedValues {
-    let gl = c.group_len.max(1);
     // Sparse storage drops elements that hold their group's zero symbol,
     // when that is smaller than storing every symbol.
     let mut sparse = None;
     if encode.is_some() {
-        let zero_of: Vec<Option<u8>> = (0..c.groups()).map(|g| c.zero_symbol(g)).collect();
-        let mut nonzero = vec![false; c.symbols.len()];
-        nonzero
-            .par_chunks_mut(gl)
-            .zip(c.symbols.par_chunks(gl))
-            .zip(&zero_of)
-            .for_each(|((nz, sym), &zero)| {
-                for (nz, &s) in nz.iter_mut().zip(sym) {
-                    *nz = Some(s) != zero;
-                }
-            });
-        let kept: Vec<u8> = c
-            .symbols
-            .iter()
-            .zip(&nonzero)
-            .filter_map(|(&s, &nz)| nz.then_some(s))
-            .collect();
+        let (mask, kept, zeros) = split_zeros(c);
         if kept.len() < c.symbols.len() {
-            let dense = plan_stream(&c.symbols, c.bits, encode);
-            let positions = PositionsPlan::new(&nonzero, encode);
-            let sparse_symbols = plan_stream(&kept, c.bits, encode);
+            // The frequencies of all symbols are those of the kept ones plus
+            // the zeros dropped.
+            let kept_freqs = (encode == Some(Entropy::Huffman)).then(|| frequencies(&kept));
+            let all_freqs = kept_freqs.map(|mut f| {
+                f.iter_mut().zip(&zeros).for_each(|(f, z)| *f += z);
+                f
+            });
+            let dense = plan_counted_stream(c.symbols.len(), all_freqs, c.bits);
+            let positions = PositionsPlan::new(mask, kept.len(), encode);
+            let sparse_symbols = plan_counted_stream(kept.len(), kept_freqs, c.bits);
             if sparse_symbols.bytes + positions.bytes() >= dense.bytes {
                 let symbols = store_symbols(&c.symbols, c.bits, dense, name, pieces);
                 return finish_coded(name, c, symbols, None, pieces);
@@ -452,6 +453,78 @@ fn pack_coded(
         }
     };
     finish_coded(name, c, symbols, sparse, pieces)
+}
+
+/// Elements per parallel task of [`split_zeros`].
+const SPLIT_CHUNK: usize = 1 << 16;
+
+/// The nonzero bitmask of a coded tensor (an element is zero when it holds
+/// its group's zero symbol; layout of [`crate::compress::sparse`]) and the
+/// symbols of the nonzero elements, in order, and how many elements of each
+/// symbol were dropped.
+fn split_zeros(c: &Coded) -> (Vec<u8>, Vec<u8>, [u64; 256]) {
+    let gl = c.group_len.max(1);
+    let zero_of: Vec<Option<u8>> = (0..c.groups()).map(|g| c.zero_symbol(g)).collect();
+    let mut mask = vec![0u8; c.symbols.len().div_ceil(8)];
+    let chunks: Vec<(usize, [u64; 256])> = mask
+        .par_chunks_mut(SPLIT_CHUNK / 8)
+        .zip(c.symbols.par_chunks(SPLIT_CHUNK))
+        .enumerate()
+        .map(|(i, (mask, sym))| {
+            let start = i * SPLIT_CHUNK;
+            let mut dropped = [0u64; 256];
+            let mut kept = 0;
+            let mut pos = 0;
+            while pos < sym.len() {
+                let g = (start + pos) / gl;
+                let end = ((g + 1) * gl - start).min(sym.len());
+                // No zero symbol: every element is nonzero (a select, so
+                // the loop has no branch).
+                let (zero, all) = match zero_of[g] {
+                    Some(zero) => (zero, 0),
+                    None => (0, 1),
+                };
+                let mut nonzero = 0;
+                for (j, &s) in sym[pos..end].iter().enumerate() {
+                    let at = pos + j;
+                    let bit = u8::from(s != zero) | all;
+                    mask[at / 8] |= bit << (at % 8);
+                    nonzero += usize::from(bit);
+                }
+                dropped[usize::from(zero)] += (end - pos - nonzero) as u64;
+                kept += nonzero;
+                pos = end;
+            }
+            (kept, dropped)
+        })
+        .collect();
+    let mut zeros = [0u64; 256];
+    for (_, dropped) in &chunks {
+        zeros.iter_mut().zip(dropped).for_each(|(z, d)| *z += d);
+    }
+    let mut kept = vec![0u8; chunks.iter().map(|&(n, _)| n).sum()];
+    let mut outs = Vec::with_capacity(chunks.len());
+    let mut rest = kept.as_mut_slice();
+    for &(n, _) in &chunks {
+        let (out, tail) = rest.split_at_mut(n);
+        outs.push(out);
+        rest = tail;
+    }
+    outs.into_par_iter()
+        .zip(c.symbols.par_chunks(SPLIT_CHUNK))
+        .zip(mask.par_chunks(SPLIT_CHUNK / 8))
+        .for_each(|((out, sym), mask)| {
+            // Every symbol is written at the next free slot, which moves on
+            // only past a nonzero one: no branch on the scattered zeros.
+            let mut j = 0;
+            for (i, &s) in sym.iter().enumerate() {
+                if let Some(slot) = out.get_mut(j) {
+                    *slot = s;
+                }
+                j += usize::from((mask[i / 8] >> (i % 8)) & 1);
+            }
+        });
+    (mask, kept, zeros)
 }
 
 /// Adds the decode parameters of a coded tensor and describes it.
