@@ -14,7 +14,7 @@
 //!
 //! Sorting tens of millions of weights would cost more than everything else,
 //! so large groups are clustered over a histogram instead ([`ValueHistogram`]):
-//! bins that each span at most 2^-9 of their values' magnitude, with exact
+//! bins that each span at most 2^-8 of their values' magnitude, with exact
 //! count, mean and spread. A bin's squared distance to a centroid `c` is
 //! `count * (mean - c)^2` plus its spread, so assigning whole bins to the
 //! centroid nearest their mean and moving centroids to weighted means is
@@ -83,9 +83,9 @@ const ASSIGN_CHUNK: usize = 1 << 16;
 const HISTOGRAM_MIN: usize = 1 << 18;
 
 /// Leading bits of the order-preserving key that name a histogram bin: the
-/// sign, the 8 exponent bits and the top 9 mantissa bits, so a bin spans at
-/// most 2^-9 (0.2%) of its values' magnitude.
-const BIN_BITS: u32 = 18;
+/// sign, the 8 exponent bits and the top 8 mantissa bits, so a bin spans at
+/// most 2^-8 (0.4%) of its values' magnitude.
+const BIN_BITS: u32 = 17;
 const BINS: usize = 1 << BIN_BITS;
 /// Mantissa bits that vary within a bin.
 const BIN_LOW_BITS: u32 = 32 - BIN_BITS;
