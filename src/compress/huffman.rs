@@ -172,12 +172,24 @@ impl Huffman {
         first_position: usize,
         out: &mut Vec<u8>,
     ) -> Result<u64, HuffmanError> {
-        // Bits pending in the low `pending` bits of `acc`; written out 32 at
-        // a time, so `pending` stays below 32 + MAX_CODE_LEN <= 64.
+        // Bits pending in the low `pending` bits of `acc`. After every two
+        // codes the top eight bytes are stored whether or not they are all
+        // full, and the position moves past the full ones: no branch on how
+        // many bits a code took. Fewer than 8 bits stay pending, so two codes
+        // of at most MAX_CODE_LEN bits still fit in 64.
+        const _: () = assert!(7 + 2 * MAX_CODE_LEN as u32 <= 64);
+        let start = out.len();
+        // Room for the longest codes plus the last unconditional store.
+        out.resize(
+            start + symbols.len() * usize::from(MAX_CODE_LEN) / 8 + 16,
+            0,
+        );
+        let buf = &mut out[start..];
         let mut acc = 0u64;
         let mut pending = 0u32;
-        let mut written = 0u64;
-        for (position, &symbol) in symbols.iter().enumerate() {
+        let mut pos = 0usize;
+        let mut pairs = symbols.chunks_exact(2);
+        let code = |position: usize, symbol: u8| {
             let len = u32::from(self.lengths[usize::from(symbol)]);
             if len == 0 {
                 return Err(HuffmanError::SymbolWithoutCode {
@@ -185,22 +197,32 @@ impl Huffman {
                     position: first_position + position,
                 });
             }
-            acc = (acc << len) | u64::from(self.codes[usize::from(symbol)]);
-            pending += len;
-            if pending >= 32 {
-                pending -= 32;
-                written += 32;
-                out.extend_from_slice(&((acc >> pending) as u32).to_be_bytes());
+            Ok((len, u64::from(self.codes[usize::from(symbol)])))
+        };
+        let mut flush = |acc: u64, pending: &mut u32, pos: &mut usize| {
+            if *pending > 0 {
+                let word = acc << (64 - *pending);
+                buf[*pos..*pos + 8].copy_from_slice(&word.to_be_bytes());
             }
+            *pos += (*pending / 8) as usize;
+            *pending %= 8;
+        };
+        for (i, pair) in (&mut pairs).enumerate() {
+            let (l0, c0) = code(2 * i, pair[0])?;
+            let (l1, c1) = code(2 * i + 1, pair[1])?;
+            acc = (((acc << l0) | c0) << l1) | c1;
+            pending += l0 + l1;
+            flush(acc, &mut pending, &mut pos);
         }
-        let bits = written + u64::from(pending);
-        while pending >= 8 {
-            pending -= 8;
-            out.push((acc >> pending) as u8);
+        if let [last] = pairs.remainder() {
+            let (l, c) = code(symbols.len() - 1, *last)?;
+            acc = (acc << l) | c;
+            pending += l;
+            flush(acc, &mut pending, &mut pos);
         }
-        if pending > 0 {
-            out.push((acc << (8 - pending)) as u8);
-        }
+        let bits = pos as u64 * 8 + u64::from(pending);
+        // The partial last byte was stored by the last flush.
+        out.truncate(start + (bits as usize).div_ceil(8));
         Ok(bits)
     }
 
