@@ -485,11 +485,32 @@ fn split_zeros(c: &Coded) -> (Vec<u8>, Vec<u8>, [u64; 256]) {
                     None => (0, 1),
                 };
                 let mut nonzero = 0;
-                for (j, &s) in sym[pos..end].iter().enumerate() {
-                    let at = pos + j;
-                    let bit = u8::from(s != zero) | all;
+                let mut at = pos;
+                // Single elements up to a byte boundary, then whole bytes.
+                while at < end && at % 8 != 0 {
+                    let bit = u8::from(sym[at] != zero) | all;
                     mask[at / 8] |= bit << (at % 8);
                     nonzero += usize::from(bit);
+                    at += 1;
+                }
+                let whole = (end - at) / 8 * 8;
+                for (byte, eight) in mask[at / 8..]
+                    .iter_mut()
+                    .zip(sym[at..at + whole].chunks_exact(8))
+                {
+                    let bits = eight
+                        .iter()
+                        .enumerate()
+                        .fold(0u8, |b, (k, &s)| b | ((u8::from(s != zero) | all) << k));
+                    *byte = bits;
+                    nonzero += bits.count_ones() as usize;
+                }
+                at += whole;
+                while at < end {
+                    let bit = u8::from(sym[at] != zero) | all;
+                    mask[at / 8] |= bit << (at % 8);
+                    nonzero += usize::from(bit);
+                    at += 1;
                 }
                 dropped[usize::from(zero)] += (end - pos - nonzero) as u64;
                 kept += nonzero;
@@ -517,11 +538,13 @@ fn split_zeros(c: &Coded) -> (Vec<u8>, Vec<u8>, [u64; 256]) {
             // Every symbol is written at the next free slot, which moves on
             // only past a nonzero one: no branch on the scattered zeros.
             let mut j = 0;
-            for (i, &s) in sym.iter().enumerate() {
-                if let Some(slot) = out.get_mut(j) {
-                    *slot = s;
+            for (eight, &bits) in sym.chunks(8).zip(mask) {
+                for (k, &s) in eight.iter().enumerate() {
+                    if let Some(slot) = out.get_mut(j) {
+                        *slot = s;
+                    }
+                    j += usize::from((bits >> k) & 1);
                 }
-                j += usize::from((mask[i / 8] >> (i % 8)) & 1);
             }
         });
     (mask, kept, zeros)
@@ -938,4 +961,116 @@ fn decode_coded(
         }
     };
     Ok(coded.decode())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::sparse::bitmask;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    /// [`split_zeros`] element by element.
+    fn split_zeros_reference(c: &Coded) -> (Vec<u8>, Vec<u8>, [u64; 256]) {
+        let mut nonzero = Vec::new();
+        let mut kept = Vec::new();
+        let mut zeros = [0u64; 256];
+        for (i, &s) in c.symbols.iter().enumerate() {
+            let zero = c.zero_symbol(i / c.group_len);
+            nonzero.push(Some(s) != zero);
+            if Some(s) == zero {
+                zeros[usize::from(s)] += 1;
+            } else {
+                kept.push(s);
+            }
+        }
+        (bitmask(&nonzero), kept, zeros)
+    }
+
+    impl Pieces for HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+        fn piece(&self, name: &str) -> Option<(Dtype, Vec<usize>, &[u8])> {
+            self.get(name)
+                .map(|(d, s, b)| (*d, s.clone(), b.as_slice()))
+        }
+    }
+
+    /// A codebook tensor of `groups` groups of `group_len` elements; the
+    /// groups flagged in `with_zero` have a 0.0 entry (entry 1).
+    fn codebook(symbols: Vec<u8>, group_len: usize, with_zero: &[bool]) -> Coded {
+        let values = with_zero
+            .iter()
+            .enumerate()
+            .flat_map(|(g, &z)| {
+                let g = g as f32;
+                [0.5 + g, if z { 0.0 } else { -1.0 - g }, 2.0 + g, -3.0]
+            })
+            .collect();
+        Coded {
+            symbols,
+            bits: 2,
+            group_len,
+            decode: Decode::Codebook { entries: 4, values },
+        }
+    }
+
+    fn coded_tensors() -> impl Strategy<Value = Coded> {
+        (1usize..40, 1usize..12).prop_flat_map(|(group_len, groups)| {
+            (
+                prop::collection::vec(prop_oneof![3 => Just(1u8), 1 => 0u8..4], group_len * groups),
+                prop::collection::vec(any::<bool>(), groups),
+            )
+                .prop_map(move |(symbols, with_zero)| codebook(symbols, group_len, &with_zero))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn split_zeros_matches_the_reference(c in coded_tensors()) {
+            prop_assert_eq!(split_zeros(&c), split_zeros_reference(&c));
+        }
+
+        #[test]
+        fn packed_codebook_tensors_unpack_to_their_values(
+            c in coded_tensors(),
+            huffman in any::<bool>(),
+        ) {
+            let n = c.symbols.len();
+            let expected = c.decode();
+            let p = Processed {
+                shape: vec![n / c.group_len, c.group_len],
+                values: Values::Coded(c),
+                encode: Some(if huffman { Entropy::Huffman } else { Entropy::None }),
+                applied: Vec::new(),
+                seconds: Vec::new(),
+            };
+            let (desc, pieces) = pack_tensor("t", Dtype::F32, &p, None);
+            let stored: HashMap<_, _> = pieces
+                .into_iter()
+                .map(|piece| (piece.name, (piece.dtype, piece.shape, piece.bytes.into_owned())))
+                .collect();
+            let bytes = unpack_tensor(&desc, &stored).unwrap();
+            let mut values = vec![0.0f32; n];
+            to_f32(Dtype::F32, &bytes, &mut values);
+            prop_assert_eq!(
+                values.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn split_zeros_over_many_parallel_chunks_matches_the_reference() {
+        // Groups that straddle chunk and byte boundaries.
+        let group_len = SPLIT_CHUNK / 3 + 5;
+        let groups = 7;
+        let symbols = (0..group_len * groups)
+            .map(|i| ((i * 7919) % 5 % 4) as u8)
+            .collect();
+        let c = codebook(
+            symbols,
+            group_len,
+            &[true, false, true, true, false, true, true],
+        );
+        assert_eq!(split_zeros(&c), split_zeros_reference(&c));
+    }
 }
