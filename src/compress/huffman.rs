@@ -179,11 +179,10 @@ impl Huffman {
         // of at most MAX_CODE_LEN bits still fit in 64.
         const _: () = assert!(7 + 2 * MAX_CODE_LEN as u32 <= 64);
         let start = out.len();
-        // Room for the longest codes plus the last unconditional store.
-        out.resize(
-            start + symbols.len() * usize::from(MAX_CODE_LEN) / 8 + 16,
-            0,
-        );
+        // Room for the longest code of this table on every symbol, plus the
+        // last unconditional store.
+        let longest = usize::from(self.lengths.iter().copied().max().unwrap_or(0));
+        out.resize(start + (symbols.len() * longest).div_ceil(8) + 16, 0);
         let buf = &mut out[start..];
         let mut acc = 0u64;
         let mut pending = 0u32;
