@@ -15,17 +15,23 @@
 //! `<bn>.weight` (gamma), `<bn>.bias` (beta) and `<bn>.num_batches_tracked`,
 //! and uses eps = [`BATCH_NORM_EPS`].
 //!
-//! Without explicit pairs or groups, both stages infer them from checkpoint
-//! order: a batch norm belongs to the layer whose weight (or weight and bias)
-//! comes right before its first tensor, and channel groups chain consecutive
-//! layer weights. Writers that sort tensors by name (torch's safetensors
-//! writer does) keep `features.0` next to `features.1` but put `bn1` before
-//! `conv1`; such a model gets an error naming the batch norm, not a guess,
-//! and needs explicit pairs and groups.
+//! Without explicit pairs or groups, both stages infer them. A batch norm
+//! belongs to the layer its name points to (`layer1.0.bn2` to
+//! `layer1.0.conv2`, `features.4` to `features.3`, see [`NAMING_RULES`]) when
+//! that layer exists with as many outputs as the norm has channels, otherwise
+//! to the layer whose weight (or weight and bias) comes right before its
+//! first tensor in the checkpoint. Names come first because writers that sort
+//! tensors by name (torch's safetensors writer does) put `bn1` before `conv1`
+//! and `features.10` before `features.2`. Channel groups chain consecutive
+//! layer weights in checkpoint order. A batch norm neither rule pairs gets an
+//! error naming it, not a guess, and needs explicit pairs.
 
 use std::sync::Arc;
 
 use rayon::prelude::*;
+
+/// How a batch norm's name points to its layer, for inferred pairs.
+const NAMING_RULES: &str = "`<p>.bnK` or `<p>.normK` after `<p>.convK`, `<p>.fcK` or `<p>.linearK`; `<p>.N` after `<p>.N-1`";
 
 /// PyTorch's default `eps` for `BatchNorm*d`.
 pub const BATCH_NORM_EPS: f64 = 1e-5;
@@ -568,14 +574,34 @@ impl Model {
                 bn: bn.clone(),
                 reason,
             };
-            let layer = self.layer_before(&bn).map_err(unpaired)?;
-            let w = self.layer_weight(&layer)?;
-            let out = self.entries[w].recipe.shape[0];
-            if out != channels {
-                return Err(unpaired(format!(
-                    "it has {channels} channels but the layer before it, `{layer}`, has {out} outputs"
-                )));
-            }
+            let outputs = |layer: &str| -> Result<usize, StructuralError> {
+                let w = self.layer_weight(layer)?;
+                Ok(self.entries[w].recipe.shape[0])
+            };
+            // The layer its name points to comes first: it holds when the
+            // writer sorted tensors by name.
+            let named = self
+                .layer_named_like(&bn)
+                .into_iter()
+                .find(|layer| outputs(layer).is_ok_and(|out| out == channels));
+            let layer = match named {
+                Some(layer) => layer,
+                None => {
+                    let layer = self.layer_before(&bn).map_err(|reason| {
+                        unpaired(format!(
+                            "no layer is named like it ({}) and {reason}",
+                            NAMING_RULES
+                        ))
+                    })?;
+                    let out = outputs(&layer)?;
+                    if out != channels {
+                        return Err(unpaired(format!(
+                            "it has {channels} channels but the layer before it, `{layer}`, has {out} outputs"
+                        )));
+                    }
+                    layer
+                }
+            };
             if let Some((_, other)) = pairs.iter().find(|(l, _)| *l == layer) {
                 return Err(unpaired(format!(
                     "layer `{layer}` is already paired with `{other}`"
@@ -584,6 +610,36 @@ impl Model {
             pairs.push((layer, bn));
         }
         Ok(pairs)
+    }
+
+    /// Layers that batch norm `bn`'s name points to (see [`NAMING_RULES`]),
+    /// among those the checkpoint has: a weight of at least two dimensions
+    /// that is not itself a batch norm.
+    fn layer_named_like(&self, bn: &str) -> Vec<String> {
+        let (parent, last) = match bn.rsplit_once('.') {
+            Some((parent, last)) => (format!("{parent}."), last),
+            None => (String::new(), bn),
+        };
+        let mut candidates = Vec::new();
+        if let Ok(n) = last.parse::<usize>() {
+            if let Some(previous) = n.checked_sub(1) {
+                candidates.push(format!("{parent}{previous}"));
+            }
+        }
+        for norm in ["bn", "norm"] {
+            if let Some(suffix) = last.strip_prefix(norm) {
+                for layer in ["conv", "fc", "linear"] {
+                    candidates.push(format!("{parent}{layer}{suffix}"));
+                }
+            }
+        }
+        candidates.retain(|layer| {
+            !self.is_batch_norm(layer)
+                && self
+                    .get(&format!("{layer}.weight"))
+                    .is_some_and(|e| e.recipe.shape.len() >= 2)
+        });
+        candidates
     }
 
     fn fold_one(&mut self, layer: &str, bn: &str) -> Result<(), StructuralError> {
@@ -1372,8 +1428,8 @@ mod tests {
 
     #[test]
     fn explicit_groups_override_inference_and_may_name_the_norm() {
-        // With the norm ahead of its layer nothing can be inferred, but an
-        // explicit group and pair still work.
+        // With the norm ahead of its layer no channel group can be
+        // inferred, but an explicit group and pair still work.
         let mut m = convnet();
         let bn: Vec<_> = m.tensors.drain(1..6).collect();
         m.tensors.splice(0..0, bn);
@@ -1442,12 +1498,60 @@ mod tests {
     fn a_batch_norm_with_no_layer_before_it_is_named() {
         let mut m = convnet();
         m.tensors.swap(0, 5);
+        // A name that points to no layer.
+        let m = m.renamed(&[("bn1", "scale")]);
         let e = plan(&[fold_stage()], &m).unwrap_err();
         assert!(
-            matches!(&e, StructuralError::UnpairedBatchNorm { bn, .. } if bn == "bn1"),
+            matches!(&e, StructuralError::UnpairedBatchNorm { bn, .. } if bn == "scale"),
             "{e}"
         );
-        assert!(e.to_string().contains("`bn1`"), "{e}");
+        assert!(e.to_string().contains("`scale`"), "{e}");
+        assert!(e.to_string().contains("no tensor comes before it"), "{e}");
+    }
+
+    #[test]
+    fn pairs_follow_names_when_the_writer_sorted_the_tensors() {
+        // ResNet naming, sorted by name: `bn1` comes before `conv1`, and
+        // `layer1.0.bn1` right after the classifier, whose outputs differ.
+        let mut m = Mem::default();
+        let norm = |m: &mut Mem, bn: &str, seed: usize| {
+            m.add(&format!("{bn}.weight"), &[4], det(4, seed))
+                .add(&format!("{bn}.bias"), &[4], det(4, seed + 1))
+                .add(&format!("{bn}.running_mean"), &[4], det(4, seed + 2))
+                .add(&format!("{bn}.running_var"), &[4], vec![0.5; 4])
+                .add_int(&format!("{bn}.num_batches_tracked"));
+        };
+        norm(&mut m, "bn1", 1);
+        norm(&mut m, "layer1.0.bn1", 10);
+        norm(&mut m, "layer1.0.downsample.1", 20);
+        m.add("conv1.weight", &[4, 2, 3, 3], det(72, 30))
+            .add("fc.weight", &[2, 4], det(8, 31))
+            .add("fc.bias", &[2], det(2, 32))
+            .add("layer1.0.conv1.weight", &[4, 4, 3, 3], det(144, 33))
+            .add("layer1.0.downsample.0.weight", &[4, 4, 1, 1], det(16, 34));
+        m.tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let pairs = Model::read(&m).unwrap().infer_fold_pairs().unwrap();
+        let pairs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(l, b)| (l.as_str(), b.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("conv1", "bn1"),
+                ("layer1.0.conv1", "layer1.0.bn1"),
+                ("layer1.0.downsample.0", "layer1.0.downsample.1"),
+            ]
+        );
+        let plan = plan(&[fold_stage()], &m).unwrap();
+        assert!(plan
+            .outputs
+            .iter()
+            .all(|t| !t.name.contains("bn1.") && !t.name.starts_with("layer1.0.downsample.1.")));
+        assert!(plan
+            .outputs
+            .iter()
+            .any(|t| t.name == "layer1.0.downsample.0.bias"));
     }
 
     #[test]
