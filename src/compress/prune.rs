@@ -193,7 +193,7 @@ pub fn prune_n_m_reference(data: &mut [f32], shape: MatrixShape, n: usize, m: us
 
 fn check_n_m(data: &[f32], shape: MatrixShape, m: usize) {
     assert!(
-        m > 0 && shape.cols % m == 0,
+        m > 0 && shape.cols.is_multiple_of(m),
         "n:m pruning needs m ({m}) to divide the columns ({})",
         shape.cols
     );

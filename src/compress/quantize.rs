@@ -384,7 +384,7 @@ fn group_sums_fast<const N: usize>(w: &[f32], term: impl Fn(f32) -> [f64; N] + S
 
 // Σ d² of a block is an exact i32 sum.
 const _: () = assert!(BLOCK * 255 * 255 < i32::MAX as usize);
-const _: () = assert!(BLOCK % FIT_STEP == 0 && FIT_STEP % LANES == 0);
+const _: () = assert!(BLOCK.is_multiple_of(FIT_STEP) && FIT_STEP.is_multiple_of(LANES));
 
 /// The integer value of an integer-valued f32 `x` with `|x| < 2^22`, read
 /// from the mantissa of `x + 1.5 * 2^23` (a saturating `as i32` conversion
@@ -1226,7 +1226,7 @@ mod tests {
     }
 
     fn granularity(cols: usize) -> impl Strategy<Value = Granularity> {
-        let divisors: Vec<usize> = (1..=cols).filter(|d| cols % d == 0).collect();
+        let divisors: Vec<usize> = (1..=cols).filter(|d| cols.is_multiple_of(*d)).collect();
         prop_oneof![
             Just(Granularity::Tensor),
             Just(Granularity::Channel),

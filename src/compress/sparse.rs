@@ -129,7 +129,7 @@ fn decode_bitmask(bytes: &[u8], len: usize) -> Result<Vec<bool>, SparseError> {
             len,
         });
     }
-    if len % 8 != 0 && bytes[expected - 1] >> (len % 8) != 0 {
+    if !len.is_multiple_of(8) && bytes[expected - 1] >> (len % 8) != 0 {
         return Err(SparseError::BitmaskPadding { len });
     }
     let mut out = vec![false; len];

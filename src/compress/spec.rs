@@ -561,7 +561,7 @@ impl Pipeline {
                 last = Some((i, phase));
                 let shape = MatrixShape::of(t.shape).unwrap_or(MatrixShape { rows: 0, cols: 0 });
                 match s {
-                    Stage::Prune(PruneKind::NM { m, .. }, _) if shape.cols % m != 0 => {
+                    Stage::Prune(PruneKind::NM { m, .. }, _) if !shape.cols.is_multiple_of(*m) => {
                         return Err(err(
                             i,
                             s.kind(),
@@ -594,7 +594,7 @@ impl Pipeline {
                             ..
                         }) = v
                         {
-                            if shape.cols % g != 0 {
+                            if !shape.cols.is_multiple_of(*g) {
                                 return Err(err(
                                     i,
                                     s.kind(),

@@ -801,7 +801,7 @@ impl Model {
             let input = shape[1];
             let block = input.checked_div(out).unwrap_or(0);
             let flatten = shape.len() == 2;
-            if block == 0 || input % out != 0 || (block > 1 && !flatten) {
+            if block == 0 || !input.is_multiple_of(out) || (block > 1 && !flatten) {
                 return Err(self.shape_error(
                     c,
                     format!(
