@@ -1,0 +1,71 @@
+use crate::helpers::spawn_app;
+
+/// The committed document is what the code generates; after an API change,
+/// regenerate it with `cargo run -- openapi > openapi/openapi.json`.
+#[test]
+fn the_committed_openapi_document_matches_the_code() {
+    let generated = modelpress::api::openapi().to_pretty_json().unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json");
+    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        committed.trim_end() == generated.trim_end(),
+        "openapi/openapi.json is stale: run `cargo run -- openapi > openapi/openapi.json` and commit it"
+    );
+}
+
+#[test]
+fn every_route_is_documented_with_the_error_shape() {
+    let doc: serde_json::Value = serde_json::to_value(modelpress::api::openapi()).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    for p in [
+        "/v1/models",
+        "/v1/models/{id}",
+        "/v1/models/{id}/tensors",
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel",
+        "/v1/jobs/{id}/report",
+        "/v1/jobs/{id}/artifacts/{name}",
+        "/v1/presets",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(paths.contains_key(p), "{p} is documented");
+    }
+    assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+    assert!(doc["components"]["schemas"]["JobView"].is_object());
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+}
+
+#[tokio::test]
+async fn the_docs_page_and_document_are_served_without_outside_assets() {
+    let app = spawn_app().await;
+    let doc = app.get_json("/openapi.json").await;
+    assert_eq!(
+        doc,
+        serde_json::to_value(modelpress::api::openapi()).unwrap()
+    );
+    let page = app.get("/docs/").await;
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("swagger-ui"), "{html}");
+    for line in html.lines() {
+        let refs_outside =
+            (line.contains("src=") || line.contains("href=")) && line.contains("http");
+        assert!(!refs_outside, "outside asset: {line}");
+    }
+    let init = app
+        .get("/docs/swagger-initializer.js")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(init.contains("/openapi.json"), "{init}");
+    assert!(
+        init.replace(' ', "").contains("\"validatorUrl\":\"none\""),
+        "{init}"
+    );
+    let bundle = app.get("/docs/swagger-ui-bundle.js").await;
+    assert_eq!(bundle.status(), 200);
+}
