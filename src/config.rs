@@ -88,12 +88,6 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
-    pub fn database_url(&self) -> String {
-        self.database_url
-            .clone()
-            .unwrap_or_else(|| crate::store::Store::default_url(&self.data_dir))
-    }
-
     pub fn worker_count(&self) -> usize {
         self.workers.unwrap_or_else(|| {
             std::thread::available_parallelism()

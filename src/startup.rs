@@ -77,8 +77,8 @@ pub struct Application {
 }
 
 /// Takes the data directory for this process.
-fn lock_data_dir(config: &ServeConfig) -> anyhow::Result<std::fs::File> {
-    let path = config.data_dir.join("modelpress.lock");
+fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = data_dir.join("modelpress.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -89,7 +89,7 @@ fn lock_data_dir(config: &ServeConfig) -> anyhow::Result<std::fs::File> {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
             "another modelpress process is using the data directory {}",
-            config.data_dir.display()
+            data_dir.display()
         ),
         Err(std::fs::TryLockError::Error(e)) => {
             Err(e).with_context(|| format!("cannot lock {}", path.display()))
@@ -111,9 +111,17 @@ impl Application {
         install_tls_provider();
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
-        let lock = lock_data_dir(config)?;
-        let blobs = Arc::new(Blobs::open(&config.data_dir).context("cannot open the blob store")?);
-        let store = Store::open(&config.database_url())
+        // Absolute, so that the links a job's input is laid out with hold
+        // wherever they are resolved from.
+        let data_dir = std::fs::canonicalize(&config.data_dir)
+            .with_context(|| format!("cannot resolve {}", config.data_dir.display()))?;
+        let lock = lock_data_dir(&data_dir)?;
+        let blobs = Arc::new(Blobs::open(&data_dir).context("cannot open the blob store")?);
+        let database_url = config
+            .database_url
+            .clone()
+            .unwrap_or_else(|| Store::default_url(&data_dir));
+        let store = Store::open(&database_url)
             .await
             .context("cannot open the database")?;
 

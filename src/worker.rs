@@ -591,13 +591,9 @@ async fn execute(
             tracing::error!(job = %job.id, error = %e, "the job failed");
             Outcome::Failed(Failure::internal())
         }
-        Ok(Ok(report)) => {
-            if stop.flag.load(Ordering::SeqCst) && stop.reason() != StopReason::CancelRequested {
-                Outcome::Stopped(stop.reason())
-            } else {
-                store_outcome(shared, job, &output, &report).await
-            }
-        }
+        // Finished despite a late stop: the work is kept unless the job
+        // was canceled or is no longer ours, which recording it checks.
+        Ok(Ok(report)) => store_outcome(shared, job, &output, &report).await,
     };
     drop(dir);
     outcome

@@ -9,7 +9,7 @@ mod time;
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderName};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,7 +20,7 @@ use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::SecurityRequirement;
 use utoipa::{Modify, OpenApi};
-use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 use utoipa_swagger_ui::{Config, SwaggerUi};
 
@@ -104,7 +104,11 @@ impl Modify for BearerOnV1 {
 
 fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let v1 = OpenApiRouter::new()
-        .routes(routes!(models::upload_model, models::list_models))
+        // Uploads are streamed to disk and limited by the upload limit, not
+        // by axum's default limit for buffered bodies.
+        .routes(
+            routes!(models::upload_model, models::list_models).layer(DefaultBodyLimit::disable()),
+        )
         .routes(routes!(models::get_model, models::delete_model))
         .routes(routes!(models::model_tensors))
         .routes(routes!(jobs::create_job, jobs::list_jobs))

@@ -24,7 +24,9 @@ fn start_server(data_dir: &Path, tensor_delay_ms: u64) -> ServerProcess {
             "1",
             "--data-dir",
         ])
-        .arg(data_dir)
+        // Relative, as the default `./data` is.
+        .arg(data_dir.file_name().unwrap())
+        .current_dir(data_dir.parent().unwrap())
         .env("MODELPRESS_TENSOR_DELAY_MS", tensor_delay_ms.to_string())
         .env("RUST_LOG", "info")
         .env_remove("MODELPRESS_API_KEYS")

@@ -47,6 +47,28 @@ async fn a_raw_upload_is_stored_and_described() {
 }
 
 #[tokio::test]
+async fn a_multipart_upload_larger_than_a_buffered_body_limit_is_streamed() {
+    let app = spawn_app().await;
+    let bytes = safetensors_bytes(&[gaussian("big.weight", &[1024, 800], 0.05, &mut Rng::new(7))]);
+    assert!(bytes.len() > 3 << 20);
+    let form = Form::new().part(
+        "file",
+        Part::bytes(bytes.clone()).file_name("model.safetensors"),
+    );
+    let resp = app
+        .client
+        .post(app.url("/v1/models"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let model: Value = resp.json().await.unwrap();
+    assert_eq!(status, 201, "{model}");
+    assert_eq!(model["files"][0]["sha256"], sha256_hex(&bytes));
+}
+
+#[tokio::test]
 async fn identical_content_is_stored_once() {
     let app = spawn_app().await;
     let a = app.upload_model(tiny_model(2)).await;
