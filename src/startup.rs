@@ -38,8 +38,10 @@ pub fn prometheus() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed");
             }
-            metrics::describe_gauge!("modelpress_jobs", "Jobs in the database, by status");
-            metrics::describe_gauge!("modelpress_queue_depth", "Jobs waiting for a worker");
+            metrics::describe_counter!(
+                "modelpress_jobs_finished_total",
+                "Jobs that reached a final status, by status"
+            );
             metrics::describe_histogram!(
                 "modelpress_job_duration_seconds",
                 metrics::Unit::Seconds,

@@ -329,6 +329,10 @@ pub async fn upload_model(
     if declared.is_some_and(|n| n > limit.saturating_add(64 * 1024)) {
         return Err(ApiError::too_large(limit));
     }
+    // Refused before any byte is read, rather than after the whole upload.
+    parse_labels(params.labels.as_deref())?;
+    check_text("name", params.name.clone())?;
+    check_text("version", params.version.clone())?;
     let tmp = state
         .blobs
         .tmp_dir("upload")

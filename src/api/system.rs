@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 use super::error::{error_response, ErrorBody};
 use super::AppState;
 use crate::compress::spec::PRESETS;
+use crate::store::JobStatus;
 
 /// A named pipeline.
 #[derive(Debug, Serialize, ToSchema)]
@@ -109,22 +110,41 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
 )]
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    use std::fmt::Write;
+    // Counts come from this service's database at each scrape; counters and
+    // histograms from the process's recorder.
+    let mut text = String::new();
     match state.store.count_jobs_by_status().await {
         Ok(counts) => {
-            for (status, n) in counts {
-                metrics::gauge!("modelpress_jobs", "status" => status.as_str()).set(n as f64);
-                if status == crate::store::JobStatus::Queued {
-                    metrics::gauge!("modelpress_queue_depth").set(n as f64);
-                }
+            text.push_str("# HELP modelpress_jobs Jobs in the database, by status.\n");
+            text.push_str("# TYPE modelpress_jobs gauge\n");
+            for (status, n) in &counts {
+                let _ = writeln!(
+                    text,
+                    "modelpress_jobs{{status=\"{}\"}} {n}",
+                    status.as_str()
+                );
             }
+            let queued = counts
+                .iter()
+                .find(|(s, _)| *s == JobStatus::Queued)
+                .map_or(0, |c| c.1);
+            text.push_str("# HELP modelpress_queue_depth Jobs waiting for a worker.\n");
+            text.push_str("# TYPE modelpress_queue_depth gauge\n");
+            let _ = writeln!(text, "modelpress_queue_depth {queued}");
         }
         Err(e) => tracing::error!(error = %e, "metrics: could not count jobs"),
     }
-    metrics::gauge!("modelpress_jobs_running_here").set(state.workers.running_jobs() as f64);
-    let text = state
-        .metrics
-        .as_ref()
-        .map(|h| h.render())
-        .unwrap_or_default();
+    text.push_str("# HELP modelpress_jobs_running_here Jobs this process is running.\n");
+    text.push_str("# TYPE modelpress_jobs_running_here gauge\n");
+    let _ = writeln!(
+        text,
+        "modelpress_jobs_running_here {}",
+        state.workers.running_jobs()
+    );
+    if let Some(handle) = &state.metrics {
+        handle.run_upkeep();
+        text.push_str(&handle.render());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -146,3 +146,167 @@ async fn unreferenced(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Store::default_url(dir.path())).await.unwrap();
+        (store, dir)
+    }
+
+    fn job(priority: i64) -> NewJob {
+        NewJob {
+            model_id: "m".into(),
+            priority,
+            preset: None,
+            pipeline: r#"{"stages":[]}"#.into(),
+            output_format: "packed".into(),
+            webhook_url: None,
+            labels: "{}".into(),
+            idempotency: None,
+        }
+    }
+
+    async fn enqueue(store: &Store, priority: i64) -> String {
+        match store.insert_job(job(priority)).await.unwrap() {
+            InsertOutcome::Created(j) => j.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_take_the_highest_priority_then_the_oldest_job_once() {
+        let (store, _dir) = store().await;
+        let low = enqueue(&store, 0).await;
+        let high = enqueue(&store, 5).await;
+        let low2 = enqueue(&store, 0).await;
+        let far = now_ms() + 60_000;
+        let mut order = Vec::new();
+        while let Some(j) = store.claim_next_job("w", far).await.unwrap() {
+            assert_eq!(j.status, JobStatus::Running);
+            assert_eq!(j.attempts, 1);
+            order.push(j.id);
+        }
+        assert_eq!(order, [high, low, low2]);
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_requeued_and_fails_past_the_retry_limit() {
+        let (store, _dir) = store().await;
+        let id = enqueue(&store, 0).await;
+        let retry_limit = 1;
+        // First attempt: the lease runs out, the job is queued again.
+        let past = now_ms() - 1;
+        store.claim_next_job("a", past).await.unwrap().unwrap();
+        let r = store
+            .requeue_abandoned(now_ms(), false, retry_limit)
+            .await
+            .unwrap();
+        assert_eq!(r.queued, std::slice::from_ref(&id));
+        // A live lease is left alone.
+        store
+            .claim_next_job("b", now_ms() + 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        let r = store
+            .requeue_abandoned(now_ms(), false, retry_limit)
+            .await
+            .unwrap();
+        assert!(r.queued.is_empty() && r.finished.is_empty());
+        // ...unless the whole process is known dead; the second interruption
+        // is past the limit.
+        let r = store
+            .requeue_abandoned(now_ms(), true, retry_limit)
+            .await
+            .unwrap();
+        assert_eq!(r.finished.len(), 1);
+        let failed = &r.finished[0];
+        assert_eq!(failed.status, JobStatus::Failed);
+        assert_eq!(failed.error_code.as_deref(), Some("retry_limit_reached"));
+        assert_eq!(failed.attempts, 2);
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_lost_its_lease_cannot_record_an_outcome() {
+        let (store, _dir) = store().await;
+        let id = enqueue(&store, 0).await;
+        store
+            .claim_next_job("old", now_ms() - 1)
+            .await
+            .unwrap()
+            .unwrap();
+        store.requeue_abandoned(now_ms(), false, 3).await.unwrap();
+        store
+            .claim_next_job("new", now_ms() + 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store
+                .renew_lease(&id, "old", now_ms() + 60_000, None)
+                .await
+                .unwrap(),
+            LeaseState::Lost
+        );
+        let summary = Summary {
+            bytes_before: 1,
+            bytes_after: 1,
+            ratio: 1.0,
+            parameters_kept: 1.0,
+            duration_seconds: 0.0,
+        };
+        assert!(matches!(
+            store
+                .finish_succeeded(&id, "old", &summary, &[])
+                .await
+                .unwrap(),
+            FinishOutcome::LeaseLost
+        ));
+        assert!(store
+            .finish_failed(&id, "old", "x", "y")
+            .await
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            store
+                .finish_succeeded(&id, "new", &summary, &[])
+                .await
+                .unwrap(),
+            FinishOutcome::Finished(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_cancel_reaches_a_running_job_through_its_lease_renewal() {
+        let (store, _dir) = store().await;
+        let id = enqueue(&store, 0).await;
+        store
+            .claim_next_job("w", now_ms() + 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            store.request_cancel(&id).await.unwrap(),
+            CancelOutcome::Requested(_)
+        ));
+        assert_eq!(
+            store
+                .renew_lease(&id, "w", now_ms() + 60_000, None)
+                .await
+                .unwrap(),
+            LeaseState::Held {
+                cancel_requested: true
+            }
+        );
+        let done = store.finish_canceled(&id, "w").await.unwrap().unwrap();
+        assert_eq!(done.status, JobStatus::Canceled);
+        assert!(matches!(
+            store.request_cancel(&id).await.unwrap(),
+            CancelOutcome::AlreadyFinished(_)
+        ));
+    }
+}
