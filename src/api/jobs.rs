@@ -744,9 +744,9 @@ fn content_type_of(name: &str) -> &'static str {
         ("Range" = Option<String>, Header, description = "`bytes=START-END`"),
     ),
     responses(
-        (status = 200, description = "The file", content_type = "application/octet-stream", body = Vec<u8>,
+        (status = 200, description = "The file", content_type = "application/octet-stream", body = inline(super::BinaryFile),
             headers(("ETag" = String, description = "The sha256, quoted"), ("Content-Disposition" = String))),
-        (status = 206, description = "The range asked for", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The range asked for", content_type = "application/octet-stream", body = inline(super::BinaryFile)),
         (status = 304, description = "Unchanged (If-None-Match)"),
         (status = 404, body = ErrorBody),
         (status = 409, description = "The job has not succeeded", body = ErrorBody),

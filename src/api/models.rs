@@ -95,7 +95,7 @@ pub struct UploadParams {
 pub struct UploadForm {
     /// One or more files: `.safetensors` shards, `model.safetensors.index.json`,
     /// `config.json`. Each part's filename is kept.
-    #[schema(value_type = Vec<String>, content_media_type = "application/octet-stream")]
+    #[schema(value_type = Vec<String>, format = Binary, content_media_type = "application/octet-stream")]
     file: Vec<Vec<u8>>,
     name: Option<String>,
     version: Option<String>,
@@ -305,7 +305,7 @@ struct UploadMeta {
     tag = "models",
     params(UploadParams),
     request_body(content(
-        (Vec<u8> = "application/octet-stream"),
+        (inline(super::BinaryFile) = "application/octet-stream"),
         (inline(UploadForm) = "multipart/form-data"),
     )),
     responses(

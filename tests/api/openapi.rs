@@ -36,6 +36,16 @@ fn every_route_is_documented_with_the_error_shape() {
     assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
     assert!(doc["components"]["schemas"]["JobView"].is_object());
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    // The optional bearer key is declared on /v1 operations only.
+    assert_eq!(
+        doc["paths"]["/v1/jobs"]["post"]["security"][0],
+        serde_json::json!({"api_key": []})
+    );
+    assert!(doc["paths"]["/healthz"]["get"]["security"].is_null());
+    assert_eq!(
+        doc["components"]["securitySchemes"]["api_key"]["scheme"],
+        "bearer"
+    );
 }
 
 #[tokio::test]
