@@ -346,12 +346,18 @@ pub async fn upload_model(
     let total: u64 = files.iter().map(|f| f.bytes).sum();
     metrics::counter!("modelpress_bytes_uploaded_total").increment(total);
 
-    let dir = tmp.path().to_path_buf();
-    let checked = tokio::task::spawn_blocking(move || check_checkpoint(&dir))
-        .await
-        .map_err(|e| ApiError::internal("checking an upload panicked", e))??;
-    let record = commit_upload(&state, &tmp, files, meta, checked, total).await?;
-    drop(tmp);
+    // Checked and stored on a task of its own: a client that goes away now
+    // cannot leave blobs stored but unrecorded.
+    let task_state = state.clone();
+    let record = tokio::spawn(async move {
+        let dir = tmp.path().to_path_buf();
+        let checked = tokio::task::spawn_blocking(move || check_checkpoint(&dir))
+            .await
+            .map_err(|e| ApiError::internal("checking an upload panicked", e))??;
+        commit_upload(&task_state, &tmp, files, meta, checked, total).await
+    })
+    .await
+    .map_err(|e| ApiError::internal("storing an upload panicked", e))??;
     let files = state.store.model_files(&record.id).await?;
     let location = format!("/v1/models/{}", record.id);
     let view = model_view(record, files);
