@@ -49,6 +49,7 @@ pub struct ServeConfig {
     /// stopped and queued again.
     #[arg(long, env = "MODELPRESS_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
+    /// Log line format; `RUST_LOG` sets what is logged (default `info`).
     #[arg(
         long,
         env = "MODELPRESS_LOG_FORMAT",
