@@ -15,14 +15,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::compress::metrics::fidelity;
+use crate::compress::metrics::{fidelity, fidelity_with};
 use crate::compress::prune::GlobalThreshold;
 use crate::compress::report::{Report, TensorReport, Totals, REPORT_VERSION};
 use crate::compress::spec::{Pipeline, PruneKind, SpecError, Stage, TensorShape};
 use crate::compress::structural::{self, Plan, StructuralError, TensorSource};
 use crate::compress::tensor::{process, TensorCut, TensorError, Values};
 use crate::format::compressed_tensors as ct;
-use crate::format::dtype::{from_f32, Dtype};
+use crate::format::dtype::{from_f32, to_f32, Dtype};
 use crate::format::packed::{self, pack_tensor, unpack_tensor, PackedError, PackedTensor, Pieces};
 use crate::format::reader::{Checkpoint, FormatError, TensorInfo};
 use crate::format::writer::{header_bound, header_reserve, SafetensorsWriter, WriteError};
@@ -295,6 +295,7 @@ pub fn compress(
     let mut ct_layers = ct::Layers::default();
     let mut shards: Vec<(String, SafetensorsWriter, Vec<PackedTensor>)> = Vec::new();
     let total = plan.outputs.len();
+    let mut buffer: Vec<f32> = Vec::new();
     progress.phase("compress", total);
 
     for (k, planned) in plan.outputs.iter().enumerate() {
@@ -344,16 +345,26 @@ pub fn compress(
             ckpt.bytes(info).len()
         } as u64;
 
+        let owned: Vec<f32>;
         let processed = if !planned.changed && stage_idx.is_empty() {
             None
         } else {
-            let values = plan.materialize(&planned.name, &src)?;
+            // Untouched by structural stages: convert straight from the
+            // mapped input into a buffer reused from tensor to tensor.
+            let exact: &[f32] = if planned.changed {
+                owned = plan.materialize(&planned.name, &src)?;
+                &owned
+            } else {
+                let bytes = ckpt.bytes(info);
+                buffer.resize(bytes.len() * 8 / dtype.bitsize(), 0.0);
+                to_f32(dtype, bytes, &mut buffer);
+                &buffer
+            };
             let cut = cuts.get(&planned.name).copied();
-            let exact = values.clone();
             let round = |v: &mut [f32]| round_to(dtype, v);
             let p = process(
                 &planned.name,
-                values,
+                exact,
                 &planned.shape,
                 pipeline,
                 &stage_idx,
@@ -390,11 +401,27 @@ pub fn compress(
                 }
             }
             Some((p, exact)) => {
-                let mut dense = p.values.reconstruct(&p.shape);
-                round_to(dtype, &mut dense);
-                let f = fidelity(&exact, &dense);
-                drop(exact);
-                nonzero_after += dense.iter().filter(|&&x| x != 0.0).count() as u64;
+                // The dense values are built only when they are written;
+                // otherwise fidelity decodes chunk by chunk.
+                let dense = match (&p.values, req.format) {
+                    (Values::LowRank(_), _) | (_, OutputFormat::Dense) => {
+                        let mut d = p.values.reconstruct(&p.shape);
+                        round_to(dtype, &mut d);
+                        Some(d)
+                    }
+                    _ => None,
+                };
+                let f = match (&dense, &p.values) {
+                    (Some(d), _) => fidelity(exact, d),
+                    (None, Values::Raw(v)) => fidelity(exact, v),
+                    (None, Values::Coded(c)) => fidelity_with(exact, |start, out| {
+                        c.decode_range(start, out);
+                        round_to(dtype, out);
+                    }),
+                    (None, Values::LowRank(_)) => unreachable!("low-rank values are reconstructed"),
+                };
+                let elements = p.shape.iter().product::<usize>() as f64;
+                nonzero_after += (elements * (1.0 - f.sparsity)).round() as u64;
                 fid = Some(f);
                 for (i, secs) in &p.seconds {
                     *seconds_per_stage
@@ -403,16 +430,16 @@ pub fn compress(
                 }
                 match req.format {
                     OutputFormat::Dense => {
+                        let dense = dense.as_deref().unwrap_or_default();
                         writer.append(
                             &planned.name,
                             dtype,
                             &p.shape,
-                            &dtype_bytes(dtype, &dense),
+                            &dtype_bytes(dtype, dense),
                         )?;
                         weight_map.insert(planned.name.clone(), shard.clone());
                     }
                     OutputFormat::Packed => {
-                        drop(dense);
                         let (desc, pieces) = pack_tensor(&planned.name, dtype, &p, None);
                         for piece in pieces {
                             writer.append(&piece.name, piece.dtype, &piece.shape, &piece.bytes)?;
@@ -422,7 +449,7 @@ pub fn compress(
                     }
                     OutputFormat::CompressedTensors => {
                         let pieces = ct_layers
-                            .pieces(&planned.name, dtype, &p, &dense, pipeline, &stage_idx)
+                            .pieces(&planned.name, dtype, &p, pipeline, &stage_idx)
                             .map_err(RunError::CompressedTensors)?;
                         for piece in pieces {
                             writer.append(&piece.name, piece.dtype, &piece.shape, &piece.bytes)?;
@@ -632,7 +659,7 @@ fn global_cuts(
         if before.is_empty() {
             return Ok(values);
         }
-        let p = process(name, values, shape, pipeline, &before, None, &|_| {})?;
+        let p = process(name, &values, shape, pipeline, &before, None, &|_| {})?;
         Ok(match p.values {
             Values::Raw(v) => v,
             other => other.reconstruct(shape),

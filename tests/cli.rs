@@ -132,7 +132,7 @@ fn compressed_tensors_output_has_the_expected_layout() {
     let dir = tempfile::tempdir().unwrap();
     let input = model(dir.path());
     for (preset, fmt) in [
-        ("int8", "int-quantized"),
+        ("int8", "pack-quantized"),
         ("int4-g128", "pack-quantized"),
         ("fp8", "float-quantized"),
     ] {
@@ -147,8 +147,10 @@ fn compressed_tensors_output_has_the_expected_layout() {
         assert_eq!(qc["quantization_status"], "compressed");
         match preset {
             "int8" => {
-                assert_eq!(t["fc1.weight"].0, StDtype::I8);
+                assert_eq!(t["fc1.weight_packed"].0, StDtype::I32);
+                assert_eq!(t["fc1.weight_packed"].1, vec![256, 32]);
                 assert_eq!(t["fc1.weight_scale"].1, vec![256, 1]);
+                assert!(!t.contains_key("fc1.weight"));
             }
             "int4-g128" => {
                 assert_eq!(t["fc1.weight_packed"].0, StDtype::I32);

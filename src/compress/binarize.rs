@@ -191,6 +191,7 @@ pub fn binarize_reference(data: &[f32], shape: MatrixShape, levels: Levels) -> C
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::testing::first_difference;
     use proptest::prelude::*;
 
     fn book(c: &Coded) -> (usize, &[f32]) {
@@ -198,33 +199,6 @@ mod tests {
             Decode::Codebook { entries, values } => (*entries, values),
             other => panic!("expected a codebook, got {other:?}"),
         }
-    }
-
-    /// Describes the first place two codings differ, if any.
-    fn first_difference(a: &Coded, b: &Coded) -> Option<String> {
-        if (a.bits, a.group_len) != (b.bits, b.group_len) {
-            return Some(format!(
-                "bits/group_len {}/{} vs {}/{}",
-                a.bits, a.group_len, b.bits, b.group_len
-            ));
-        }
-        if let Some(i) = (0..a.symbols.len().max(b.symbols.len()))
-            .find(|&i| a.symbols.get(i) != b.symbols.get(i))
-        {
-            return Some(format!(
-                "symbol {i}: {:?} vs {:?}",
-                a.symbols.get(i),
-                b.symbols.get(i)
-            ));
-        }
-        let (ea, va) = book(a);
-        let (eb, vb) = book(b);
-        if ea != eb {
-            return Some(format!("entries {ea} vs {eb}"));
-        }
-        (0..va.len().max(vb.len()))
-            .find(|&i| va.get(i).map(|v| v.to_bits()) != vb.get(i).map(|v| v.to_bits()))
-            .map(|i| format!("codebook value {i}: {:?} vs {:?}", va.get(i), vb.get(i)))
     }
 
     fn shape(rows: usize, cols: usize) -> MatrixShape {

@@ -152,27 +152,37 @@ impl Coded {
     }
 
     /// Decodes every element into `out` (same length as `symbols`), in parallel
-    /// over groups. Bit-identical to [`Coded::value`].
+    /// over chunks. Bit-identical to [`Coded::value`].
     pub fn decode_into(&self, out: &mut [f32]) {
         assert_eq!(
             out.len(),
             self.symbols.len(),
             "decode_into: length mismatch"
         );
+        const CHUNK: usize = 1 << 16;
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(k, o)| self.decode_range(k * CHUNK, o));
+    }
+
+    /// Decodes elements `start..start + out.len()` into `out`.
+    pub fn decode_range(&self, start: usize, out: &mut [f32]) {
         let gl = self.group_len.max(1);
         let bits = self.bits;
-        out.par_chunks_mut(gl)
-            .zip(self.symbols.par_chunks(gl))
-            .enumerate()
-            .for_each(|(g, (o, s))| match &self.decode {
+        let mut done = 0;
+        while done < out.len() {
+            let i = start + done;
+            let g = i / gl;
+            let n = (gl - i % gl).min(out.len() - done);
+            let (o, s) = (&mut out[done..done + n], &self.symbols[i..i + n]);
+            match &self.decode {
                 Decode::Affine {
                     scales,
                     zero_points,
                 } => {
                     let zp = zero_points.get(g).copied().unwrap_or(0);
-                    let scale = scales[g];
                     for (o, &s) in o.iter_mut().zip(s) {
-                        *o = affine_value(affine_q(s, bits), zp, scale);
+                        *o = affine_value(affine_q(s, bits), zp, scales[g]);
                     }
                 }
                 Decode::Codebook { entries, values } => {
@@ -182,12 +192,13 @@ impl Coded {
                     }
                 }
                 Decode::Fp8 { scales } => {
-                    let scale = scales[g];
                     for (o, &s) in o.iter_mut().zip(s) {
-                        *o = e4m3_to_f32(s) * scale;
+                        *o = e4m3_to_f32(s) * scales[g];
                     }
                 }
-            });
+            }
+            done += n;
+        }
     }
 
     /// All values, decoded.
@@ -283,6 +294,13 @@ mod tests {
             let d = c.decode();
             for (i, v) in d.iter().enumerate() {
                 assert_eq!(v.to_bits(), c.value(i).to_bits());
+            }
+            for start in 0..d.len() {
+                for len in 0..=d.len() - start {
+                    let mut out = vec![0.0; len];
+                    c.decode_range(start, &mut out);
+                    assert_eq!(out, d[start..start + len], "range {start}+{len}");
+                }
             }
         }
     }

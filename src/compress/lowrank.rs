@@ -286,6 +286,7 @@ pub fn product_reference(lr: &LowRank, shape: MatrixShape) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::testing::assert_same_bits;
     use proptest::prelude::*;
 
     fn shape(rows: usize, cols: usize) -> MatrixShape {
@@ -384,16 +385,6 @@ mod tests {
         assert_eq!(e, LowRankError::Empty { rows: 0, cols: 3 });
         let e = low_rank(&[1.0; 5], shape(2, 3), RankChoice::Ratio(0.5)).unwrap_err();
         assert_eq!(e.to_string(), "5 values do not fill a 2x3 matrix");
-    }
-
-    fn assert_same_bits(got: &[f32], want: &[f32]) {
-        assert_eq!(got.len(), want.len());
-        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
-            panic!(
-                "first difference at index {i}: got {} want {}",
-                got[i], want[i]
-            );
-        }
     }
 
     fn factors(rows: usize, cols: usize, rank: usize, seed: u32) -> LowRank {

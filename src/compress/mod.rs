@@ -16,3 +16,5 @@ pub mod sparse;
 pub mod spec;
 pub mod structural;
 pub mod tensor;
+#[cfg(test)]
+pub(crate) mod testing;

@@ -406,17 +406,8 @@ fn add_histogram(hist: &mut [u64], values: &[f32], bin: impl Fn(u32) -> Option<u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::testing::assert_same_bits;
     use proptest::prelude::*;
-
-    fn assert_same_bits(got: &[f32], want: &[f32]) {
-        assert_eq!(got.len(), want.len());
-        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
-            panic!(
-                "first difference at index {i}: got {} want {}",
-                got[i], want[i]
-            );
-        }
-    }
 
     fn global_cut(tensors: &[Vec<f32>], sparsity: f64) -> GlobalCut {
         let mut g = GlobalThreshold::new(sparsity);

@@ -782,6 +782,7 @@ pub fn quantize_fp8_reference(data: &[f32], shape: MatrixShape, granularity: Gra
 mod tests {
     use super::*;
     use crate::compress::coded::{affine_q, e4m3_to_f32};
+    use crate::compress::testing::first_difference;
     use proptest::prelude::*;
 
     fn row(n: usize) -> MatrixShape {
@@ -809,57 +810,6 @@ mod tests {
 
     fn qs(c: &Coded) -> Vec<i32> {
         c.symbols.iter().map(|&s| affine_q(s, c.bits)).collect()
-    }
-
-    /// Describes the first place two codings differ, if any.
-    fn first_difference(a: &Coded, b: &Coded) -> Option<String> {
-        if a.bits != b.bits || a.group_len != b.group_len {
-            return Some(format!(
-                "bits/group_len {}/{} vs {}/{}",
-                a.bits, a.group_len, b.bits, b.group_len
-            ));
-        }
-        if let Some(i) = (0..a.symbols.len().max(b.symbols.len()))
-            .find(|&i| a.symbols.get(i) != b.symbols.get(i))
-        {
-            return Some(format!(
-                "symbol {i}: {:?} vs {:?}",
-                a.symbols.get(i),
-                b.symbols.get(i)
-            ));
-        }
-        let params = |c: &Coded| -> (Vec<u32>, Vec<i32>) {
-            match &c.decode {
-                Decode::Affine {
-                    scales,
-                    zero_points,
-                } => (
-                    scales.iter().map(|s| s.to_bits()).collect(),
-                    zero_points.clone(),
-                ),
-                Decode::Fp8 { scales } => (scales.iter().map(|s| s.to_bits()).collect(), vec![]),
-                Decode::Codebook { values, .. } => {
-                    (values.iter().map(|s| s.to_bits()).collect(), vec![])
-                }
-            }
-        };
-        let (sa, za) = params(a);
-        let (sb, zb) = params(b);
-        if let Some(g) = (0..sa.len().max(sb.len())).find(|&g| sa.get(g) != sb.get(g)) {
-            return Some(format!(
-                "scale of group {g}: {:?} vs {:?}",
-                sa.get(g).map(|&b| f32::from_bits(b)),
-                sb.get(g).map(|&b| f32::from_bits(b))
-            ));
-        }
-        if let Some(g) = (0..za.len().max(zb.len())).find(|&g| za.get(g) != zb.get(g)) {
-            return Some(format!(
-                "zero point of group {g}: {:?} vs {:?}",
-                za.get(g),
-                zb.get(g)
-            ));
-        }
-        None
     }
 
     /// Squared error of each group, summed in the kernels' canonical order.

@@ -1,5 +1,6 @@
 //! Running the per-tensor stages of a pipeline on one tensor.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use super::binarize::binarize;
@@ -50,12 +51,12 @@ pub enum TensorError {
 }
 
 /// Runs the stages `stage_indices` of `pipeline` on `values` (row-major,
-/// `shape`). `round_to_storage` rounds values to the dtype they will be
+/// `shape`); `values` is copied only if a pruning stage changes it. `round_to_storage` rounds values to the dtype they will be
 /// stored in (low-rank factors are rounded before their product is formed,
 /// so the dense output and a restored packed file agree bit for bit).
 pub fn process(
     name: &str,
-    mut values: Vec<f32>,
+    values: &[f32],
     shape: &[usize],
     pipeline: &Pipeline,
     stage_indices: &[usize],
@@ -73,6 +74,7 @@ pub fn process(
         seconds: Vec::new(),
     };
     let mut current = Values::Raw(Vec::new());
+    let mut values: Cow<'_, [f32]> = Cow::Borrowed(values);
     for &i in stage_indices {
         let stage = &pipeline.stages()[i];
         let started = Instant::now();
@@ -80,13 +82,13 @@ pub fn process(
             Stage::Structural(_) => continue,
             Stage::Prune(PruneKind::Magnitude { sparsity, global }, _) => match (global, cut) {
                 (true, Some(c)) => {
-                    prune_below(&mut values, c.threshold, c.ties);
+                    prune_below(values.to_mut(), c.threshold, c.ties);
                 }
                 _ => {
-                    prune_magnitude(&mut values, *sparsity);
+                    prune_magnitude(values.to_mut(), *sparsity);
                 }
             },
-            Stage::Prune(PruneKind::NM { n, m }, _) => prune_n_m(&mut values, matrix, *n, *m),
+            Stage::Prune(PruneKind::NM { n, m }, _) => prune_n_m(values.to_mut(), matrix, *n, *m),
             Stage::LowRank(choice, _) => {
                 let mut lr =
                     low_rank(&values, matrix, *choice).map_err(|e| TensorError::LowRank {
@@ -112,7 +114,7 @@ pub fn process(
         out.seconds.push((i, started.elapsed().as_secs_f64()));
     }
     out.values = match current {
-        Values::Raw(_) => Values::Raw(values),
+        Values::Raw(_) => Values::Raw(values.into_owned()),
         other => other,
     };
     Ok(out)

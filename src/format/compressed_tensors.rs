@@ -1,15 +1,21 @@
 //! The compressed-tensors layout that vLLM and llm-compressor load.
 //!
 //! A quantized layer `L` (tensor `L.weight`) is stored as
-//! - `int-quantized` (8-bit): `L.weight` I8, `L.weight_scale` F32, and for
-//!   asymmetric schemes `L.weight_zero_point` I8;
-//! - `pack-quantized` (1..7 bits): `L.weight_packed` I32 — each row's values,
+//! - `pack-quantized` (integer weights, 2, 4 or 8 bits): `L.weight_packed` I32 — each row's values,
 //!   offset to unsigned (`q + 2^(b-1)`), packed densely LSB-first into
 //!   little-endian 32-bit words, the row padded to a whole word — plus
 //!   `L.weight_shape` I64 `[rows, cols]`, `L.weight_scale`, and for
 //!   asymmetric schemes `L.weight_zero_point` packed the same way along the
 //!   rows;
 //! - `float-quantized` (FP8 E4M3): `L.weight` F8_E4M3 and `L.weight_scale`.
+//!
+//! Integer weights are always `pack-quantized`, 8-bit ones included: the
+//! modelpress pipelines quantize weights only, and compressed-tensors keeps
+//! `int-quantized` for schemes that also quantize activations (its
+//! dequantizer infers `pack-quantized` for weight-only integer schemes).
+//! Widths that do not divide 32 are refused: compressed-tensors 0.20 packs
+//! them across word boundaries while earlier readers and vLLM put `32 / bits`
+//! values in each word, so such a file would not mean the same to all.
 //!
 //! Scales have compressed-tensors' shapes: `[1]` per tensor, `[rows, 1]` per
 //! channel, `[rows, cols / group_size]` per group. Everything else passes
@@ -24,7 +30,7 @@ use serde_json::{json, Value};
 use super::dtype::Dtype;
 use super::packed::Piece;
 use crate::compress::bitpack::pack_lsb;
-use crate::compress::coded::{Coded, Decode, Granularity, MatrixShape};
+use crate::compress::coded::{Decode, Granularity, MatrixShape};
 use crate::compress::quantize::{IntQuant, ScaleSearch};
 use crate::compress::spec::{Pipeline, PruneKind, Stage, TensorShape, ValueStage};
 use crate::compress::tensor::{Processed, Values};
@@ -43,6 +49,12 @@ pub fn check_expressible(pipeline: &Pipeline, tensors: &[TensorShape<'_>]) -> Re
                 return Err(format!(
                     "stage {i} ({}) has no compressed-tensors form; use the packed format",
                     s.kind()
+                ))
+            }
+            Stage::Value(ValueStage::Int(q), _) if 32 % q.bits != 0 => {
+                return Err(format!(
+                    "stage {i} (quantize) uses {} bits; compressed-tensors readers agree on the packing of 2, 4 and 8 bits only",
+                    q.bits
                 ))
             }
             _ => {}
@@ -79,7 +91,6 @@ pub fn check_expressible(pipeline: &Pipeline, tensors: &[TensorShape<'_>]) -> Re
 
 fn format_of(v: &ValueStage) -> &'static str {
     match v {
-        ValueStage::Int(q) if q.bits == 8 => "int-quantized",
         ValueStage::Int(_) => "pack-quantized",
         ValueStage::Fp8(_) => "float-quantized",
         ValueStage::Share(_) | ValueStage::Binarize(_) => "none",
@@ -133,7 +144,6 @@ impl Layers {
         name: &str,
         dtype: Dtype,
         p: &Processed,
-        dense: &[f32],
         pipeline: &Pipeline,
         stage_idx: &[usize],
     ) -> Result<Vec<Piece<'static>>, String> {
@@ -149,8 +159,13 @@ impl Layers {
         }
         let (Some(si), Values::Coded(c)) = (value_stage, &p.values) else {
             self.unquantized(name, &p.shape, dtype.is_float_weight());
-            let mut bytes = vec![0u8; dense.len() * dtype.bitsize() / 8];
-            super::dtype::from_f32(dtype, dense, &mut bytes);
+            let Values::Raw(values) = &p.values else {
+                return Err(format!(
+                    "`{name}`: this stage has no compressed-tensors form"
+                ));
+            };
+            let mut bytes = vec![0u8; values.len() * dtype.bitsize() / 8];
+            super::dtype::from_f32(dtype, values, &mut bytes);
             return Ok(vec![piece(name.to_string(), dtype, p.shape.clone(), bytes)]);
         };
         let m = MatrixShape::of(&p.shape).ok_or_else(|| format!("`{name}`: shape overflows"))?;
@@ -191,43 +206,27 @@ impl Layers {
                     scale_shape.clone(),
                     le_bytes(scales, f32::to_le_bytes),
                 ));
-                if q.bits == 8 {
-                    out.insert(
-                        0,
-                        piece(name.to_string(), Dtype::I8, p.shape.clone(), int8_bytes(c)),
-                    );
-                    if !zero_points.is_empty() {
-                        let zp: Vec<u8> = zero_points.iter().map(|&z| z as i8 as u8).collect();
-                        out.push(piece(
-                            format!("{layer}.weight_zero_point"),
-                            Dtype::I8,
-                            scale_shape,
-                            zp,
-                        ));
-                    }
-                } else {
-                    let (packed, words) = pack_rows(&c.symbols, q.bits, m.rows, m.cols);
-                    out.insert(
-                        0,
-                        piece(
-                            format!("{layer}.weight_packed"),
-                            Dtype::I32,
-                            vec![m.rows, words],
-                            packed,
-                        ),
-                    );
-                    out.insert(
-                        1,
-                        piece(
-                            format!("{layer}.weight_shape"),
-                            Dtype::I64,
-                            vec![2],
-                            le_bytes(&[m.rows as i64, m.cols as i64], i64::to_le_bytes),
-                        ),
-                    );
-                    if !zero_points.is_empty() {
-                        out.push(pack_zero_points(layer, zero_points, q, scale_shape)?);
-                    }
+                let (packed, words) = pack_rows(&c.symbols, q.bits, m.rows, m.cols);
+                out.insert(
+                    0,
+                    piece(
+                        format!("{layer}.weight_packed"),
+                        Dtype::I32,
+                        vec![m.rows, words],
+                        packed,
+                    ),
+                );
+                out.insert(
+                    1,
+                    piece(
+                        format!("{layer}.weight_shape"),
+                        Dtype::I64,
+                        vec![2],
+                        le_bytes(&[m.rows as i64, m.cols as i64], i64::to_le_bytes),
+                    ),
+                );
+                if !zero_points.is_empty() {
+                    out.push(pack_zero_points(layer, zero_points, q, scale_shape)?);
                 }
             }
             (Decode::Fp8 { scales }, ValueStage::Fp8(_)) => {
@@ -369,9 +368,4 @@ fn piece(name: String, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) -> Piece
         shape,
         bytes: Cow::Owned(bytes),
     }
-}
-
-/// Symbols of an int8 tensor as compressed-tensors' signed bytes.
-pub fn int8_bytes(c: &Coded) -> Vec<u8> {
-    c.symbols.iter().map(|&s| s ^ 0x80).collect()
 }

@@ -23,6 +23,7 @@
 
 use std::borrow::Cow;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::dtype::{from_f32, to_f32, Dtype};
@@ -177,96 +178,142 @@ fn i32_bytes(v: &[i32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Symbols stored bit-packed or Huffman coded, whichever is smaller.
-fn store_symbols(
-    symbols: &[u8],
-    bits: u8,
-    entropy: Option<Entropy>,
-    prefix: &str,
-    pieces: &mut Vec<Piece<'static>>,
-) -> (SymbolsDesc, usize) {
-    let packed_bytes = (symbols.len() * usize::from(bits)).div_ceil(8);
+/// How a symbol stream will be stored: Huffman coded when that is smaller
+/// than bit-packing, decided once from the stream's frequencies.
+struct StreamPlan {
+    code: Option<Huffman>,
+    bytes: usize,
+}
+
+fn plan_stream(symbols: &[u8], bits: u8, entropy: Option<Entropy>) -> StreamPlan {
+    let packed = (symbols.len() * usize::from(bits)).div_ceil(8);
     if entropy == Some(Entropy::Huffman) && !symbols.is_empty() {
         let freqs = frequencies(symbols);
         let code = Huffman::from_frequencies(&freqs);
-        let huff_bytes = code.encoded_bits(&freqs).div_ceil(8) as usize + 256;
-        if huff_bytes < packed_bytes {
-            if let Ok(stream) = code.encode(symbols) {
-                let n = stream.len() + 256;
-                pieces.push(Piece::bytes1d(format!("{prefix}:symbols"), stream));
-                pieces.push(Piece::bytes1d(
-                    format!("{prefix}:symbols_table"),
-                    code.lengths().to_vec(),
-                ));
-                return (
-                    SymbolsDesc {
-                        count: symbols.len(),
-                        coding: Coding::Huffman,
-                    },
-                    n,
-                );
-            }
+        let huff = code.encoded_bits(&freqs).div_ceil(8) as usize + 256;
+        if huff < packed {
+            return StreamPlan {
+                code: Some(code),
+                bytes: huff,
+            };
+        }
+    }
+    StreamPlan {
+        code: None,
+        bytes: packed,
+    }
+}
+
+/// Stores a stream as piece `{prefix}:{piece}` (and `{prefix}:{piece}_table`
+/// for the Huffman code lengths).
+fn store_stream(
+    symbols: &[u8],
+    bits: u8,
+    plan: StreamPlan,
+    prefix: &str,
+    piece: &str,
+    pieces: &mut Vec<Piece<'static>>,
+) -> Coding {
+    if let Some(code) = plan.code {
+        if let Ok(stream) = code.encode(symbols) {
+            pieces.push(Piece::bytes1d(format!("{prefix}:{piece}"), stream));
+            pieces.push(Piece::bytes1d(
+                format!("{prefix}:{piece}_table"),
+                code.lengths().to_vec(),
+            ));
+            return Coding::Huffman;
         }
     }
     pieces.push(Piece::bytes1d(
-        format!("{prefix}:symbols"),
+        format!("{prefix}:{piece}"),
         pack_lsb(symbols, bits),
     ));
-    (
-        SymbolsDesc {
-            count: symbols.len(),
-            coding: Coding::Bitpacked,
-        },
-        packed_bytes,
-    )
+    Coding::Bitpacked
 }
 
-fn store_positions(
-    nonzero: &[bool],
-    entropy: Option<Entropy>,
+fn store_symbols(
+    symbols: &[u8],
+    bits: u8,
+    plan: StreamPlan,
     prefix: &str,
     pieces: &mut Vec<Piece<'static>>,
-) -> (SparseDesc, usize) {
-    let nonzeros = nonzero.iter().filter(|&&b| b).count();
-    match encode_positions(nonzero) {
-        Positions::Bitmask { bytes } => {
-            let n = bytes.len();
-            pieces.push(Piece::bytes1d(format!("{prefix}:positions"), bytes));
-            (SparseDesc::Bitmask { nonzeros }, n)
+) -> SymbolsDesc {
+    SymbolsDesc {
+        count: symbols.len(),
+        coding: store_stream(symbols, bits, plan, prefix, "symbols", pieces),
+    }
+}
+
+/// Sparse positions, encoded once, with the plan for their gap stream.
+struct PositionsPlan {
+    positions: Positions,
+    gaps: Option<StreamPlan>,
+    nonzeros: usize,
+}
+
+impl PositionsPlan {
+    fn new(nonzero: &[bool], entropy: Option<Entropy>) -> Self {
+        let positions = encode_positions(nonzero);
+        let gaps = match &positions {
+            Positions::Relative { bits, gaps } => Some(plan_stream(gaps, *bits, entropy)),
+            Positions::Bitmask { .. } => None,
+        };
+        Self {
+            positions,
+            gaps,
+            nonzeros: nonzero.iter().filter(|&&b| b).count(),
         }
-        Positions::Relative { bits, gaps } => {
-            let mut sub = Vec::new();
-            let (desc, n) = store_symbols(&gaps, bits, entropy, prefix, &mut sub);
-            for mut p in sub {
-                p.name = p.name.replace(":symbols", ":positions");
-                pieces.push(p);
-            }
-            (
+    }
+
+    fn bytes(&self) -> usize {
+        match &self.gaps {
+            Some(plan) => plan.bytes,
+            None => positions_bytes(&self.positions),
+        }
+    }
+
+    fn store(self, prefix: &str, pieces: &mut Vec<Piece<'static>>) -> SparseDesc {
+        let nonzeros = self.nonzeros;
+        match (self.positions, self.gaps) {
+            (Positions::Relative { bits, gaps }, Some(plan)) => {
+                let coding = store_stream(&gaps, bits, plan, prefix, "positions", pieces);
                 SparseDesc::Relative {
                     nonzeros,
                     bits,
-                    gaps: desc.count,
-                    coding: desc.coding,
-                },
-                n,
-            )
+                    gaps: gaps.len(),
+                    coding,
+                }
+            }
+            (Positions::Relative { bits, gaps }, None) => {
+                pieces.push(Piece::bytes1d(
+                    format!("{prefix}:positions"),
+                    pack_lsb(&gaps, bits),
+                ));
+                SparseDesc::Relative {
+                    nonzeros,
+                    bits,
+                    gaps: gaps.len(),
+                    coding: Coding::Bitpacked,
+                }
+            }
+            (Positions::Bitmask { bytes }, _) => {
+                pieces.push(Piece::bytes1d(format!("{prefix}:positions"), bytes));
+                SparseDesc::Bitmask { nonzeros }
+            }
         }
     }
 }
 
-/// Whether storing only the nonzero values and their positions is smaller.
-fn raw_sparse_pays(dtype: Dtype, v: &[f32]) -> bool {
+/// Positions of the nonzero values of a raw tensor, when storing only those
+/// values and their positions is smaller than the dense tensor.
+fn raw_sparse_plan(dtype: Dtype, v: &[f32], entropy: Option<Entropy>) -> Option<PositionsPlan> {
     let zeros = v.iter().filter(|&&x| x == 0.0).count();
     if zeros == 0 {
-        return false;
+        return None;
     }
     let nonzero: Vec<bool> = v.iter().map(|&x| x != 0.0).collect();
-    positions_cost(&nonzero) < zeros * dtype.bitsize() / 8
-}
-
-/// Bytes the positions of `nonzero` would take, without building them.
-fn positions_cost(nonzero: &[bool]) -> usize {
-    positions_bytes(&encode_positions(nonzero))
+    let plan = PositionsPlan::new(&nonzero, entropy);
+    (plan.bytes() < zeros * dtype.bitsize() / 8).then_some(plan)
 }
 
 /// Splits a processed tensor into pieces. `original` is the tensor's bytes
@@ -278,8 +325,12 @@ pub fn pack_tensor<'a>(
     original: Option<&'a [u8]>,
 ) -> (PackedTensor, Vec<Piece<'a>>) {
     let mut pieces: Vec<Piece<'static>> = Vec::new();
-    let values = match &p.values {
-        Values::Raw(v) if p.encode.is_none() || !raw_sparse_pays(dtype, v) => {
+    let sparse_raw = match (&p.values, p.encode) {
+        (Values::Raw(v), Some(entropy)) => raw_sparse_plan(dtype, v, Some(entropy)),
+        _ => None,
+    };
+    let values = match (&p.values, sparse_raw) {
+        (Values::Raw(v), None) => {
             let bytes: Cow<'a, [u8]> = match original {
                 Some(b) if p.applied.is_empty() => Cow::Borrowed(b),
                 _ => Cow::Owned(dtype_bytes(dtype, v)),
@@ -295,9 +346,8 @@ pub fn pack_tensor<'a>(
                 vec![Piece::new(name.to_string(), dtype, p.shape.clone(), bytes)],
             );
         }
-        Values::Raw(v) => {
-            let nonzero: Vec<bool> = v.iter().map(|&x| x != 0.0).collect();
-            let (sparse, _) = store_positions(&nonzero, p.encode, name, &mut pieces);
+        (Values::Raw(v), Some(plan)) => {
+            let sparse = plan.store(name, &mut pieces);
             let kept: Vec<f32> = v.iter().copied().filter(|&x| x != 0.0).collect();
             let n = kept.len();
             pieces.push(Piece::new(
@@ -310,7 +360,7 @@ pub fn pack_tensor<'a>(
                 sparse: Some(sparse),
             }
         }
-        Values::LowRank(lr) => {
+        (Values::LowRank(lr), _) => {
             let m = MatrixShape::of(&p.shape).unwrap_or(MatrixShape { rows: 0, cols: 0 });
             pieces.push(Piece::new(
                 format!("{name}:a"),
@@ -326,7 +376,7 @@ pub fn pack_tensor<'a>(
             ));
             PackedValues::LowRank { rank: lr.rank }
         }
-        Values::Coded(c) => pack_coded(name, c, p.encode, &mut pieces),
+        (Values::Coded(c), _) => pack_coded(name, c, p.encode, &mut pieces),
     };
     let desc = PackedTensor {
         name: name.to_string(),
@@ -366,12 +416,16 @@ fn pack_coded(
     let mut sparse = None;
     if encode.is_some() {
         let zero_of: Vec<Option<u8>> = (0..c.groups()).map(|g| c.zero_symbol(g)).collect();
-        let nonzero: Vec<bool> = c
-            .symbols
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| zero_of[i / gl] != Some(s))
-            .collect();
+        let mut nonzero = vec![false; c.symbols.len()];
+        nonzero
+            .par_chunks_mut(gl)
+            .zip(c.symbols.par_chunks(gl))
+            .zip(&zero_of)
+            .for_each(|((nz, sym), &zero)| {
+                for (nz, &s) in nz.iter_mut().zip(sym) {
+                    *nz = Some(s) != zero;
+                }
+            });
         let kept: Vec<u8> = c
             .symbols
             .iter()
@@ -379,24 +433,36 @@ fn pack_coded(
             .filter_map(|(&s, &nz)| nz.then_some(s))
             .collect();
         if kept.len() < c.symbols.len() {
-            let dense_cost = symbol_cost(&c.symbols, c.bits, encode);
-            let sparse_cost = symbol_cost(&kept, c.bits, encode) + positions_cost(&nonzero);
-            if sparse_cost < dense_cost {
-                let (desc, _) = store_positions(&nonzero, encode, name, pieces);
-                sparse = Some((desc, kept));
+            let dense = plan_stream(&c.symbols, c.bits, encode);
+            let positions = PositionsPlan::new(&nonzero, encode);
+            let sparse_symbols = plan_stream(&kept, c.bits, encode);
+            if sparse_symbols.bytes + positions.bytes() >= dense.bytes {
+                let symbols = store_symbols(&c.symbols, c.bits, dense, name, pieces);
+                return finish_coded(name, c, symbols, None, pieces);
             }
+            let desc = positions.store(name, pieces);
+            sparse = Some((desc, kept, sparse_symbols));
         }
     }
     let (symbols, sparse) = match sparse {
-        Some((desc, kept)) => (
-            store_symbols(&kept, c.bits, encode, name, pieces).0,
-            Some(desc),
-        ),
-        None => (
-            store_symbols(&c.symbols, c.bits, encode, name, pieces).0,
-            None,
-        ),
+        Some((desc, kept, plan)) => (store_symbols(&kept, c.bits, plan, name, pieces), Some(desc)),
+        None => {
+            let plan = plan_stream(&c.symbols, c.bits, encode);
+            (store_symbols(&c.symbols, c.bits, plan, name, pieces), None)
+        }
     };
+    finish_coded(name, c, symbols, sparse, pieces)
+}
+
+/// Adds the decode parameters of a coded tensor and describes it.
+fn finish_coded(
+    name: &str,
+    c: &Coded,
+    symbols: SymbolsDesc,
+    sparse: Option<SparseDesc>,
+    pieces: &mut Vec<Piece<'static>>,
+) -> PackedValues {
+    let gl = c.group_len.max(1);
     match &c.decode {
         Decode::Affine {
             scales,
@@ -453,17 +519,6 @@ fn pack_coded(
                 sparse,
             }
         }
-    }
-}
-
-fn symbol_cost(symbols: &[u8], bits: u8, encode: Option<Entropy>) -> usize {
-    let packed = (symbols.len() * usize::from(bits)).div_ceil(8);
-    if encode == Some(Entropy::Huffman) && !symbols.is_empty() {
-        let f = frequencies(symbols);
-        let h = Huffman::from_frequencies(&f).encoded_bits(&f).div_ceil(8) as usize + 256;
-        packed.min(h)
-    } else {
-        packed
     }
 }
 
