@@ -13,6 +13,27 @@ fn the_committed_openapi_document_matches_the_code() {
     );
 }
 
+/// What other tools fetch: the binary's own `modelpress openapi` output is
+/// the committed document, byte for byte.
+#[test]
+fn modelpress_openapi_prints_the_committed_document() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelpress"))
+        .arg("openapi")
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json");
+    let committed = std::fs::read(path).expect("openapi/openapi.json is committed");
+    assert!(
+        out.stdout == committed,
+        "openapi/openapi.json differs from `modelpress openapi`: run `cargo run -- openapi > openapi/openapi.json` and commit it"
+    );
+}
+
 #[test]
 fn every_route_is_documented_with_the_error_shape() {
     let doc: serde_json::Value = serde_json::to_value(modelpress::api::openapi()).unwrap();
