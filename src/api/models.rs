@@ -165,15 +165,14 @@ struct Received {
 
 /// Writes a body stream to `path`, hashing it, and refuses it as soon as it
 /// would take the upload past `limit` (with `used` bytes already taken).
-async fn receive<S, E>(
+async fn receive<S>(
     stream: S,
     path: &FsPath,
     used: u64,
     limit: u64,
 ) -> Result<(String, u64), UploadError>
 where
-    S: Stream<Item = Result<Bytes, E>>,
-    E: std::fmt::Display,
+    S: Stream<Item = Result<Bytes, UploadError>>,
 {
     let mut stream = std::pin::pin!(stream);
     let file = tokio::fs::File::create(path)
@@ -183,12 +182,7 @@ where
     let mut hasher = Sha256::new();
     let mut len = 0u64;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::bad_request(
-                "upload_interrupted",
-                format!("The upload could not be read to its end: {e}"),
-            )
-        })?;
+        let chunk = chunk?;
         len += chunk.len() as u64;
         if used + len > limit {
             return Err(UploadError::TooLarge);
@@ -389,7 +383,14 @@ async fn receive_upload(
     let mut files: Vec<Received> = Vec::new();
     if !is_multipart {
         let name = "model.safetensors".to_string();
-        let stream = req.into_body().into_data_stream();
+        let stream = req.into_body().into_data_stream().map(|chunk| {
+            chunk.map_err(|e| {
+                UploadError::Api(ApiError::bad_request(
+                    "upload_interrupted",
+                    format!("The upload could not be read to its end: {e}"),
+                ))
+            })
+        });
         let (sha256, bytes) = receive(stream, &tmp.path().join(&name), 0, limit).await?;
         files.push(Received {
             name,
@@ -425,7 +426,8 @@ async fn receive_upload(
                     .into());
                 }
                 let path: PathBuf = tmp.path().join(&name);
-                let (sha256, bytes) = receive(field, &path, used, limit).await?;
+                let stream = field.map(|chunk| chunk.map_err(bad_multipart));
+                let (sha256, bytes) = receive(stream, &path, used, limit).await?;
                 used += bytes;
                 files.push(Received {
                     name,

@@ -77,7 +77,7 @@ async fn api_keys_guard_v1_and_leave_health_metrics_and_docs_open() {
         .await
         .unwrap();
     assert_error(resp, 401, "missing_api_key").await;
-    assert!(app.tmp_entries().is_empty());
+    app.assert_nothing_stored().await;
     for key in ["k1", "k2"] {
         let resp = app
             .client

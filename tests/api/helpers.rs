@@ -243,6 +243,35 @@ impl TestApp {
         n
     }
 
+    /// Rows in the tables an upload writes (`models`, `model_files`), read
+    /// from the database file itself rather than through the API.
+    pub async fn upload_rows(&self) -> i64 {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(self.data_dir.join("modelpress.db"))
+            .read_only(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        let rows = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM models) + (SELECT COUNT(*) FROM model_files)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        rows
+    }
+
+    /// Asserts that refused uploads left nothing behind: no file under
+    /// `tmp/`, no blob, no database row.
+    pub async fn assert_nothing_stored(&self) {
+        assert!(
+            self.tmp_entries().is_empty(),
+            "tmp/: {:?}",
+            self.tmp_entries()
+        );
+        assert_eq!(self.blob_count(), 0, "blobs/");
+        assert_eq!(self.upload_rows().await, 0, "models and model_files rows");
+    }
+
     pub async fn model_count(&self) -> usize {
         self.get_json("/v1/models?limit=200").await["items"]
             .as_array()
@@ -260,6 +289,16 @@ impl TestApp {
             server.await.unwrap().unwrap();
         }
         self._dir.take()
+    }
+}
+
+/// Waits until `cond` holds (60 s at most), for effects the server
+/// completes after its response or without one.
+pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

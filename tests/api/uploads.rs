@@ -2,8 +2,10 @@ use reqwest::multipart::{Form, Part};
 use serde_json::{json, Value};
 
 use crate::common::{gaussian, Rng};
+use tokio::io::AsyncWriteExt;
+
 use crate::helpers::{
-    assert_error, safetensors_bytes, sha256_hex, spawn_app, spawn_app_with, tiny_model,
+    assert_error, eventually, safetensors_bytes, sha256_hex, spawn_app, spawn_app_with, tiny_model,
 };
 
 #[tokio::test]
@@ -174,9 +176,50 @@ async fn a_truncated_upload_is_rejected_and_nothing_is_stored() {
         !message.contains(app.data_dir.to_str().unwrap()),
         "no server paths: {message}"
     );
-    assert!(app.tmp_entries().is_empty());
-    assert_eq!(app.blob_count(), 0);
-    assert_eq!(app.model_count().await, 0);
+    app.assert_nothing_stored().await;
+}
+
+#[tokio::test]
+async fn an_upload_cut_off_by_its_client_leaves_nothing_behind() {
+    let app = spawn_app().await;
+    let bytes = tiny_model(8);
+    let addr = app.address.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/models HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+        bytes.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
+    conn.flush().await.unwrap();
+    eventually("the server starts receiving into tmp/", || {
+        !app.tmp_entries().is_empty()
+    })
+    .await;
+    drop(conn);
+    eventually("the partial upload is removed from tmp/", || {
+        app.tmp_entries().is_empty()
+    })
+    .await;
+    app.assert_nothing_stored().await;
+}
+
+#[tokio::test]
+async fn a_broken_multipart_body_is_refused_and_nothing_is_stored() {
+    let app = spawn_app().await;
+    let mut body = b"--XYZ\r\ncontent-disposition: form-data; name=\"file\"; filename=\"model.safetensors\"\r\n\r\n".to_vec();
+    body.extend_from_slice(&tiny_model(9));
+    // No closing boundary: the body ends inside the file part.
+    let resp = app
+        .client
+        .post(app.url("/v1/models"))
+        .header("content-type", "multipart/form-data; boundary=XYZ")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 400, "invalid_multipart").await;
+    app.assert_nothing_stored().await;
 }
 
 #[tokio::test]
@@ -189,8 +232,7 @@ async fn garbage_and_empty_bodies_are_not_safetensors() {
     }] {
         assert_error(app.upload_raw(body, "").await, 400, "invalid_safetensors").await;
     }
-    assert!(app.tmp_entries().is_empty());
-    assert_eq!(app.blob_count(), 0);
+    app.assert_nothing_stored().await;
 }
 
 #[tokio::test]
@@ -217,8 +259,7 @@ async fn an_index_that_disagrees_with_its_shards_is_rejected() {
         .unwrap();
     let message = assert_error(resp, 400, "invalid_safetensors").await;
     assert!(message.contains("ghost.weight"), "{message}");
-    assert!(app.tmp_entries().is_empty());
-    assert_eq!(app.blob_count(), 0);
+    app.assert_nothing_stored().await;
 }
 
 #[tokio::test]
@@ -250,8 +291,7 @@ async fn files_other_than_checkpoint_files_are_refused() {
         .await
         .unwrap();
     assert_error(resp, 400, "invalid_labels").await;
-    assert!(app.tmp_entries().is_empty());
-    assert_eq!(app.blob_count(), 0);
+    app.assert_nothing_stored().await;
 }
 
 #[tokio::test]
@@ -293,9 +333,7 @@ async fn an_upload_over_the_limit_is_refused_with_413_and_nothing_is_kept() {
         .await
         .unwrap();
     assert_error(resp, 413, "payload_too_large").await;
-    assert!(app.tmp_entries().is_empty());
-    assert_eq!(app.blob_count(), 0);
-    assert_eq!(app.model_count().await, 0);
+    app.assert_nothing_stored().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
