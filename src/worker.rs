@@ -593,8 +593,10 @@ async fn execute(
         }
         // Finished despite a late stop: the work is kept unless the job
         // was canceled or is no longer ours, which recording it checks.
-        Ok(Ok(report)) => store_outcome(shared, job, &output, &report).await,
+        Ok(Ok(report)) => return store_outcome(shared, job, dir, &output, &report).await,
     };
+    // Removed before the outcome is recorded: a finished job has nothing
+    // left under tmp/.
     drop(dir);
     outcome
 }
@@ -614,18 +616,20 @@ fn artifact_rank(name: &str) -> (u8, String) {
 }
 
 /// Hashes the output files, moves them into the blob store and records the
-/// success, all or nothing.
+/// success, all or nothing. The job's directory under `tmp/` is removed
+/// before the success is recorded.
 async fn store_outcome(
     shared: &Arc<Shared>,
     job: &JobRecord,
+    dir: TmpDir,
     output: &Path,
     report: &Report,
 ) -> Outcome {
-    let dir = output.to_path_buf();
+    let out_dir = output.to_path_buf();
     let hashed =
         tokio::task::spawn_blocking(move || -> std::io::Result<Vec<(PathBuf, NewArtifact)>> {
             let mut files = Vec::new();
-            for entry in std::fs::read_dir(&dir)? {
+            for entry in std::fs::read_dir(&out_dir)? {
                 let entry = entry?;
                 if !entry.file_type()?.is_file() {
                     continue;
@@ -678,6 +682,7 @@ async fn store_outcome(
             }
         }
     }
+    drop(dir);
     let finished = shared
         .store
         .finish_succeeded(&job.id, &shared.owner, &summary, &artifacts)
