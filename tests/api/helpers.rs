@@ -126,6 +126,38 @@ impl TestApp {
         self.client.get(self.url(path)).send().await.unwrap()
     }
 
+    /// A POST with no body.
+    pub async fn post(&self, path: &str) -> reqwest::Response {
+        self.client.post(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client.delete(self.url(path)).send().await.unwrap()
+    }
+
+    /// The ids of every item of a paginated list, following `next_cursor`
+    /// with pages of `limit`.
+    pub async fn all_pages(&self, path: &str, limit: u32) -> Vec<String> {
+        let mut ids = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let page = self
+                .get_json(&format!("{path}?limit={limit}&cursor={cursor}"))
+                .await;
+            ids.extend(
+                page["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|item| item["id"].as_str().unwrap().to_string()),
+            );
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = c.to_string(),
+                None => return ids,
+            }
+        }
+    }
+
     pub async fn get_json(&self, path: &str) -> Value {
         let resp = self.get(path).await;
         assert_eq!(resp.status(), 200, "GET {path}");
@@ -137,6 +169,15 @@ impl TestApp {
             .post(self.url(&format!("/v1/models{query}")))
             .header("content-type", "application/octet-stream")
             .body(bytes)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn upload_form(&self, form: reqwest::multipart::Form) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/models"))
+            .multipart(form)
             .send()
             .await
             .unwrap()

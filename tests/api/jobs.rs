@@ -231,19 +231,9 @@ async fn missing_things_are_404_and_unfinished_things_are_409() {
         "not_found",
     )
     .await;
-    let resp = app
-        .client
-        .post(app.url("/v1/jobs/nope/cancel"))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post("/v1/jobs/nope/cancel").await;
     assert_error(resp, 404, "not_found").await;
-    let resp = app
-        .client
-        .delete(app.url("/v1/jobs/nope"))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.delete("/v1/jobs/nope").await;
     assert_error(resp, 404, "not_found").await;
 
     let model = app.upload_model(layered_model(13, 6)).await;
@@ -260,28 +250,13 @@ async fn missing_things_are_404_and_unfinished_things_are_409() {
         "job_not_succeeded",
     )
     .await;
-    let resp = app
-        .client
-        .delete(app.url(&format!("/v1/jobs/{j}")))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.delete(&format!("/v1/jobs/{j}")).await;
     assert_error(resp, 409, "job_not_finished").await;
-    let resp = app
-        .client
-        .delete(app.url(&format!("/v1/models/{}", id(&model))))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.delete(&format!("/v1/models/{}", id(&model))).await;
     assert_error(resp, 409, "model_in_use").await;
 
     let done = app.wait_succeeded(j).await;
-    let resp = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{j}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post(&format!("/v1/jobs/{j}/cancel")).await;
     assert_error(resp, 409, "job_finished").await;
     assert_error(
         app.get(&format!("/v1/jobs/{j}/artifacts/nothing.bin"))
@@ -297,20 +272,10 @@ async fn missing_things_are_404_and_unfinished_things_are_409() {
         blobs_before,
         1 + done["artifacts"].as_array().unwrap().len()
     );
-    let resp = app
-        .client
-        .delete(app.url(&format!("/v1/jobs/{j}")))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.delete(&format!("/v1/jobs/{j}")).await;
     assert_eq!(resp.status(), 204);
     assert_error(app.get(&format!("/v1/jobs/{j}")).await, 404, "not_found").await;
-    let resp = app
-        .client
-        .delete(app.url(&format!("/v1/models/{}", id(&model))))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.delete(&format!("/v1/models/{}", id(&model))).await;
     assert_eq!(resp.status(), 204);
     assert_eq!(app.blob_count(), 0);
 }
@@ -331,23 +296,13 @@ async fn a_queued_job_is_canceled_at_once_and_a_running_one_at_the_next_tensor()
     assert!(running["progress"]["fraction"].as_f64().unwrap() > 0.0);
 
     // The second job waits behind the first on the only worker.
-    let resp = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{}/cancel", id(&queued))))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post(&format!("/v1/jobs/{}/cancel", id(&queued))).await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["status"], "canceled");
     assert_eq!(body["attempts"], 0);
 
-    let resp = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{}/cancel", id(&running))))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post(&format!("/v1/jobs/{}/cancel", id(&running))).await;
     assert_eq!(resp.status(), 202);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["cancel_requested"], true);
@@ -432,24 +387,7 @@ async fn fifty_jobs_on_four_workers_each_run_exactly_once() {
         .is_empty());
 
     // Pages of 20 cover the list once, newest first.
-    let mut seen = Vec::new();
-    let mut cursor = String::new();
-    loop {
-        let page = app
-            .get_json(&format!("/v1/jobs?limit=20&cursor={cursor}"))
-            .await;
-        seen.extend(
-            page["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|j| id(j).to_string()),
-        );
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = c.to_string(),
-            None => break,
-        }
-    }
+    let seen = app.all_pages("/v1/jobs", 20).await;
     ids.reverse();
     assert_eq!(seen, ids);
 

@@ -57,13 +57,7 @@ async fn a_multipart_upload_larger_than_a_buffered_body_limit_is_streamed() {
         "file",
         Part::bytes(bytes.clone()).file_name("model.safetensors"),
     );
-    let resp = app
-        .client
-        .post(app.url("/v1/models"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.upload_form(form).await;
     let status = resp.status();
     let model: Value = resp.json().await.unwrap();
     assert_eq!(status, 201, "{model}");
@@ -79,19 +73,13 @@ async fn identical_content_is_stored_once() {
     assert_eq!(app.blob_count(), 1);
     // Deleting one model keeps the blob the other still uses.
     let resp = app
-        .client
-        .delete(app.url(&format!("/v1/models/{}", a["id"].as_str().unwrap())))
-        .send()
-        .await
-        .unwrap();
+        .delete(&format!("/v1/models/{}", a["id"].as_str().unwrap()))
+        .await;
     assert_eq!(resp.status(), 204);
     assert_eq!(app.blob_count(), 1);
     let resp = app
-        .client
-        .delete(app.url(&format!("/v1/models/{}", b["id"].as_str().unwrap())))
-        .send()
-        .await
-        .unwrap();
+        .delete(&format!("/v1/models/{}", b["id"].as_str().unwrap()))
+        .await;
     assert_eq!(resp.status(), 204);
     assert_eq!(app.blob_count(), 0);
 }
@@ -124,13 +112,7 @@ async fn a_sharded_multipart_upload_with_index_and_config_is_accepted() {
         )
         .text("name", "sharded")
         .text("labels", r#"{"team":"vision"}"#);
-    let resp = app
-        .client
-        .post(app.url("/v1/models"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.upload_form(form).await;
     let status = resp.status();
     let model: Value = resp.json().await.unwrap();
     assert_eq!(status, 201, "{model}");
@@ -250,13 +232,7 @@ async fn an_index_that_disagrees_with_its_shards_is_rejected() {
             "file",
             Part::bytes(index.to_string().into_bytes()).file_name("model.safetensors.index.json"),
         );
-    let resp = app
-        .client
-        .post(app.url("/v1/models"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.upload_form(form).await;
     let message = assert_error(resp, 400, "invalid_safetensors").await;
     assert!(message.contains("ghost.weight"), "{message}");
     app.assert_nothing_stored().await;
@@ -269,13 +245,7 @@ async fn files_other_than_checkpoint_files_are_refused() {
         "file",
         Part::bytes(b"x".to_vec()).file_name("../../etc/passwd"),
     );
-    let resp = app
-        .client
-        .post(app.url("/v1/models"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.upload_form(form).await;
     assert_error(resp, 400, "unsupported_file").await;
     let form = Form::new()
         .part(
@@ -283,13 +253,7 @@ async fn files_other_than_checkpoint_files_are_refused() {
             Part::bytes(tiny_model(1)).file_name("model.safetensors"),
         )
         .text("labels", "[1,2]");
-    let resp = app
-        .client
-        .post(app.url("/v1/models"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.upload_form(form).await;
     assert_error(resp, 400, "invalid_labels").await;
     app.assert_nothing_stored().await;
 }
@@ -325,13 +289,7 @@ async fn an_upload_over_the_limit_is_refused_with_413_and_nothing_is_kept() {
         .part("file", Part::bytes(half.clone()).file_name("a.safetensors"))
         .part("file", Part::bytes(half.clone()).file_name("b.safetensors"))
         .part("file", Part::bytes(half).file_name("c.safetensors"));
-    let resp = app
-        .client
-        .post(app.url("/v1/models"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.upload_form(form).await;
     assert_error(resp, 413, "payload_too_large").await;
     app.assert_nothing_stored().await;
 }
@@ -367,23 +325,6 @@ async fn models_are_listed_newest_first_with_a_cursor() {
         );
     }
     ids.reverse();
-    let mut seen = Vec::new();
-    let mut cursor = String::new();
-    loop {
-        let page = app
-            .get_json(&format!("/v1/models?limit=2&cursor={cursor}"))
-            .await;
-        seen.extend(
-            page["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m["id"].as_str().unwrap().to_string()),
-        );
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = c.to_string(),
-            None => break,
-        }
-    }
+    let seen = app.all_pages("/v1/models", 2).await;
     assert_eq!(seen, ids);
 }
