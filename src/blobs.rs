@@ -46,8 +46,9 @@ pub fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// Hex sha256 of the file at `path`, and its length.
-pub fn hash_file(path: &Path) -> io::Result<(String, u64)> {
+/// Hashes a complete file under `tmp/` and flushes it to disk, so that it
+/// is ready for [`Blobs::commit`]; returns its hex sha256 and length.
+pub fn seal_file(path: &Path) -> io::Result<(String, u64)> {
     let mut file = fs::File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -60,7 +61,39 @@ pub fn hash_file(path: &Path) -> io::Result<(String, u64)> {
         hasher.update(&buf[..n]);
         len += n as u64;
     }
+    file.sync_all()?;
     Ok((hex::encode(hasher.finalize()), len))
+}
+
+/// Writes a new file under `tmp/` while hashing it; [`Self::finish`] seals it
+/// for [`Blobs::commit`] as [`seal_file`] does, without reading it again.
+pub struct SealingWriter {
+    out: io::BufWriter<fs::File>,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl SealingWriter {
+    pub fn create(path: &Path) -> io::Result<Self> {
+        Ok(Self {
+            out: io::BufWriter::with_capacity(1 << 20, fs::File::create(path)?),
+            hasher: Sha256::new(),
+            len: 0,
+        })
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+        self.out.write_all(bytes)
+    }
+
+    /// Flushes the file to disk; returns its hex sha256 and length.
+    pub fn finish(self) -> io::Result<(String, u64)> {
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok((hex::encode(self.hasher.finalize()), self.len))
+    }
 }
 
 impl Blobs {
@@ -102,16 +135,17 @@ impl Blobs {
         Ok(TmpDir { path })
     }
 
-    /// Moves a complete file (under `tmp/`) whose sha256 is `sha256` into
-    /// the store. When the content is already stored, the file is dropped
-    /// instead. Returns whether the blob is new. Call under [`Self::lock`].
+    /// Moves a complete file (under `tmp/`) whose sha256 is `sha256`, sealed
+    /// by [`seal_file`] or [`SealingWriter::finish`], into the store: a
+    /// rename, with no long disk wait under the lock. When the content is
+    /// already stored, the file is dropped instead. Returns whether the blob
+    /// is new. Call under [`Self::lock`].
     pub fn commit(&self, file: &Path, sha256: &str) -> io::Result<bool> {
         let dest = self.path(sha256);
         if dest.is_file() {
             fs::remove_file(file)?;
             return Ok(false);
         }
-        fs::File::open(file)?.sync_all()?;
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)?;
         }
@@ -198,7 +232,7 @@ mod tests {
             let tmp = blobs.tmp_dir("t").unwrap();
             let f = tmp.path().join("x");
             fs::write(&f, b"hello").unwrap();
-            let (sha, len) = hash_file(&f).unwrap();
+            let (sha, len) = seal_file(&f).unwrap();
             assert_eq!(len, 5);
             shas.push((sha.clone(), blobs.commit(&f, &sha).unwrap()));
         }

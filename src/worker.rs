@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::blobs::{hash_file, Blobs, TmpDir};
+use crate::blobs::{seal_file, Blobs, TmpDir};
 use crate::compress::report::Report;
 use crate::compress::spec::{Pipeline, PipelineSpec};
 use crate::run::{self, CompressRequest, OutputFormat, Progress, RunError};
@@ -635,7 +635,7 @@ async fn store_outcome(
                     continue;
                 }
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let (sha256, bytes) = hash_file(&entry.path())?;
+                let (sha256, bytes) = seal_file(&entry.path())?;
                 files.push((
                     entry.path(),
                     NewArtifact {

@@ -14,14 +14,12 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody, Path, Query};
 use super::time::rfc3339;
 use super::AppState;
-use crate::blobs::TmpDir;
+use crate::blobs::{SealingWriter, TmpDir};
 use crate::format::reader::{Checkpoint, CONFIG_FILE};
 use crate::store::{DeleteOutcome, ModelFile, ModelRecord, NewModel};
 
@@ -165,6 +163,11 @@ struct Received {
 
 /// Writes a body stream to `path`, hashing it, and refuses it as soon as it
 /// would take the upload past `limit` (with `used` bytes already taken).
+///
+/// Hashing and writing happen on a blocking thread fed through a short
+/// queue, so the next chunks arrive from the network while earlier ones are
+/// hashed and written, and the final flush to disk never holds up the async
+/// runtime.
 async fn receive<S>(
     stream: S,
     path: &FsPath,
@@ -174,28 +177,40 @@ async fn receive<S>(
 where
     S: Stream<Item = Result<Bytes, UploadError>>,
 {
-    let mut stream = std::pin::pin!(stream);
-    let file = tokio::fs::File::create(path)
-        .await
-        .map_err(|e| ApiError::internal("could not create an upload file", e))?;
-    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
-    let mut hasher = Sha256::new();
-    let mut len = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        len += chunk.len() as u64;
-        if used + len > limit {
-            return Err(UploadError::TooLarge);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let path = path.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut out = SealingWriter::create(&path)?;
+        while let Some(chunk) = rx.blocking_recv() {
+            out.write(&chunk)?;
         }
-        hasher.update(&chunk);
-        out.write_all(&chunk)
-            .await
-            .map_err(|e| ApiError::internal("could not write an upload file", e))?;
+        out.finish()
+    });
+    let fed = async {
+        let mut stream = std::pin::pin!(stream);
+        let mut len = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            len += chunk.len() as u64;
+            if used + len > limit {
+                return Err(UploadError::TooLarge);
+            }
+            if tx.send(chunk).await.is_err() {
+                // The writer stopped on an error, reported below.
+                break;
+            }
+        }
+        Ok(())
     }
-    out.flush()
+    .await;
+    // The writer finishes (or stops) before the caller may remove the file.
+    drop(tx);
+    let written = writer
         .await
-        .map_err(|e| ApiError::internal("could not write an upload file", e))?;
-    Ok((hex::encode(hasher.finalize()), len))
+        .map_err(|e| ApiError::internal("writing an upload file panicked", e))?
+        .map_err(|e| ApiError::internal("could not write an upload file", e));
+    fed?;
+    Ok(written?)
 }
 
 /// Whether `name` may be a file of a model: a bare file name of a
