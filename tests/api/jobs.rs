@@ -455,3 +455,46 @@ async fn a_stop_past_the_grace_period_queues_the_running_job_again() {
         "an interrupted attempt does not count: {job}"
     );
 }
+
+#[tokio::test]
+async fn a_job_that_fails_is_recorded_with_its_error_and_the_worker_goes_on() {
+    let app = spawn_app_with(&["--workers", "1", "--tensor-delay-ms", "50"]).await;
+    let slow_model = app.upload_model(layered_model(19, 6)).await;
+    let broken = app.upload_model(tiny_model(50)).await;
+    let good = app.upload_model(tiny_model(51)).await;
+    // The only worker is busy, so the next jobs wait in the queue.
+    let slow = app.submit(id(&slow_model), "int8", "packed").await;
+    app.wait_for(id(&slow), "running", |j| j["status"] == "running")
+        .await;
+    let failing = app.submit(id(&broken), "int8", "packed").await;
+    let next = app.submit(id(&good), "int8", "packed").await;
+    // Its stored file is damaged behind the service's back after it was
+    // accepted, before a worker takes it.
+    let sha = broken["files"][0]["sha256"].as_str().unwrap();
+    let blob = app.data_dir.join("blobs").join(&sha[..2]).join(sha);
+    std::fs::write(&blob, b"no longer a checkpoint").unwrap();
+    assert_eq!(app.job(id(&failing)).await["status"], "queued");
+
+    let failed = app.wait_finished(id(&failing)).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let code = failed["error"]["code"].as_str().unwrap();
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert_eq!(code, "invalid_safetensors", "{failed}");
+    assert!(message.contains("model.safetensors"), "{message}");
+    assert!(
+        !message.contains(app.data_dir.to_str().unwrap()),
+        "no server paths: {message}"
+    );
+    assert!(failed["artifacts"].as_array().unwrap().is_empty());
+    assert_error(
+        app.get(&format!("/v1/jobs/{}/report", id(&failing))).await,
+        409,
+        "job_not_succeeded",
+    )
+    .await;
+
+    // The same worker goes on with the next job.
+    app.wait_succeeded(id(&slow)).await;
+    app.wait_succeeded(id(&next)).await;
+    assert!(app.tmp_entries().is_empty(), "{:?}", app.tmp_entries());
+}
