@@ -15,7 +15,7 @@ use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use super::error::{ApiError, ErrorBody, ErrorDetail, Json, Path, Query};
-use super::models::page_limit;
+use super::models::{page_limit, split_page};
 use super::time::rfc3339;
 use super::AppState;
 use crate::compress::spec::{preset, Pipeline, PipelineSpec, PRESETS};
@@ -515,12 +515,7 @@ pub async fn list_jobs(
             cursor: params.cursor.filter(|c| !c.is_empty()),
         })
         .await?;
-    let next_cursor = if records.len() > limit as usize {
-        records.truncate(limit as usize);
-        records.last().map(|j| j.id.clone())
-    } else {
-        None
-    };
+    let next_cursor = split_page(&mut records, limit, |j| &j.id);
     let mut items = Vec::with_capacity(records.len());
     for j in records {
         items.push(JobView::load(&state.store, j).await?);

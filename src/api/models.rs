@@ -121,6 +121,17 @@ pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     }
 }
 
+/// Cuts a page fetched with `limit + 1` rows down to `limit`; the cursor of
+/// the next page (the id of the last row kept) when there was one more.
+pub fn split_page<T>(records: &mut Vec<T>, limit: u32, id: impl Fn(&T) -> &str) -> Option<String> {
+    if records.len() > limit as usize {
+        records.truncate(limit as usize);
+        records.last().map(|r| id(r).to_string())
+    } else {
+        None
+    }
+}
+
 fn model_view(m: ModelRecord, files: Vec<ModelFile>) -> ModelView {
     ModelView {
         labels: serde_json::from_str(&m.labels).unwrap_or_else(|_| serde_json::json!({})),
@@ -557,12 +568,7 @@ pub async fn list_models(
         .store
         .list_models(limit + 1, page.cursor.as_deref().filter(|c| !c.is_empty()))
         .await?;
-    let next_cursor = if records.len() > limit as usize {
-        records.truncate(limit as usize);
-        records.last().map(|m| m.id.clone())
-    } else {
-        None
-    };
+    let next_cursor = split_page(&mut records, limit, |m| &m.id);
     let mut items = Vec::with_capacity(records.len());
     for m in records {
         let files = state.store.model_files(&m.id).await?;
