@@ -188,14 +188,19 @@ async fn receive<S>(
 where
     S: Stream<Item = Result<Bytes, UploadError>>,
 {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    // `None` marks the end of a complete body; a queue closed without it
+    // means the upload is refused, and the file is not worth flushing.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(16);
     let path = path.to_path_buf();
     let writer = tokio::task::spawn_blocking(move || {
         let mut out = SealingWriter::create(&path)?;
-        while let Some(chunk) = rx.blocking_recv() {
-            out.write(&chunk)?;
+        while let Some(message) = rx.blocking_recv() {
+            match message {
+                Some(chunk) => out.write(&chunk)?,
+                None => return out.finish().map(Some),
+            }
         }
-        out.finish()
+        Ok(None)
     });
     let fed = async {
         let mut stream = std::pin::pin!(stream);
@@ -206,11 +211,12 @@ where
             if used + len > limit {
                 return Err(UploadError::TooLarge);
             }
-            if tx.send(chunk).await.is_err() {
+            if tx.send(Some(chunk)).await.is_err() {
                 // The writer stopped on an error, reported below.
-                break;
+                return Ok(());
             }
         }
+        let _ = tx.send(None).await;
         Ok(())
     }
     .await;
@@ -221,7 +227,14 @@ where
         .map_err(|e| ApiError::internal("writing an upload file panicked", e))?
         .map_err(|e| ApiError::internal("could not write an upload file", e));
     fed?;
-    Ok(written?)
+    match written? {
+        Some(sealed) => Ok(sealed),
+        None => Err(ApiError::internal(
+            "an upload file was not finished",
+            "the writer saw the queue close early",
+        )
+        .into()),
+    }
 }
 
 /// Whether `name` may be a file of a model: a bare file name of a
