@@ -60,12 +60,20 @@ pub async fn spawn_on(data_dir: &Path, flags: &[&str]) -> TestApp {
     }));
     TestApp {
         address,
-        client: reqwest::Client::new(),
+        client: client(),
         data_dir: data_dir.to_path_buf(),
         _dir: None,
         stop: Some(tx),
         server: Some(server),
     }
+}
+
+/// An HTTP client. Its TLS needs a crypto provider installed first: the
+/// service installs one when it starts, but a test may start none in this
+/// process.
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }
 
 /// A model made of `tensors`, as the bytes of one safetensors file.
@@ -110,7 +118,7 @@ impl TestApp {
     pub fn external(address: String, data_dir: &Path) -> TestApp {
         TestApp {
             address,
-            client: reqwest::Client::new(),
+            client: client(),
             data_dir: data_dir.to_path_buf(),
             _dir: None,
             stop: None,

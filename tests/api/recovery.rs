@@ -8,33 +8,46 @@ use crate::helpers::{layered_model, TestApp};
 
 /// `modelpress serve` as a child process on a free port.
 struct ServerProcess {
-    child: Child,
+    child: KillOnDrop,
     app: TestApp,
     /// What it logged before it listened.
     startup_log: Vec<String>,
 }
 
+/// A child process killed when dropped: a failed assertion, even while the
+/// server starts, must not leave it running past the test.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn start_server(data_dir: &Path, tensor_delay_ms: u64) -> ServerProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_modelpress"))
-        .args([
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-            "--data-dir",
-        ])
-        // Relative, as the default `./data` is.
-        .arg(data_dir.file_name().unwrap())
-        .current_dir(data_dir.parent().unwrap())
-        .env("MODELPRESS_TENSOR_DELAY_MS", tensor_delay_ms.to_string())
-        .env("RUST_LOG", "info")
-        .env_remove("MODELPRESS_API_KEYS")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let stderr = child.stderr.take().unwrap();
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_modelpress"))
+            .args([
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--workers",
+                "1",
+                "--data-dir",
+            ])
+            // Relative, as the default `./data` is.
+            .arg(data_dir.file_name().unwrap())
+            .current_dir(data_dir.parent().unwrap())
+            .env("MODELPRESS_TENSOR_DELAY_MS", tensor_delay_ms.to_string())
+            .env("RUST_LOG", "info")
+            .env_remove("MODELPRESS_API_KEYS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts"),
+    );
+    let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -79,10 +92,10 @@ async fn a_job_interrupted_by_a_killed_server_completes_after_a_restart() {
             j["status"] == "running" && j["progress"]["tensors_done"].as_i64().unwrap_or(0) >= 2
         })
         .await;
-    first.child.kill().unwrap(); // SIGKILL: no chance to clean up
-    first.child.wait().unwrap();
+    first.child.0.kill().unwrap(); // SIGKILL: no chance to clean up
+    first.child.0.wait().unwrap();
 
-    let mut second = start_server(&data_dir, 0);
+    let second = start_server(&data_dir, 0);
     let done = second.app.wait_succeeded(&id).await;
     assert_eq!(done["attempts"], 2, "{done}");
     for artifact in done["artifacts"].as_array().unwrap() {
@@ -98,6 +111,4 @@ async fn a_job_interrupted_by_a_killed_server_completes_after_a_restart() {
         .iter()
         .any(|l| l.contains(&id) && l.contains("queued again"));
     assert!(requeued, "the restart logs that it took the job back");
-    second.child.kill().unwrap();
-    second.child.wait().unwrap();
 }
