@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use modelpress::compress::report::Report;
 use modelpress::compress::spec::{preset, Pipeline, PipelineError, PRESETS};
+use modelpress::config::{LogFormat, ServeConfig};
 use modelpress::format::reader::Checkpoint;
 use modelpress::run::{self, CompressRequest, OutputFormat, Progress, RunError};
 
@@ -62,6 +63,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the HTTP service.
+    Serve(Box<ServeConfig>),
+    /// Print the OpenAPI document of the HTTP service.
+    Openapi,
 }
 
 /// Bad usage or bad input: exit code 2.
@@ -130,6 +135,10 @@ fn load_pipeline(preset_name: Option<&str>, file: Option<&Path>) -> anyhow::Resu
 fn run_command(cli: Cli) -> anyhow::Result<()> {
     let cancel = AtomicBool::new(false);
     match cli.command {
+        Command::Serve(config) => serve(*config)?,
+        Command::Openapi => {
+            println!("{}", modelpress::api::openapi().to_pretty_json()?);
+        }
         Command::Compress {
             input,
             output,
@@ -185,6 +194,60 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let app = modelpress::startup::Application::build(&config).await?;
+        tracing::info!(
+            "listening on http://{} (data directory {}, {} workers)",
+            app.local_addr(),
+            config.data_dir.display(),
+            config.worker_count()
+        );
+        app.run_until_stopped(shutdown_signal()).await
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
 }
 
 fn human(bytes: u64) -> String {

@@ -1,0 +1,223 @@
+//! The HTTP API: routes, request and response types (each with its OpenAPI
+//! schema), errors, authentication and the documentation page.
+
+pub mod error;
+mod jobs;
+mod models;
+mod system;
+mod time;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderName};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::SecurityRequirement;
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
+use utoipa_swagger_ui::{Config, SwaggerUi};
+
+use crate::blobs::Blobs;
+use crate::store::Store;
+use crate::worker::WorkerHandle;
+use error::{error_response, ApiError};
+
+pub use jobs::JobView;
+
+/// Settings the routes need.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub max_upload_bytes: u64,
+    /// When not empty, every `/v1` route needs `Authorization: Bearer <key>`
+    /// with one of these keys.
+    pub api_keys: Vec<String>,
+}
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub blobs: Arc<Blobs>,
+    pub workers: WorkerHandle,
+    pub config: Arc<ApiConfig>,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "modelpress"),
+    tags(
+        (name = "models", description = "Uploaded checkpoints"),
+        (name = "jobs", description = "Compression jobs, their progress and artifacts"),
+        (name = "service", description = "Presets, health and metrics"),
+    ),
+)]
+struct ApiDoc;
+
+/// Declares the optional bearer authentication on every `/v1` operation.
+struct BearerOnV1;
+
+impl Modify for BearerOnV1 {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "Needed only when the server is started with API keys.",
+                    ))
+                    .build(),
+            ),
+        );
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.security = Some(vec![
+                    SecurityRequirement::new("api_key", Vec::<String>::new()),
+                    SecurityRequirement::default(),
+                ]);
+            }
+        }
+    }
+}
+
+fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let v1 = OpenApiRouter::new()
+        // Uploads are streamed to disk and limited by the upload limit, not
+        // by axum's default limit for buffered bodies.
+        .routes(
+            routes!(models::upload_model, models::list_models).layer(DefaultBodyLimit::disable()),
+        )
+        .routes(routes!(models::get_model, models::delete_model))
+        .routes(routes!(models::model_tensors))
+        .routes(routes!(jobs::create_job, jobs::list_jobs))
+        .routes(routes!(jobs::get_job, jobs::delete_job))
+        .routes(routes!(jobs::cancel_job))
+        .routes(routes!(jobs::job_report))
+        .routes(routes!(jobs::download_artifact))
+        .routes(routes!(system::presets));
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(v1)
+        .routes(routes!(system::healthz))
+        .routes(routes!(system::readyz))
+        .routes(routes!(system::metrics))
+        .split_for_parts();
+    // After the routes are in: it marks their operations.
+    BearerOnV1.modify(&mut doc);
+    (router, doc)
+}
+
+/// Bytes of a file, as a schema.
+pub struct BinaryFile;
+
+impl utoipa::PartialSchema for BinaryFile {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .into()
+    }
+}
+impl ToSchema for BinaryFile {}
+
+/// The OpenAPI document of the API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().1
+}
+
+/// The application: every route with its middleware.
+pub fn router(state: AppState) -> Router {
+    let (api, doc) = routes();
+    let docs = SwaggerUi::new("/docs")
+        .url("/openapi.json", doc)
+        .config(Config::new(["/openapi.json"]).validator_url("none"));
+    let request_id = HeaderName::from_static("x-request-id");
+    api.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        require_api_key,
+    ))
+    .merge(Router::<AppState>::from(docs))
+    .fallback(error::not_found)
+    .method_not_allowed_fallback(method_not_allowed)
+    .with_state(state)
+    .layer(middleware::map_response(error::uniform_errors))
+    .layer(PropagateRequestIdLayer::new(request_id.clone()))
+    .layer(
+        TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+        }),
+    )
+    .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "This path does not accept this method.",
+    )
+}
+
+/// Compares in time independent of where the strings differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let keys = &state.config.api_keys;
+    if keys.is_empty() || !req.uri().path().starts_with("/v1/") {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(key)
+            if keys
+                .iter()
+                .any(|k| same_secret(k.as_bytes(), key.as_bytes())) =>
+        {
+            next.run(req).await
+        }
+        Some(_) => error_response(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "The API key is not valid.".into(),
+        ),
+        None => error_response(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+            "This server needs an API key: send `Authorization: Bearer <key>`.".into(),
+        )
+        .into_response(),
+    }
+}

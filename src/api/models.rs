@@ -1,0 +1,712 @@
+//! `/v1/models`: uploads and the models they made.
+//!
+//! An upload is streamed to a directory under `tmp/` while its sha256 is
+//! computed, never held in memory; it is checked as a checkpoint (every
+//! header, and the index against the shards) and only then are its files
+//! moved into the blob store and the model recorded. On any failure the
+//! directory is removed, so nothing of a refused upload remains.
+
+use std::path::{Path as FsPath, PathBuf};
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ErrorBody, Path, Query};
+use super::time::rfc3339;
+use super::AppState;
+use crate::blobs::{SealingWriter, TmpDir};
+use crate::format::reader::{Checkpoint, CONFIG_FILE};
+use crate::store::{DeleteOutcome, ModelFile, ModelRecord, NewModel};
+
+/// Page size when none is asked for, and the largest allowed.
+pub const DEFAULT_LIMIT: u32 = 50;
+pub const MAX_LIMIT: u32 = 200;
+
+/// An uploaded checkpoint.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelView {
+    #[schema(example = "0193a6f0-7c1e-7b5a-9a35-1f2d3c4b5a69")]
+    pub id: String,
+    pub name: Option<String>,
+    pub version: Option<String>,
+    #[schema(value_type = Object)]
+    pub labels: serde_json::Value,
+    /// The files it is made of: one `.safetensors` file, or shards and
+    /// their index, and maybe `config.json`.
+    pub files: Vec<ModelFileView>,
+    pub total_bytes: i64,
+    pub tensor_count: i64,
+    pub parameter_count: i64,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelFileView {
+    pub name: String,
+    pub bytes: i64,
+    pub sha256: String,
+}
+
+/// One tensor of a model.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TensorView {
+    pub name: String,
+    #[schema(example = "F32")]
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: u64,
+    /// The file holding it.
+    pub file: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TensorList {
+    pub model_id: String,
+    pub tensors: Vec<TensorView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    pub items: Vec<ModelView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UploadParams {
+    /// A name for the model (raw uploads; multipart uploads send a `name` part).
+    pub name: Option<String>,
+    pub version: Option<String>,
+    /// A JSON object of labels, e.g. `{"team":"vision"}`.
+    pub labels: Option<String>,
+}
+
+/// The parts of a multipart upload.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    /// One or more files: `.safetensors` shards, `model.safetensors.index.json`,
+    /// `config.json`. Each part's filename is kept.
+    #[schema(value_type = Vec<String>, format = Binary, content_media_type = "application/octet-stream")]
+    file: Vec<Vec<u8>>,
+    name: Option<String>,
+    version: Option<String>,
+    /// A JSON object.
+    labels: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// At most this many items (1..=200, default 50).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_LIMIT),
+        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`limit` must be between 1 and {MAX_LIMIT}, not {n}."),
+        )),
+    }
+}
+
+/// Cuts a page fetched with `limit + 1` rows down to `limit`; the cursor of
+/// the next page (the id of the last row kept) when there was one more.
+pub fn split_page<T>(records: &mut Vec<T>, limit: u32, id: impl Fn(&T) -> &str) -> Option<String> {
+    if records.len() > limit as usize {
+        records.truncate(limit as usize);
+        records.last().map(|r| id(r).to_string())
+    } else {
+        None
+    }
+}
+
+fn model_view(m: ModelRecord, files: Vec<ModelFile>) -> ModelView {
+    ModelView {
+        labels: serde_json::from_str(&m.labels).unwrap_or_else(|_| serde_json::json!({})),
+        files: files
+            .into_iter()
+            .map(|f| ModelFileView {
+                name: f.name,
+                bytes: f.bytes,
+                sha256: f.sha256,
+            })
+            .collect(),
+        id: m.id,
+        name: m.name,
+        version: m.version,
+        total_bytes: m.total_bytes,
+        tensor_count: m.tensor_count,
+        parameter_count: m.parameter_count,
+        created_at: rfc3339(m.created_at),
+    }
+}
+
+/// Why an upload was refused.
+enum UploadError {
+    TooLarge,
+    Api(ApiError),
+}
+
+impl From<ApiError> for UploadError {
+    fn from(e: ApiError) -> Self {
+        UploadError::Api(e)
+    }
+}
+
+/// A file received into the upload directory.
+struct Received {
+    name: String,
+    sha256: String,
+    bytes: u64,
+}
+
+/// Writes a body stream to `path`, hashing it, and refuses it as soon as it
+/// would take the upload past `limit` (with `used` bytes already taken).
+///
+/// Hashing and writing happen on a blocking thread fed through a short
+/// queue, so the next chunks arrive from the network while earlier ones are
+/// hashed and written, and the final flush to disk never holds up the async
+/// runtime.
+async fn receive<S>(
+    stream: S,
+    path: &FsPath,
+    used: u64,
+    limit: u64,
+) -> Result<(String, u64), UploadError>
+where
+    S: Stream<Item = Result<Bytes, UploadError>>,
+{
+    // `None` marks the end of a complete body; a queue closed without it
+    // means the upload is refused, and the file is not worth flushing.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(16);
+    let path = path.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut out = SealingWriter::create(&path)?;
+        while let Some(message) = rx.blocking_recv() {
+            match message {
+                Some(chunk) => out.write(&chunk)?,
+                None => return out.finish().map(Some),
+            }
+        }
+        Ok(None)
+    });
+    let fed = async {
+        let mut stream = std::pin::pin!(stream);
+        let mut len = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            len += chunk.len() as u64;
+            if used + len > limit {
+                return Err(UploadError::TooLarge);
+            }
+            if tx.send(Some(chunk)).await.is_err() {
+                // The writer stopped on an error, reported below.
+                return Ok(());
+            }
+        }
+        let _ = tx.send(None).await;
+        Ok(())
+    }
+    .await;
+    // The writer finishes (or stops) before the caller may remove the file.
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| ApiError::internal("writing an upload file panicked", e))?
+        .map_err(|e| ApiError::internal("could not write an upload file", e));
+    fed?;
+    match written? {
+        Some(sealed) => Ok(sealed),
+        None => Err(ApiError::internal(
+            "an upload file was not finished",
+            "the writer saw the queue close early",
+        )
+        .into()),
+    }
+}
+
+/// Whether `name` may be a file of a model: a bare file name of a
+/// safetensors file, an index, or the config.
+fn check_file_name(name: &str) -> Result<(), ApiError> {
+    let bare = !name.is_empty()
+        && !name.starts_with('.')
+        && !name.contains(['/', '\\', '\0'])
+        && name.len() <= 255;
+    let known = name.ends_with(".safetensors")
+        || name.ends_with(".safetensors.index.json")
+        || name == CONFIG_FILE;
+    if bare && known {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "unsupported_file",
+            format!("The file `{name}` is not accepted: send `.safetensors` files, `model.safetensors.index.json` and `config.json`, each under its bare file name."),
+        ))
+    }
+}
+
+fn parse_labels(text: Option<&str>) -> Result<String, ApiError> {
+    let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
+        return Ok("{}".into());
+    };
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v.to_string()),
+        _ => Err(ApiError::bad_request(
+            "invalid_labels",
+            "`labels` must be a JSON object, e.g. {\"team\": \"vision\"}.",
+        )),
+    }
+}
+
+fn check_text(field: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(v) if v.len() > 256 => Err(ApiError::bad_request(
+            "invalid_field",
+            format!("`{field}` must be at most 256 bytes long."),
+        )),
+        Some(v) if v.is_empty() => Ok(None),
+        v => Ok(v),
+    }
+}
+
+/// The facts of a checked upload.
+struct Checked {
+    tensors: Vec<TensorView>,
+    parameter_count: i64,
+}
+
+/// Opens the uploaded files as a checkpoint: every header, the index
+/// against the shards, and config.json are checked.
+fn check_checkpoint(dir: &FsPath) -> Result<Checked, ApiError> {
+    let ckpt = Checkpoint::open(dir).map_err(|e| {
+        let text = e.to_string().replace(&format!("{}/", dir.display()), "");
+        let text = text.replace(&dir.display().to_string(), "the upload");
+        ApiError::bad_request("invalid_safetensors", text)
+    })?;
+    let shard_names = ckpt.shard_names();
+    let mut parameters = 0i64;
+    let tensors = ckpt
+        .tensors()
+        .iter()
+        .map(|t| {
+            parameters =
+                parameters.saturating_add(t.shape.iter().map(|&d| d as i64).product::<i64>());
+            TensorView {
+                name: t.name.clone(),
+                dtype: t.dtype.name().to_string(),
+                shape: t.shape.clone(),
+                bytes: (t.end - t.start) as u64,
+                file: shard_names.get(t.shard).cloned().unwrap_or_default(),
+            }
+        })
+        .collect();
+    Ok(Checked {
+        tensors,
+        parameter_count: parameters,
+    })
+}
+
+struct UploadMeta {
+    name: Option<String>,
+    version: Option<String>,
+    labels: Option<String>,
+}
+
+/// Upload a checkpoint.
+///
+/// Send either the raw bytes of one `.safetensors` file (any content type
+/// but multipart; name it with `?name=&version=`), or `multipart/form-data`
+/// with one or more `file` parts — shards, `model.safetensors.index.json`,
+/// `config.json`, each part named by its filename — and optional `name`,
+/// `version` and `labels` (a JSON object) parts. Identical files are stored
+/// once.
+#[utoipa::path(
+    post,
+    path = "/v1/models",
+    tag = "models",
+    params(UploadParams),
+    request_body(content(
+        (inline(super::BinaryFile) = "application/octet-stream"),
+        (inline(UploadForm) = "multipart/form-data"),
+    )),
+    responses(
+        (status = 201, description = "Stored", body = ModelView,
+            headers(("Location" = String, description = "The model's URL"))),
+        (status = 400, description = "Not a valid checkpoint (`invalid_safetensors`) or a malformed upload", body = ErrorBody),
+        (status = 413, description = "Larger than the server's upload limit", body = ErrorBody),
+    )
+)]
+pub async fn upload_model(
+    State(state): State<AppState>,
+    Query(params): Query<UploadParams>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let limit = state.config.max_upload_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit.saturating_add(64 * 1024)) {
+        return Err(ApiError::too_large(limit));
+    }
+    // Refused before any byte is read, rather than after the whole upload.
+    parse_labels(params.labels.as_deref())?;
+    check_text("name", params.name.clone())?;
+    check_text("version", params.version.clone())?;
+    let tmp = state
+        .blobs
+        .tmp_dir("upload")
+        .map_err(|e| ApiError::internal("could not create an upload directory", e))?;
+    let received = match receive_upload(&state, &tmp, params, req, limit).await {
+        Ok(r) => r,
+        Err(UploadError::TooLarge) => return Err(ApiError::too_large(limit)),
+        Err(UploadError::Api(e)) => return Err(e),
+    };
+    let (files, meta) = received;
+    let total: u64 = files.iter().map(|f| f.bytes).sum();
+    metrics::counter!("modelpress_bytes_uploaded_total").increment(total);
+
+    // Checked and stored on a task of its own: a client that goes away now
+    // cannot leave blobs stored but unrecorded.
+    let task_state = state.clone();
+    let record = tokio::spawn(async move {
+        let dir = tmp.path().to_path_buf();
+        let checked = tokio::task::spawn_blocking(move || check_checkpoint(&dir))
+            .await
+            .map_err(|e| ApiError::internal("checking an upload panicked", e))??;
+        commit_upload(&task_state, &tmp, files, meta, checked, total).await
+    })
+    .await
+    .map_err(|e| ApiError::internal("storing an upload panicked", e))??;
+    let files = state.store.model_files(&record.id).await?;
+    let location = format!("/v1/models/{}", record.id);
+    let view = model_view(record, files);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::LOCATION,
+        HeaderValue::from_str(&location).expect("ids are ASCII"),
+    );
+    Ok((StatusCode::CREATED, headers, axum::Json(view)).into_response())
+}
+
+async fn receive_upload(
+    state: &AppState,
+    tmp: &TmpDir,
+    params: UploadParams,
+    req: Request,
+    limit: u64,
+) -> Result<(Vec<Received>, UploadMeta), UploadError> {
+    let is_multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let mut meta = UploadMeta {
+        name: params.name,
+        version: params.version,
+        labels: params.labels,
+    };
+    let mut files: Vec<Received> = Vec::new();
+    if !is_multipart {
+        let name = "model.safetensors".to_string();
+        let stream = req.into_body().into_data_stream().map(|chunk| {
+            chunk.map_err(|e| {
+                UploadError::Api(ApiError::bad_request(
+                    "upload_interrupted",
+                    format!("The upload could not be read to its end: {e}"),
+                ))
+            })
+        });
+        let (sha256, bytes) = receive(stream, &tmp.path().join(&name), 0, limit).await?;
+        files.push(Received {
+            name,
+            sha256,
+            bytes,
+        });
+        return Ok((files, meta));
+    }
+    let mut form = Multipart::from_request(req, state).await.map_err(|e| {
+        ApiError::bad_request(
+            "invalid_multipart",
+            format!("The multipart body cannot be read: {}", e.body_text()),
+        )
+    })?;
+    let bad_multipart = |e: axum::extract::multipart::MultipartError| {
+        UploadError::Api(ApiError::bad_request(
+            "invalid_multipart",
+            format!("The multipart body cannot be read: {}", e.body_text()),
+        ))
+    };
+    let mut used = 0u64;
+    while let Some(field) = form.next_field().await.map_err(bad_multipart)? {
+        let field_name = field.name().unwrap_or_default().to_string();
+        match field_name.as_str() {
+            "file" => {
+                let name = field.file_name().unwrap_or_default().to_string();
+                check_file_name(&name)?;
+                if files.iter().any(|f| f.name == name) {
+                    return Err(ApiError::bad_request(
+                        "duplicate_file",
+                        format!("The file `{name}` is sent twice."),
+                    )
+                    .into());
+                }
+                let path: PathBuf = tmp.path().join(&name);
+                let stream = field.map(|chunk| chunk.map_err(bad_multipart));
+                let (sha256, bytes) = receive(stream, &path, used, limit).await?;
+                used += bytes;
+                files.push(Received {
+                    name,
+                    sha256,
+                    bytes,
+                });
+            }
+            "name" | "version" | "labels" => {
+                let text = field.text().await.map_err(bad_multipart)?;
+                match field_name.as_str() {
+                    "name" => meta.name = Some(text),
+                    "version" => meta.version = Some(text),
+                    _ => meta.labels = Some(text),
+                }
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "unexpected_field",
+                    format!("The multipart part `{other}` is not known: send `file`, `name`, `version` and `labels`."),
+                )
+                .into())
+            }
+        }
+    }
+    if !files.iter().any(|f| f.name.ends_with(".safetensors")) {
+        return Err(ApiError::bad_request(
+            "invalid_safetensors",
+            "The upload holds no `.safetensors` file.",
+        )
+        .into());
+    }
+    Ok((files, meta))
+}
+
+/// Moves the checked files into the blob store and records the model.
+async fn commit_upload(
+    state: &AppState,
+    tmp: &TmpDir,
+    files: Vec<Received>,
+    meta: UploadMeta,
+    checked: Checked,
+    total: u64,
+) -> Result<ModelRecord, ApiError> {
+    let labels = parse_labels(meta.labels.as_deref())?;
+    let name = check_text("name", meta.name)?;
+    let version = check_text("version", meta.version)?;
+    let new = NewModel {
+        name,
+        version,
+        labels,
+        total_bytes: total as i64,
+        tensor_count: checked.tensors.len() as i64,
+        parameter_count: checked.parameter_count,
+        tensors: serde_json::to_string(&checked.tensors).expect("tensor views serialize"),
+        files: files
+            .iter()
+            .map(|f| ModelFile {
+                name: f.name.clone(),
+                sha256: f.sha256.clone(),
+                bytes: f.bytes as i64,
+            })
+            .collect(),
+    };
+    let _guard = state.blobs.lock().await;
+    let mut added = Vec::new();
+    for f in &files {
+        match state.blobs.commit(&tmp.path().join(&f.name), &f.sha256) {
+            Ok(true) => added.push(f.sha256.clone()),
+            Ok(false) => {}
+            Err(e) => {
+                forget(state, &added).await;
+                return Err(ApiError::internal("could not store an uploaded file", e));
+            }
+        }
+    }
+    match state.store.insert_model(new).await {
+        Ok(record) => Ok(record),
+        Err(e) => {
+            forget(state, &added).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Removes blobs an upload added before it failed. Called under the blob
+/// lock.
+async fn forget(state: &AppState, added: &[String]) {
+    for sha in added {
+        if let Ok(false) = state.store.blob_is_referenced(sha).await {
+            state.blobs.remove(sha);
+        }
+    }
+}
+
+/// List models, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "models",
+    params(PageParams),
+    responses(
+        (status = 200, body = ModelList),
+        (status = 400, body = ErrorBody),
+    )
+)]
+pub async fn list_models(
+    State(state): State<AppState>,
+    Query(page): Query<PageParams>,
+) -> Result<axum::Json<ModelList>, ApiError> {
+    let limit = page_limit(page.limit)?;
+    let mut records = state
+        .store
+        .list_models(limit + 1, page.cursor.as_deref().filter(|c| !c.is_empty()))
+        .await?;
+    let next_cursor = split_page(&mut records, limit, |m| &m.id);
+    let mut items = Vec::with_capacity(records.len());
+    for m in records {
+        let files = state.store.model_files(&m.id).await?;
+        items.push(model_view(m, files));
+    }
+    Ok(axum::Json(ModelList { items, next_cursor }))
+}
+
+async fn find_model(state: &AppState, id: &str) -> Result<ModelRecord, ApiError> {
+    state
+        .store
+        .get_model(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("No model has the id `{id}`.")))
+}
+
+/// Get a model.
+#[utoipa::path(
+    get,
+    path = "/v1/models/{id}",
+    tag = "models",
+    params(("id" = String, Path, description = "Model id")),
+    responses(
+        (status = 200, body = ModelView),
+        (status = 404, body = ErrorBody),
+    )
+)]
+pub async fn get_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<ModelView>, ApiError> {
+    let m = find_model(&state, &id).await?;
+    let files = state.store.model_files(&id).await?;
+    Ok(axum::Json(model_view(m, files)))
+}
+
+/// List a model's tensors.
+#[utoipa::path(
+    get,
+    path = "/v1/models/{id}/tensors",
+    tag = "models",
+    params(("id" = String, Path, description = "Model id")),
+    responses(
+        (status = 200, body = TensorList),
+        (status = 404, body = ErrorBody),
+    )
+)]
+pub async fn model_tensors(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<TensorList>, ApiError> {
+    let m = find_model(&state, &id).await?;
+    let tensors = serde_json::from_str(&m.tensors)
+        .map_err(|e| ApiError::internal("a stored tensor list is unreadable", e))?;
+    Ok(axum::Json(TensorList {
+        model_id: m.id,
+        tensors,
+    }))
+}
+
+/// Delete a model that no queued or running job uses.
+///
+/// Finished jobs keep their artifacts and still name the model.
+#[utoipa::path(
+    delete,
+    path = "/v1/models/{id}",
+    tag = "models",
+    params(("id" = String, Path, description = "Model id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "A queued or running job uses it", body = ErrorBody),
+    )
+)]
+pub async fn delete_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let _guard = state.blobs.lock().await;
+    match state.store.delete_model(&id).await? {
+        DeleteOutcome::Deleted { unreferenced_blobs } => {
+            for sha in unreferenced_blobs {
+                state.blobs.remove(&sha);
+            }
+            Ok(StatusCode::NO_CONTENT)
+        }
+        DeleteOutcome::NotFound => Err(ApiError::not_found(format!("No model has the id `{id}`."))),
+        DeleteOutcome::InUse => Err(ApiError::conflict(
+            "model_in_use",
+            "A queued or running job uses this model; cancel it or wait for it to finish.",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_bare_names_of_checkpoint_files_are_accepted() {
+        for ok in [
+            "model.safetensors",
+            "model-00001-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "config.json",
+        ] {
+            assert!(check_file_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x.safetensors",
+            "a/b.safetensors",
+            ".hidden.safetensors",
+            "notes.txt",
+            "config.yaml",
+        ] {
+            assert!(check_file_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn labels_must_be_an_object() {
+        assert_eq!(parse_labels(None).unwrap(), "{}");
+        assert_eq!(parse_labels(Some(r#"{"a":"b"}"#)).unwrap(), r#"{"a":"b"}"#);
+        assert!(parse_labels(Some("[1]")).is_err());
+        assert!(parse_labels(Some("{")).is_err());
+    }
+}

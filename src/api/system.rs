@@ -1,0 +1,150 @@
+//! Presets, health, readiness and metrics.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::{error_response, ErrorBody};
+use super::AppState;
+use crate::compress::spec::PRESETS;
+use crate::store::JobStatus;
+
+/// A named pipeline.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PresetView {
+    #[schema(example = "int8")]
+    pub name: String,
+    pub description: String,
+    /// The full pipeline, as `POST /v1/jobs` accepts it in `pipeline`.
+    #[schema(value_type = Object)]
+    pub pipeline: serde_json::Value,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PresetList {
+    pub items: Vec<PresetView>,
+}
+
+/// The named pipelines with their stages.
+#[utoipa::path(
+    get,
+    path = "/v1/presets",
+    tag = "service",
+    responses((status = 200, body = PresetList))
+)]
+pub async fn presets() -> axum::Json<PresetList> {
+    let items = PRESETS
+        .iter()
+        .map(|p| PresetView {
+            name: p.name.to_string(),
+            description: p.description.to_string(),
+            pipeline: serde_json::to_value(p.spec()).expect("a preset serializes"),
+        })
+        .collect();
+    axum::Json(PresetList { items })
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: String,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "service",
+    responses((status = 200, body = Health))
+)]
+pub async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Readiness: the database answers and the data directory is writable.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "service",
+    responses(
+        (status = 200, body = Health),
+        (status = 503, description = "Not ready; the message says which check failed", body = ErrorBody),
+    )
+)]
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let mut failed = Vec::new();
+    if let Err(e) = state.store.ping().await {
+        tracing::error!(error = %e, "readiness: the database does not answer");
+        failed.push("the database does not answer");
+    }
+    let blobs = state.blobs.clone();
+    let disk = tokio::task::spawn_blocking(move || blobs.check_writable()).await;
+    if !matches!(disk, Ok(Ok(()))) {
+        tracing::error!(outcome = ?disk, "readiness: the data directory is not writable");
+        failed.push("the data directory is not writable");
+    }
+    if failed.is_empty() {
+        axum::Json(Health {
+            status: "ready".into(),
+        })
+        .into_response()
+    } else {
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("Not ready: {}.", failed.join("; ")),
+        )
+    }
+}
+
+/// Prometheus metrics: jobs by status, queue depth, job durations, bytes
+/// uploaded and written.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
+)]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    use std::fmt::Write;
+    // Counts come from this service's database at each scrape; counters and
+    // histograms from the process's recorder.
+    let mut text = String::new();
+    match state.store.count_jobs_by_status().await {
+        Ok(counts) => {
+            text.push_str("# HELP modelpress_jobs Jobs in the database, by status.\n");
+            text.push_str("# TYPE modelpress_jobs gauge\n");
+            for (status, n) in &counts {
+                let _ = writeln!(
+                    text,
+                    "modelpress_jobs{{status=\"{}\"}} {n}",
+                    status.as_str()
+                );
+            }
+            let queued = counts
+                .iter()
+                .find(|(s, _)| *s == JobStatus::Queued)
+                .map_or(0, |c| c.1);
+            text.push_str("# HELP modelpress_queue_depth Jobs waiting for a worker.\n");
+            text.push_str("# TYPE modelpress_queue_depth gauge\n");
+            let _ = writeln!(text, "modelpress_queue_depth {queued}");
+        }
+        Err(e) => tracing::error!(error = %e, "metrics: could not count jobs"),
+    }
+    text.push_str("# HELP modelpress_jobs_running_here Jobs this process is running.\n");
+    text.push_str("# TYPE modelpress_jobs_running_here gauge\n");
+    let _ = writeln!(
+        text,
+        "modelpress_jobs_running_here {}",
+        state.workers.running_jobs()
+    );
+    if let Some(handle) = &state.metrics {
+        handle.run_upkeep();
+        text.push_str(&handle.render());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

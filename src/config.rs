@@ -1,0 +1,99 @@
+//! The settings of `modelpress serve`: flags, each with a `MODELPRESS_*`
+//! environment fallback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Run the HTTP service.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "modelpress serve", args_override_self = true)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    #[arg(long, env = "MODELPRESS_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// Directory of the database, blobs and temporary files.
+    #[arg(long, env = "MODELPRESS_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Database URL; default `sqlite://DATA_DIR/modelpress.db`.
+    #[arg(long, env = "MODELPRESS_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Jobs run at once; default: the number of cores.
+    #[arg(long, env = "MODELPRESS_WORKERS")]
+    pub workers: Option<usize>,
+    /// Largest upload accepted, in bytes (all files of one upload together).
+    #[arg(long, env = "MODELPRESS_MAX_UPLOAD_BYTES", default_value_t = 16 << 30)]
+    pub max_upload_bytes: u64,
+    /// An API key clients must send as `Authorization: Bearer KEY` on /v1
+    /// routes; repeat for several (the variable takes a comma-separated list).
+    /// Without any, the API is open.
+    #[arg(
+        long = "api-key",
+        value_name = "KEY",
+        env = "MODELPRESS_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// How many times a job interrupted by a crash or a stall is queued
+    /// again before it fails.
+    #[arg(long, env = "MODELPRESS_RETRY_LIMIT", default_value_t = 2)]
+    pub retry_limit: u32,
+    /// Seconds running jobs get to finish at shutdown before they are
+    /// stopped and queued again.
+    #[arg(long, env = "MODELPRESS_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
+    /// Log line format; `RUST_LOG` sets what is logged (default `info`).
+    #[arg(
+        long,
+        env = "MODELPRESS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Secret of the webhook signatures (HMAC-SHA256 of the body, in
+    /// `X-Modelpress-Signature: sha256=<hex>`); unsigned when absent.
+    #[arg(long, env = "MODELPRESS_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Milliseconds a job's lease lasts without renewal.
+    #[arg(
+        long,
+        env = "MODELPRESS_LEASE_MS",
+        default_value_t = 30_000,
+        hide = true
+    )]
+    pub lease_ms: u64,
+    /// Milliseconds before a failed webhook delivery is retried (doubling).
+    #[arg(
+        long,
+        env = "MODELPRESS_WEBHOOK_RETRY_MS",
+        default_value_t = 1_000,
+        hide = true
+    )]
+    pub webhook_retry_ms: u64,
+    /// A pause after each tensor of a job, in milliseconds, so that progress
+    /// and cancellation can be watched on small models (tests, demos).
+    #[arg(
+        long,
+        env = "MODELPRESS_TENSOR_DELAY_MS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub tensor_delay_ms: u64,
+}
+
+impl ServeConfig {
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+}

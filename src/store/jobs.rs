@@ -1,0 +1,582 @@
+//! Jobs: the queue, leases, outcomes and artifacts.
+
+use serde::{Deserialize, Serialize};
+
+use super::{now_ms, unreferenced, DeleteOutcome, Store, StoreError};
+
+/// Where a job is in its life. `succeeded`, `failed` and `canceled` are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, Serialize, Deserialize)]
+#[sqlx(type_name = "TEXT", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 5] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Canceled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Canceled => "canceled",
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Canceled
+        )
+    }
+}
+
+impl std::str::FromStr for JobStatus {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or(())
+    }
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRecord {
+    pub id: String,
+    pub model_id: String,
+    pub status: JobStatus,
+    pub priority: i64,
+    pub preset: Option<String>,
+    /// The pipeline as JSON (`{"stages": [...]}`), presets expanded.
+    pub pipeline: String,
+    pub output_format: String,
+    pub webhook_url: Option<String>,
+    pub labels: String,
+    pub idempotency_key: Option<String>,
+    pub request_hash: Option<String>,
+    pub attempts: i64,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<i64>,
+    pub cancel_requested: bool,
+    pub progress_stage: Option<String>,
+    pub tensors_done: i64,
+    pub tensors_total: i64,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub bytes_before: Option<i64>,
+    pub bytes_after: Option<i64>,
+    pub ratio: Option<f64>,
+    pub parameters_kept: Option<f64>,
+    pub duration_seconds: Option<f64>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub updated_at: i64,
+}
+
+/// A job to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub model_id: String,
+    pub priority: i64,
+    pub preset: Option<String>,
+    pub pipeline: String,
+    pub output_format: String,
+    pub webhook_url: Option<String>,
+    pub labels: String,
+    /// With the hash of the request it came with: the same key with another
+    /// request is a conflict.
+    pub idempotency: Option<(String, String)>,
+}
+
+#[derive(Debug)]
+pub enum InsertOutcome {
+    Created(JobRecord),
+    /// The idempotency key was used before with the same request.
+    Existing(JobRecord),
+    /// The idempotency key was used before with another request.
+    KeyConflict,
+}
+
+/// Filters of a job listing; `cursor` is the id of the last job of the
+/// previous page.
+#[derive(Debug, Default, Clone)]
+pub struct JobFilter {
+    pub status: Option<JobStatus>,
+    pub model_id: Option<String>,
+    pub limit: u32,
+    pub cursor: Option<String>,
+}
+
+/// What a lease renewal found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    Held {
+        cancel_requested: bool,
+    },
+    /// The job is no longer this worker's.
+    Lost,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressUpdate {
+    pub stage: String,
+    pub tensors_done: i64,
+    pub tensors_total: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub bytes_before: i64,
+    pub bytes_after: i64,
+    pub ratio: f64,
+    pub parameters_kept: f64,
+    pub duration_seconds: f64,
+}
+
+/// An artifact of a job: a file of its output, stored as a blob.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct NewArtifact {
+    pub name: String,
+    pub sha256: String,
+    pub bytes: i64,
+}
+
+#[derive(Debug)]
+pub enum FinishOutcome {
+    Finished(Box<JobRecord>),
+    /// A cancel arrived before the outcome was written: the job was not
+    /// marked succeeded.
+    CancelRequested,
+    /// The job is no longer this worker's: nothing was written.
+    LeaseLost,
+}
+
+#[derive(Debug)]
+pub enum CancelOutcome {
+    /// The job was queued and is now canceled.
+    Canceled(JobRecord),
+    /// The job is running; it stops at its next tensor.
+    Requested(JobRecord),
+    AlreadyFinished(JobRecord),
+    NotFound,
+}
+
+/// Jobs whose lease was given up on.
+#[derive(Debug, Default)]
+pub struct Requeued {
+    pub queued: Vec<String>,
+    /// Jobs that reached the retry limit, or were being canceled: now final.
+    pub finished: Vec<JobRecord>,
+}
+
+impl Store {
+    pub async fn insert_job(&self, job: NewJob) -> Result<InsertOutcome, StoreError> {
+        let mut tx = self.write_tx().await?;
+        if let Some((key, hash)) = &job.idempotency {
+            let existing: Option<JobRecord> =
+                sqlx::query_as("SELECT * FROM jobs WHERE idempotency_key = ?")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(existing) = existing {
+                return Ok(if existing.request_hash.as_deref() == Some(hash.as_str()) {
+                    InsertOutcome::Existing(existing)
+                } else {
+                    InsertOutcome::KeyConflict
+                });
+            }
+        }
+        let now = now_ms();
+        let (key, hash) = job.idempotency.unzip();
+        let record: JobRecord = sqlx::query_as(
+            "INSERT INTO jobs (id, model_id, status, priority, preset, pipeline, output_format,
+                               webhook_url, labels, idempotency_key, request_hash,
+                               created_at, updated_at)
+             VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(job.model_id)
+        .bind(job.priority)
+        .bind(job.preset)
+        .bind(job.pipeline)
+        .bind(job.output_format)
+        .bind(job.webhook_url)
+        .bind(job.labels)
+        .bind(key)
+        .bind(hash)
+        .bind(now)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(InsertOutcome::Created(record))
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        Ok(sqlx::query_as("SELECT * FROM jobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn job_by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT * FROM jobs WHERE idempotency_key = ?")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Jobs, newest first.
+    pub async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM jobs
+             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR model_id = ?2)
+               AND (?3 IS NULL OR id < ?3)
+             ORDER BY id DESC LIMIT ?4",
+        )
+        .bind(filter.status)
+        .bind(filter.model_id.as_deref())
+        .bind(filter.cursor.as_deref())
+        .bind(filter.limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn job_artifacts(&self, id: &str) -> Result<Vec<NewArtifact>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT name, sha256, bytes FROM job_artifacts WHERE job_id = ? ORDER BY position",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Claims the next queued job — highest priority first, then oldest —
+    /// in one statement, with a lease until `lease_until` (ms).
+    pub async fn claim_next_job(
+        &self,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        Ok(sqlx::query_as(
+            "UPDATE jobs
+             SET status = 'running', attempts = attempts + 1, lease_owner = ?1,
+                 lease_expires_at = ?2, started_at = COALESCE(started_at, ?3), updated_at = ?3,
+                 progress_stage = NULL, tensors_done = 0, tensors_total = 0
+             WHERE id = (SELECT id FROM jobs WHERE status = 'queued'
+                         ORDER BY priority DESC, id LIMIT 1)
+             RETURNING *",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Extends the lease of a running job and records its progress.
+    pub async fn renew_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        lease_until: i64,
+        progress: Option<&ProgressUpdate>,
+    ) -> Result<LeaseState, StoreError> {
+        let cancel: Option<bool> = sqlx::query_scalar(
+            "UPDATE jobs
+             SET lease_expires_at = ?3, updated_at = ?4,
+                 progress_stage = COALESCE(?5, progress_stage),
+                 tensors_done = COALESCE(?6, tensors_done),
+                 tensors_total = COALESCE(?7, tensors_total)
+             WHERE id = ?1 AND lease_owner = ?2 AND status = 'running'
+             RETURNING cancel_requested",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(lease_until)
+        .bind(now_ms())
+        .bind(progress.map(|p| p.stage.clone()))
+        .bind(progress.map(|p| p.tensors_done))
+        .bind(progress.map(|p| p.tensors_total))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match cancel {
+            Some(cancel_requested) => LeaseState::Held { cancel_requested },
+            None => LeaseState::Lost,
+        })
+    }
+
+    /// Records a success: the artifacts, the summary and the status, in one
+    /// transaction, if the job is still this worker's and not being canceled.
+    pub async fn finish_succeeded(
+        &self,
+        id: &str,
+        owner: &str,
+        summary: &Summary,
+        artifacts: &[NewArtifact],
+    ) -> Result<FinishOutcome, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let now = now_ms();
+        let record: Option<JobRecord> = sqlx::query_as(
+            "UPDATE jobs
+             SET status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL,
+                 finished_at = ?3, updated_at = ?3, tensors_done = tensors_total,
+                 bytes_before = ?4, bytes_after = ?5, ratio = ?6, parameters_kept = ?7,
+                 duration_seconds = ?8, error_code = NULL, error_message = NULL
+             WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' AND cancel_requested = 0
+             RETURNING *",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(now)
+        .bind(summary.bytes_before)
+        .bind(summary.bytes_after)
+        .bind(summary.ratio)
+        .bind(summary.parameters_kept)
+        .bind(summary.duration_seconds)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(record) = record else {
+            let held: Option<bool> = sqlx::query_scalar(
+                "SELECT cancel_requested FROM jobs
+                 WHERE id = ? AND lease_owner = ? AND status = 'running'",
+            )
+            .bind(id)
+            .bind(owner)
+            .fetch_optional(&mut *tx)
+            .await?;
+            return Ok(match held {
+                Some(true) => FinishOutcome::CancelRequested,
+                _ => FinishOutcome::LeaseLost,
+            });
+        };
+        for (position, a) in artifacts.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO job_artifacts (job_id, name, sha256, bytes, position)
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(&a.name)
+            .bind(&a.sha256)
+            .bind(a.bytes)
+            .bind(position as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(FinishOutcome::Finished(Box::new(record)))
+    }
+
+    /// Records a failure, if the job is still this worker's.
+    pub async fn finish_failed(
+        &self,
+        id: &str,
+        owner: &str,
+        code: &str,
+        message: &str,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        Ok(sqlx::query_as(
+            "UPDATE jobs
+             SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,
+                 finished_at = ?3, updated_at = ?3, error_code = ?4, error_message = ?5
+             WHERE id = ?1 AND lease_owner = ?2 AND status = 'running'
+             RETURNING *",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(now_ms())
+        .bind(code)
+        .bind(message)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Records that a running job stopped on a cancel.
+    pub async fn finish_canceled(
+        &self,
+        id: &str,
+        owner: &str,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        Ok(sqlx::query_as(
+            "UPDATE jobs
+             SET status = 'canceled', lease_owner = NULL, lease_expires_at = NULL,
+                 finished_at = ?3, updated_at = ?3
+             WHERE id = ?1 AND lease_owner = ?2 AND status = 'running'
+             RETURNING *",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Puts a running job back in the queue because this process is
+    /// stopping; the interrupted attempt does not count.
+    pub async fn release_job(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs
+             SET status = 'queued', attempts = MAX(attempts - 1, 0), lease_owner = NULL,
+                 lease_expires_at = NULL, updated_at = ?3, progress_stage = NULL,
+                 tensors_done = 0, tensors_total = 0
+             WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' AND cancel_requested = 0",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Takes back running jobs whose lease expired before `now` (or every
+    /// running job, when `all`, as at start when no other process can hold
+    /// one): each is queued again, or failed once it has been attempted more
+    /// than `retry_limit` extra times, or canceled if a cancel was pending.
+    pub async fn requeue_abandoned(
+        &self,
+        now: i64,
+        all: bool,
+        retry_limit: u32,
+    ) -> Result<Requeued, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let mut finished: Vec<JobRecord> = sqlx::query_as(
+            "UPDATE jobs
+             SET status = 'canceled', lease_owner = NULL, lease_expires_at = NULL,
+                 finished_at = ?1, updated_at = ?1
+             WHERE status = 'running' AND (?2 OR lease_expires_at < ?1) AND cancel_requested = 1
+             RETURNING *",
+        )
+        .bind(now)
+        .bind(all)
+        .fetch_all(&mut *tx)
+        .await?;
+        let failed: Vec<JobRecord> = sqlx::query_as(
+            "UPDATE jobs
+             SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,
+                 finished_at = ?1, updated_at = ?1, error_code = 'retry_limit_reached',
+                 error_message = 'The job was interrupted ' || attempts || ' times (the server stopped or stalled while running it) and is not retried again.'
+             WHERE status = 'running' AND (?2 OR lease_expires_at < ?1) AND attempts > ?3
+             RETURNING *",
+        )
+        .bind(now)
+        .bind(all)
+        .bind(retry_limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        finished.extend(failed);
+        let queued: Vec<String> = sqlx::query_scalar(
+            "UPDATE jobs
+             SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1,
+                 progress_stage = NULL, tensors_done = 0, tensors_total = 0
+             WHERE status = 'running' AND (?2 OR lease_expires_at < ?1)
+             RETURNING id",
+        )
+        .bind(now)
+        .bind(all)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Requeued { queued, finished })
+    }
+
+    /// Cancels a queued job at once, or asks a running one to stop.
+    pub async fn request_cancel(&self, id: &str) -> Result<CancelOutcome, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let status: Option<JobStatus> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let now = now_ms();
+        let outcome = match status {
+            None => CancelOutcome::NotFound,
+            Some(JobStatus::Queued) => CancelOutcome::Canceled(
+                sqlx::query_as(
+                    "UPDATE jobs SET status = 'canceled', cancel_requested = 1,
+                            finished_at = ?2, updated_at = ?2
+                     WHERE id = ?1 RETURNING *",
+                )
+                .bind(id)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?,
+            ),
+            Some(JobStatus::Running) => CancelOutcome::Requested(
+                sqlx::query_as(
+                    "UPDATE jobs SET cancel_requested = 1, updated_at = ?2
+                     WHERE id = ?1 RETURNING *",
+                )
+                .bind(id)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?,
+            ),
+            Some(_) => CancelOutcome::AlreadyFinished(
+                sqlx::query_as("SELECT * FROM jobs WHERE id = ?")
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await?,
+            ),
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Deletes a finished job and its artifacts.
+    pub async fn delete_job(&self, id: &str) -> Result<DeleteOutcome, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let status: Option<JobStatus> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match status {
+            None => return Ok(DeleteOutcome::NotFound),
+            Some(s) if !s.is_finished() => return Ok(DeleteOutcome::InUse),
+            Some(_) => {}
+        }
+        let blobs: Vec<String> =
+            sqlx::query_scalar("DELETE FROM job_artifacts WHERE job_id = ? RETURNING sha256")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+        sqlx::query("DELETE FROM jobs WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let unreferenced_blobs = unreferenced(&mut tx, blobs).await?;
+        tx.commit().await?;
+        Ok(DeleteOutcome::Deleted { unreferenced_blobs })
+    }
+
+    /// How many jobs are in each status (statuses with none included).
+    pub async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+        let rows: Vec<(JobStatus, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(JobStatus::ALL
+            .into_iter()
+            .map(|s| {
+                let n = rows.iter().find(|r| r.0 == s).map_or(0, |r| r.1);
+                (s, n)
+            })
+            .collect())
+    }
+}

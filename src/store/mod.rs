@@ -1,0 +1,312 @@
+//! What the service remembers: models, the job queue and the artifacts of
+//! finished jobs, in SQLite (WAL).
+//!
+//! The `jobs` table is the queue. Anyone may enqueue or cancel; only a worker
+//! holding a job's lease may write its progress and its outcome, and every
+//! such write is conditioned on the lease, so a worker that lost its lease
+//! (because it stalled past the expiry and the job was queued again) can no
+//! longer touch the job.
+
+mod jobs;
+mod models;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
+
+pub use jobs::{
+    CancelOutcome, FinishOutcome, InsertOutcome, JobFilter, JobRecord, JobStatus, LeaseState,
+    NewArtifact, NewJob, ProgressUpdate, Requeued, Summary,
+};
+pub use models::{ModelFile, ModelRecord, NewModel};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// The outcome of deleting a model or a job.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// Deleted; these blobs are no longer referenced by anything.
+    Deleted {
+        unreferenced_blobs: Vec<String>,
+    },
+    NotFound,
+    /// The model is used by a queued or running job, or the job has not
+    /// finished.
+    InUse,
+}
+
+/// The database of one data directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp stored.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating it if needed) the database at `url` — `sqlite://PATH`
+    /// or a bare path — and brings its schema up to date.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options = if url.starts_with("sqlite:") {
+            SqliteConnectOptions::from_str(url)?
+        } else {
+            SqliteConnectOptions::new().filename(url)
+        }
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // WAL with NORMAL is durable across process crashes; only a power
+        // loss may drop the last transactions.
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// The database URL of a data directory.
+    pub fn default_url(data_dir: &Path) -> String {
+        format!("sqlite://{}", data_dir.join("modelpress.db").display())
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Whether any model file or artifact still refers to the blob.
+    pub async fn blob_is_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM model_files WHERE sha256 = ?1)
+                  + (SELECT COUNT(*) FROM job_artifacts WHERE sha256 = ?1)",
+        )
+        .bind(sha256)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
+    /// Every blob the database refers to.
+    pub async fn referenced_blobs(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT sha256 FROM model_files UNION SELECT sha256 FROM job_artifacts",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// A transaction that takes the write lock at once: a deferred one that
+    /// reads first could find, when it comes to write, that another writer
+    /// committed in between, and SQLite would refuse it without waiting.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Of `candidates`, those that nothing in the database refers to any more.
+async fn unreferenced(
+    conn: &mut sqlx::SqliteConnection,
+    candidates: Vec<String>,
+) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for sha in candidates {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM model_files WHERE sha256 = ?1)
+                  + (SELECT COUNT(*) FROM job_artifacts WHERE sha256 = ?1)",
+        )
+        .bind(&sha)
+        .fetch_one(&mut *conn)
+        .await?;
+        if n == 0 && !out.contains(&sha) {
+            out.push(sha);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Store::default_url(dir.path())).await.unwrap();
+        (store, dir)
+    }
+
+    fn job(priority: i64) -> NewJob {
+        NewJob {
+            model_id: "m".into(),
+            priority,
+            preset: None,
+            pipeline: r#"{"stages":[]}"#.into(),
+            output_format: "packed".into(),
+            webhook_url: None,
+            labels: "{}".into(),
+            idempotency: None,
+        }
+    }
+
+    async fn enqueue(store: &Store, priority: i64) -> String {
+        match store.insert_job(job(priority)).await.unwrap() {
+            InsertOutcome::Created(j) => j.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_take_the_highest_priority_then_the_oldest_job_once() {
+        let (store, _dir) = store().await;
+        let low = enqueue(&store, 0).await;
+        let high = enqueue(&store, 5).await;
+        let low2 = enqueue(&store, 0).await;
+        let far = now_ms() + 60_000;
+        let mut order = Vec::new();
+        while let Some(j) = store.claim_next_job("w", far).await.unwrap() {
+            assert_eq!(j.status, JobStatus::Running);
+            assert_eq!(j.attempts, 1);
+            order.push(j.id);
+        }
+        assert_eq!(order, [high, low, low2]);
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_requeued_and_fails_past_the_retry_limit() {
+        let (store, _dir) = store().await;
+        let id = enqueue(&store, 0).await;
+        let retry_limit = 1;
+        // First attempt: the lease runs out, the job is queued again.
+        let past = now_ms() - 1;
+        store.claim_next_job("a", past).await.unwrap().unwrap();
+        let r = store
+            .requeue_abandoned(now_ms(), false, retry_limit)
+            .await
+            .unwrap();
+        assert_eq!(r.queued, std::slice::from_ref(&id));
+        // A live lease is left alone.
+        store
+            .claim_next_job("b", now_ms() + 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        let r = store
+            .requeue_abandoned(now_ms(), false, retry_limit)
+            .await
+            .unwrap();
+        assert!(r.queued.is_empty() && r.finished.is_empty());
+        // ...unless the whole process is known dead; the second interruption
+        // is past the limit.
+        let r = store
+            .requeue_abandoned(now_ms(), true, retry_limit)
+            .await
+            .unwrap();
+        assert_eq!(r.finished.len(), 1);
+        let failed = &r.finished[0];
+        assert_eq!(failed.status, JobStatus::Failed);
+        assert_eq!(failed.error_code.as_deref(), Some("retry_limit_reached"));
+        assert_eq!(failed.attempts, 2);
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_lost_its_lease_cannot_record_an_outcome() {
+        let (store, _dir) = store().await;
+        let id = enqueue(&store, 0).await;
+        store
+            .claim_next_job("old", now_ms() - 1)
+            .await
+            .unwrap()
+            .unwrap();
+        store.requeue_abandoned(now_ms(), false, 3).await.unwrap();
+        store
+            .claim_next_job("new", now_ms() + 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store
+                .renew_lease(&id, "old", now_ms() + 60_000, None)
+                .await
+                .unwrap(),
+            LeaseState::Lost
+        );
+        let summary = Summary {
+            bytes_before: 1,
+            bytes_after: 1,
+            ratio: 1.0,
+            parameters_kept: 1.0,
+            duration_seconds: 0.0,
+        };
+        assert!(matches!(
+            store
+                .finish_succeeded(&id, "old", &summary, &[])
+                .await
+                .unwrap(),
+            FinishOutcome::LeaseLost
+        ));
+        assert!(store
+            .finish_failed(&id, "old", "x", "y")
+            .await
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            store
+                .finish_succeeded(&id, "new", &summary, &[])
+                .await
+                .unwrap(),
+            FinishOutcome::Finished(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_cancel_reaches_a_running_job_through_its_lease_renewal() {
+        let (store, _dir) = store().await;
+        let id = enqueue(&store, 0).await;
+        store
+            .claim_next_job("w", now_ms() + 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            store.request_cancel(&id).await.unwrap(),
+            CancelOutcome::Requested(_)
+        ));
+        assert_eq!(
+            store
+                .renew_lease(&id, "w", now_ms() + 60_000, None)
+                .await
+                .unwrap(),
+            LeaseState::Held {
+                cancel_requested: true
+            }
+        );
+        let done = store.finish_canceled(&id, "w").await.unwrap().unwrap();
+        assert_eq!(done.status, JobStatus::Canceled);
+        assert!(matches!(
+            store.request_cancel(&id).await.unwrap(),
+            CancelOutcome::AlreadyFinished(_)
+        ));
+    }
+}

@@ -1,0 +1,140 @@
+//! Uploaded models and the files they are made of.
+
+use super::{now_ms, unreferenced, DeleteOutcome, Store, StoreError};
+
+/// A model as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ModelRecord {
+    pub id: String,
+    pub name: Option<String>,
+    pub version: Option<String>,
+    /// A JSON object.
+    pub labels: String,
+    pub total_bytes: i64,
+    pub tensor_count: i64,
+    pub parameter_count: i64,
+    /// A JSON array: `[{name, dtype, shape, bytes, file}]`.
+    pub tensors: String,
+    pub created_at: i64,
+}
+
+/// One file of a model, stored as a blob.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ModelFile {
+    pub name: String,
+    pub sha256: String,
+    pub bytes: i64,
+}
+
+/// A model to record; its files are already blobs.
+#[derive(Debug, Clone)]
+pub struct NewModel {
+    pub name: Option<String>,
+    pub version: Option<String>,
+    pub labels: String,
+    pub total_bytes: i64,
+    pub tensor_count: i64,
+    pub parameter_count: i64,
+    pub tensors: String,
+    pub files: Vec<ModelFile>,
+}
+
+impl Store {
+    pub async fn insert_model(&self, model: NewModel) -> Result<ModelRecord, StoreError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let mut tx = self.write_tx().await?;
+        let record: ModelRecord = sqlx::query_as(
+            "INSERT INTO models (id, name, version, labels, total_bytes, tensor_count,
+                                 parameter_count, tensors, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+        )
+        .bind(&id)
+        .bind(model.name)
+        .bind(model.version)
+        .bind(model.labels)
+        .bind(model.total_bytes)
+        .bind(model.tensor_count)
+        .bind(model.parameter_count)
+        .bind(model.tensors)
+        .bind(now_ms())
+        .fetch_one(&mut *tx)
+        .await?;
+        for f in &model.files {
+            sqlx::query(
+                "INSERT INTO model_files (model_id, name, sha256, bytes) VALUES (?, ?, ?, ?)",
+            )
+            .bind(&id)
+            .bind(&f.name)
+            .bind(&f.sha256)
+            .bind(f.bytes)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    pub async fn get_model(&self, id: &str) -> Result<Option<ModelRecord>, StoreError> {
+        Ok(sqlx::query_as("SELECT * FROM models WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn model_files(&self, id: &str) -> Result<Vec<ModelFile>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT name, sha256, bytes FROM model_files WHERE model_id = ? ORDER BY name",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Models, newest first, after the model `cursor` (its id) if given.
+    pub async fn list_models(
+        &self,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<Vec<ModelRecord>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM models WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(cursor)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Deletes a model unless a queued or running job uses it.
+    pub async fn delete_model(&self, id: &str) -> Result<DeleteOutcome, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let exists: Option<String> = sqlx::query_scalar("SELECT id FROM models WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Ok(DeleteOutcome::NotFound);
+        }
+        let active: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs WHERE model_id = ? AND status IN ('queued', 'running')",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if active > 0 {
+            return Ok(DeleteOutcome::InUse);
+        }
+        let blobs: Vec<String> =
+            sqlx::query_scalar("DELETE FROM model_files WHERE model_id = ? RETURNING sha256")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+        sqlx::query("DELETE FROM models WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let unreferenced_blobs = unreferenced(&mut tx, blobs).await?;
+        tx.commit().await?;
+        Ok(DeleteOutcome::Deleted { unreferenced_blobs })
+    }
+}

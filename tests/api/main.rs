@@ -1,0 +1,12 @@
+//! The HTTP service, end to end: each test starts the real server on a free
+//! port with its own data directory.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod errors;
+mod helpers;
+mod jobs;
+mod openapi;
+mod recovery;
+mod uploads;
+mod webhook;
