@@ -410,6 +410,19 @@ async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> 
     })
 }
 
+/// Runs `f` on the blocking thread pool, off the async runtime; a panic in
+/// it comes back as its message, and the calling worker goes on.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let task = tokio::task::spawn_blocking(move || std::panic::catch_unwind(AssertUnwindSafe(f)));
+    match task.await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(payload)) => Err(panic_message(&*payload)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
@@ -514,21 +527,20 @@ async fn execute(
         pipeline,
         format,
     } = prepared;
-    let mut engine = {
+    let engine = {
         let progress = progress.clone();
         let stop = stop.clone();
         let (input, output) = (input.clone(), output.clone());
-        tokio::task::spawn_blocking(move || {
-            std::panic::catch_unwind(AssertUnwindSafe(|| {
-                let req = CompressRequest {
-                    pipeline: &pipeline,
-                    format,
-                    config: None,
-                };
-                run::compress(&input, &output, &req, &*progress, &stop.flag)
-            }))
+        off_runtime(move || {
+            let req = CompressRequest {
+                pipeline: &pipeline,
+                format,
+                config: None,
+            };
+            run::compress(&input, &output, &req, &*progress, &stop.flag)
         })
     };
+    tokio::pin!(engine);
     let mut ticker = tokio::time::interval(shared.config.progress_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let renew_every = shared.config.lease / 3;
@@ -566,11 +578,7 @@ async fn execute(
         }
     };
     // The engine's result, or the message of its panic.
-    let ran: Result<Result<Report, RunError>, String> = match result {
-        Ok(Ok(r)) => Ok(r),
-        Ok(Err(payload)) => Err(panic_message(&*payload)),
-        Err(e) => Err(e.to_string()),
-    };
+    let ran: Result<Result<Report, RunError>, String> = result;
     let outcome = match ran {
         Err(message) => {
             tracing::error!(job = %job.id, panic = %message, "the engine panicked");
@@ -717,5 +725,20 @@ async fn remove_unreferenced(shared: &Shared, added: &[String]) {
         if let Ok(false) = shared.store.blob_is_referenced(sha).await {
             shared.blobs.remove(sha);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_off_the_runtime_comes_back_as_its_message() {
+        let r: Result<(), String> = off_runtime(|| panic!("tensor {} broke", 3)).await;
+        assert_eq!(r, Err("tensor 3 broke".to_string()));
+        let r: Result<(), String> = off_runtime(|| std::panic::panic_any(7u8)).await;
+        assert_eq!(r, Err("a panic without a message".to_string()));
+        // The caller goes on: the next job runs.
+        assert_eq!(off_runtime(|| 2 + 2).await, Ok(4));
     }
 }
