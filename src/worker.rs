@@ -547,7 +547,8 @@ async fn execute(
     let mut last_renewal = Instant::now();
     let mut written_version = 0;
     let interrupt = shared.interrupt.clone();
-    let result = loop {
+    // The engine's result, or the message of its panic.
+    let ran: Result<Result<Report, RunError>, String> = loop {
         tokio::select! {
             r = &mut engine => break r,
             _ = ticker.tick() => {
@@ -577,8 +578,6 @@ async fn execute(
             }
         }
     };
-    // The engine's result, or the message of its panic.
-    let ran: Result<Result<Report, RunError>, String> = result;
     let outcome = match ran {
         Err(message) => {
             tracing::error!(job = %job.id, panic = %message, "the engine panicked");
