@@ -17,6 +17,9 @@
 
 use rayon::prelude::*;
 
+pub(crate) mod grid;
+pub use grid::quantize_int_weighted;
+
 use crate::compress::coded::{
     affine_symbol, affine_value, f32_to_e4m3, Coded, Decode, Granularity, MatrixShape,
 };

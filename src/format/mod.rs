@@ -4,4 +4,5 @@ pub mod compressed_tensors;
 pub mod dtype;
 pub mod packed;
 pub mod reader;
+pub mod stats;
 pub mod writer;
