@@ -11,7 +11,7 @@
 //! weights that read the same input, so each matrix is stored once.
 //!
 //! The file is opened as any checkpoint (every header distrusted, see
-//! [`super::reader`]); then every tensor must be one of the three arrays of
+//! [`super::checkpoint`]); then every tensor must be one of the three arrays of
 //! some weight, with the right dtype and shape; then [`StatsFile::check_against`]
 //! holds the file to a model before any work: every weight exists, is a
 //! matrix with `d_in` input columns, and its arrays pass
@@ -25,8 +25,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::checkpoint::{Checkpoint, FormatError};
 use super::dtype::Dtype;
-use super::reader::{Checkpoint, FormatError, TensorInfo};
+use super::header::TensorInfo;
 use crate::compress::calibrate::{LayerStats, StatsError};
 use crate::compress::coded::MatrixShape;
 use crate::compress::spec::StatsCatalog;
