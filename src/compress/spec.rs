@@ -678,7 +678,7 @@ impl Pipeline {
                     let what = if stats.is_some() {
                         "the statistics have none"
                     } else {
-                        "the job has no statistics (--stats, or `statistics` in the job)"
+                        "no statistics were given"
                     };
                     return Err(err(
                         i,

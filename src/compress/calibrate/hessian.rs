@@ -8,15 +8,13 @@
 //! `λ = damp · mean(diag H)`; with `act_order`, columns are processed by
 //! decreasing `H_jj`.
 //!
-//! In f32 with faer, in at most three `d × d` matrices at a time (the input
-//! `xtx` is the caller's): `H` is factored in place into `L`, `L⁻¹` is formed
-//! beside it, `H⁻¹ = L⁻ᵀL⁻¹` is written over `L`, and factored again in place.
+//! In f32 with faer, in two `d × d` matrices besides the caller's `xtx`:
+//! `H` in reversed order, factored in place, and its triangular inverse.
 
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
-use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
 use faer::linalg::triangular_inverse::invert_lower_triangular;
-use faer::{Accum, Mat, Par};
+use faer::{Mat, Par};
 
 use super::CalibError;
 
@@ -95,6 +93,12 @@ pub(crate) fn prepare(xtx: &[f32], d: usize, damp: f64, order: bool) -> Prepared
 }
 
 /// The factor for `xtx` (row-major `d × d`, symmetric).
+///
+/// With `J` the order-reversing permutation and `J H J = L Lᵀ`:
+/// `H⁻¹ = J L⁻ᵀ L⁻¹ J`, so `U = J L⁻¹ J` is upper triangular with a
+/// positive diagonal and `UᵀU = H⁻¹`: the (unique) factor the reference
+/// gets from Cholesky of H, its inverse, and Cholesky again, for one
+/// Cholesky and one triangular inverse.
 pub(crate) fn inverse_factor(
     xtx: &[f32],
     d: usize,
@@ -103,9 +107,12 @@ pub(crate) fn inverse_factor(
 ) -> Result<InverseFactor, CalibError> {
     let Prepared { dead, perm, lambda } = prepare(xtx, d, damp, order);
     let par = Par::rayon(0);
+    // Processing position `i` reads original column `src(i)`; the matrix is
+    // built in reversed processing order.
     let src = |i: usize| perm.as_ref().map_or(i, |p| p[i]);
-    let mut h = Mat::<f32>::from_fn(d, d, |i, j| {
-        let (a, b) = (src(i), src(j));
+    let rev = |i: usize| src(d - 1 - i);
+    let mut l = Mat::<f32>::from_fn(d, d, |i, j| {
+        let (a, b) = (rev(i), rev(j));
         if a == b {
             let x = if dead[a] {
                 1.0
@@ -118,46 +125,35 @@ pub(crate) fn inverse_factor(
         }
     });
     let mut mem = MemBuffer::new(cholesky_in_place_scratch::<f32>(d, par, Default::default()));
-    let not_pd = |_| CalibError::NotPositiveDefinite { damp };
     cholesky_in_place(
-        h.as_mut(),
+        l.as_mut(),
         Default::default(),
         par,
         MemStack::new(&mut mem),
         Default::default(),
     )
-    .map_err(not_pd)?;
+    .map_err(|_| CalibError::NotPositiveDefinite { damp })?;
     let mut l_inv = Mat::<f32>::zeros(d, d);
-    invert_lower_triangular(l_inv.as_mut(), h.as_ref(), par);
-    // H⁻¹ = L⁻ᵀ L⁻¹, lower half, over L.
-    tri_matmul(
-        h.as_mut(),
-        BlockStructure::TriangularLower,
-        Accum::Replace,
-        l_inv.transpose(),
-        BlockStructure::TriangularUpper,
-        l_inv.as_ref(),
-        BlockStructure::TriangularLower,
-        1.0f32,
-        par,
-    );
-    drop(l_inv);
-    cholesky_in_place(
-        h.as_mut(),
-        Default::default(),
-        par,
-        MemStack::new(&mut mem),
-        Default::default(),
-    )
-    .map_err(not_pd)?;
-    // Only the lower triangle is the factor; clear the rest so views of U
-    // never read what the factorization left there.
-    for j in 1..d {
-        for x in &mut h.col_as_slice_mut(j)[..j] {
-            *x = 0.0;
+    invert_lower_triangular(l_inv.as_mut(), l.as_ref(), par);
+    // l2[k][j] = U[j][k] = L⁻¹[d-1-j][d-1-k] for k >= j, over L's storage,
+    // in tiles so both sides stay in cache.
+    let mut l2 = l;
+    const TILE: usize = 64;
+    for jb in (0..d).step_by(TILE) {
+        for kb in (0..d).step_by(TILE) {
+            for j in jb..(jb + TILE).min(d) {
+                for k in kb..(kb + TILE).min(d) {
+                    l2[(k, j)] = if k >= j {
+                        l_inv[(d - 1 - j, d - 1 - k)]
+                    } else {
+                        0.0
+                    };
+                }
+            }
         }
     }
-    Ok(InverseFactor { l2: h, perm, dead })
+    drop(l_inv);
+    Ok(InverseFactor { l2, perm, dead })
 }
 
 /// [`inverse_factor`] the plain way, in f64: textbook Cholesky, the inverse
