@@ -225,7 +225,7 @@ where
     let written = writer
         .await
         .map_err(|e| ApiError::internal("writing an upload file panicked", e))?
-        .map_err(|e| ApiError::internal("could not write an upload file", e));
+        .map_err(|e| ApiError::io("could not write an upload file", e));
     fed?;
     match written? {
         Some(sealed) => Ok(sealed),
@@ -346,6 +346,7 @@ struct UploadMeta {
             headers(("Location" = String, description = "The model's URL"))),
         (status = 400, description = "Not a valid checkpoint (`invalid_safetensors`) or a malformed upload", body = ErrorBody),
         (status = 413, description = "Larger than the server's upload limit", body = ErrorBody),
+        (status = 507, description = "The server's storage is full (`insufficient_storage`)", body = ErrorBody),
     )
 )]
 pub async fn upload_model(
@@ -369,7 +370,7 @@ pub async fn upload_model(
     let tmp = state
         .blobs
         .tmp_dir("upload")
-        .map_err(|e| ApiError::internal("could not create an upload directory", e))?;
+        .map_err(|e| ApiError::io("could not create an upload directory", e))?;
     let received = match receive_upload(&state, &tmp, params, req, limit).await {
         Ok(r) => r,
         Err(UploadError::TooLarge) => return Err(ApiError::too_large(limit)),
@@ -538,7 +539,7 @@ async fn commit_upload(
             Ok(false) => {}
             Err(e) => {
                 forget(state, &added).await;
-                return Err(ApiError::internal("could not store an uploaded file", e));
+                return Err(ApiError::io("could not store an uploaded file", e));
             }
         }
     }
