@@ -1,6 +1,7 @@
 //! Checkpoints on disk: safetensors in (memory-mapped, sharded, distrusted)
 //! and out (dense, packed, compressed-tensors).
 pub mod compressed_tensors;
+pub mod ct_targets;
 pub mod dtype;
 pub mod packed;
 pub mod reader;
