@@ -3,10 +3,12 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod contract;
 mod errors;
 mod helpers;
 mod jobs;
 mod openapi;
 mod recovery;
+mod telemetry;
 mod uploads;
 mod webhook;
