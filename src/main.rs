@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use modelpress::compress::report::Report;
 use modelpress::compress::spec::{preset, Pipeline, PipelineError, PRESETS};
 use modelpress::config::{LogFormat, ServeConfig};
-use modelpress::format::reader::Checkpoint;
+use modelpress::format::checkpoint::Checkpoint;
 use modelpress::run::{self, CompressRequest, OutputFormat, Progress, RunError};
 
 /// Compress trained neural-network checkpoints (safetensors).

@@ -21,10 +21,11 @@ use crate::compress::report::{Report, TensorReport, Totals, REPORT_VERSION};
 use crate::compress::spec::{Pipeline, PruneKind, SpecError, Stage, TensorShape};
 use crate::compress::structural::{self, Plan, StructuralError, TensorSource};
 use crate::compress::tensor::{process, TensorCut, TensorError, Values};
+use crate::format::checkpoint::{Checkpoint, FormatError};
 use crate::format::compressed_tensors as ct;
 use crate::format::dtype::{from_f32, to_f32, Dtype};
+use crate::format::header::TensorInfo;
 use crate::format::packed::{self, pack_tensor, unpack_tensor, PackedError, PackedTensor, Pieces};
-use crate::format::reader::{Checkpoint, FormatError, TensorInfo};
 use crate::format::writer::{header_bound, header_reserve, SafetensorsWriter, WriteError};
 
 /// The layout of the compressed checkpoint.

@@ -20,7 +20,7 @@ use super::error::{ApiError, ErrorBody, Path, Query};
 use super::time::rfc3339;
 use super::AppState;
 use crate::blobs::{SealingWriter, TmpDir};
-use crate::format::reader::{Checkpoint, CONFIG_FILE};
+use crate::format::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::store::{DeleteOutcome, ModelFile, ModelRecord, NewModel};
 
 /// Page size when none is asked for, and the largest allowed.
