@@ -152,8 +152,9 @@ pub struct JobList {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct JobListParams {
-    /// Only jobs with this status.
-    #[param(value_type = Option<JobStatus>)]
+    /// Only jobs with this status: `queued`, `running`, `succeeded`,
+    /// `failed` or `canceled` (empty: any).
+    #[param(pattern = "^(queued|running|succeeded|failed|canceled)?$")]
     pub status: Option<String>,
     /// Only jobs of this model.
     pub model_id: Option<String>,

@@ -7,13 +7,12 @@ from ... import errors
 from ...client import AuthenticatedClient, Client
 from ...models.error_body import ErrorBody
 from ...models.job_list import JobList
-from ...models.job_status import JobStatus
 from ...types import UNSET, Response, Unset
 
 
 def _get_kwargs(
     *,
-    status: JobStatus | Unset = UNSET,
+    status: str | Unset = UNSET,
     model_id: str | Unset = UNSET,
     limit: int | Unset = UNSET,
     cursor: str | Unset = UNSET,
@@ -21,11 +20,7 @@ def _get_kwargs(
 
     params: dict[str, Any] = {}
 
-    json_status: str | Unset = UNSET
-    if not isinstance(status, Unset):
-        json_status = status.value
-
-    params["status"] = json_status
+    params["status"] = status
 
     params["model_id"] = model_id
 
@@ -87,7 +82,7 @@ def _build_response(
 def sync_detailed(
     *,
     client: AuthenticatedClient,
-    status: JobStatus | Unset = UNSET,
+    status: str | Unset = UNSET,
     model_id: str | Unset = UNSET,
     limit: int | Unset = UNSET,
     cursor: str | Unset = UNSET,
@@ -95,8 +90,7 @@ def sync_detailed(
     """List jobs, newest first.
 
     Args:
-        status (JobStatus | Unset): `queued` → `running` → `succeeded` | `failed` | `canceled`
-            (the last three are final)
+        status (str | Unset):
         model_id (str | Unset):
         limit (int | Unset):
         cursor (str | Unset):
@@ -126,7 +120,7 @@ def sync_detailed(
 def sync(
     *,
     client: AuthenticatedClient,
-    status: JobStatus | Unset = UNSET,
+    status: str | Unset = UNSET,
     model_id: str | Unset = UNSET,
     limit: int | Unset = UNSET,
     cursor: str | Unset = UNSET,
@@ -134,8 +128,7 @@ def sync(
     """List jobs, newest first.
 
     Args:
-        status (JobStatus | Unset): `queued` → `running` → `succeeded` | `failed` | `canceled`
-            (the last three are final)
+        status (str | Unset):
         model_id (str | Unset):
         limit (int | Unset):
         cursor (str | Unset):
@@ -160,7 +153,7 @@ def sync(
 async def asyncio_detailed(
     *,
     client: AuthenticatedClient,
-    status: JobStatus | Unset = UNSET,
+    status: str | Unset = UNSET,
     model_id: str | Unset = UNSET,
     limit: int | Unset = UNSET,
     cursor: str | Unset = UNSET,
@@ -168,8 +161,7 @@ async def asyncio_detailed(
     """List jobs, newest first.
 
     Args:
-        status (JobStatus | Unset): `queued` → `running` → `succeeded` | `failed` | `canceled`
-            (the last three are final)
+        status (str | Unset):
         model_id (str | Unset):
         limit (int | Unset):
         cursor (str | Unset):
@@ -197,7 +189,7 @@ async def asyncio_detailed(
 async def asyncio(
     *,
     client: AuthenticatedClient,
-    status: JobStatus | Unset = UNSET,
+    status: str | Unset = UNSET,
     model_id: str | Unset = UNSET,
     limit: int | Unset = UNSET,
     cursor: str | Unset = UNSET,
@@ -205,8 +197,7 @@ async def asyncio(
     """List jobs, newest first.
 
     Args:
-        status (JobStatus | Unset): `queued` → `running` → `succeeded` | `failed` | `canceled`
-            (the last three are final)
+        status (str | Unset):
         model_id (str | Unset):
         limit (int | Unset):
         cursor (str | Unset):
