@@ -226,6 +226,7 @@ mod tests {
             webhook_url: None,
             labels: "{}".into(),
             idempotency: None,
+            request_id: None,
         }
     }
 
