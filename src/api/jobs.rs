@@ -2,6 +2,7 @@
 //! what they produced.
 
 use std::path::Path as FsPath;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -19,6 +20,7 @@ use super::models::{page_limit, split_page};
 use super::time::rfc3339;
 use super::AppState;
 use crate::compress::spec::{preset, Pipeline, PipelineSpec, PRESETS};
+use crate::outbound::{OutboundPolicy, Refusal};
 use crate::run::{self, OutputFormat, RunError};
 use crate::store::{
     CancelOutcome, DeleteOutcome, InsertOutcome, JobFilter, JobRecord, JobStatus, NewArtifact,
@@ -314,12 +316,21 @@ fn requested_pipeline(req: &CreateJob) -> Result<(Option<String>, Pipeline), Api
     }
 }
 
-fn check_webhook_url(url: &str) -> Result<(), ApiError> {
-    match reqwest::Url::parse(url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
-        _ => Err(ApiError::unprocessable(
+/// Checks a webhook URL against the outbound policy as far as it can be
+/// decided now: the scheme, an address given as the host, and the
+/// addresses a name resolves to. A name that does not resolve now is
+/// accepted; every delivery checks again.
+async fn check_webhook_url(policy: &OutboundPolicy, url: &str) -> Result<(), ApiError> {
+    match policy.resolve(url, Duration::from_secs(2)).await {
+        Ok(_) => Ok(()),
+        Err(Refusal::NotHttp(_)) => Err(ApiError::unprocessable(
             "invalid_webhook_url",
             format!("`webhook_url` must be an absolute http or https URL, not `{url}`."),
+        )),
+        Err(e) if e.is_transient() => Ok(()),
+        Err(e) => Err(ApiError::unprocessable(
+            "outbound_refused",
+            format!("`webhook_url` is refused by the outbound policy: {e}."),
         )),
     }
 }
@@ -403,7 +414,8 @@ fn created(view: JobView) -> Response {
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 409, description = "The idempotency key was used with another request", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
-        (status = 422, description = "The pipeline does not fit the model, or a field is invalid", body = ErrorBody),
+        (status = 422, description = "The pipeline does not fit the model, a field is invalid, or the `webhook_url` is refused by the outbound policy (`outbound_refused`)", body = ErrorBody),
+        (status = 507, description = "The server's storage is full (`insufficient_storage`)", body = ErrorBody),
     )
 )]
 pub async fn create_job(
@@ -437,7 +449,7 @@ pub async fn create_job(
         ));
     }
     if let Some(url) = &req.webhook_url {
-        check_webhook_url(url)?;
+        check_webhook_url(&state.outbound, url).await?;
     }
     let (preset_name, pipeline) = requested_pipeline(&req)?;
     let pipeline_json = serde_json::to_string(pipeline.spec()).expect("a pipeline spec serializes");

@@ -25,6 +25,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::{Config, SwaggerUi};
 
 use crate::blobs::Blobs;
+use crate::outbound::OutboundPolicy;
 use crate::store::Store;
 use crate::worker::WorkerHandle;
 use error::{error_response, ApiError};
@@ -48,6 +49,8 @@ pub struct AppState {
     pub workers: WorkerHandle,
     pub config: Arc<ApiConfig>,
     pub metrics: Option<PrometheusHandle>,
+    /// What outgoing requests (webhooks) may reach.
+    pub outbound: Arc<OutboundPolicy>,
 }
 
 #[derive(OpenApi)]
