@@ -192,7 +192,7 @@ pub fn render_job(j: JobRecord, artifacts: Vec<NewArtifact>) -> JobView {
     let artifacts = artifacts
         .into_iter()
         .map(|a| ArtifactView {
-            url: format!("/v1/jobs/{}/artifacts/{}", j.id, a.name),
+            url: format!("/v1/jobs/{}/artifacts/{}", j.id, path_segment(&a.name)),
             name: a.name,
             bytes: a.bytes,
             sha256: a.sha256,
@@ -483,6 +483,10 @@ pub async fn create_job(
         }
         InsertOutcome::Existing(job) => Ok(created(JobView::load(&state.store, job).await?)),
         InsertOutcome::KeyConflict => Err(key_conflict()),
+        InsertOutcome::ModelNotFound => Err(ApiError::unprocessable(
+            "model_not_found",
+            format!("No model has the id `{}`.", req.model_id),
+        )),
     }
 }
 
@@ -739,6 +743,44 @@ fn parse_range(value: Option<&str>, len: u64) -> RangeRequest {
     }
 }
 
+/// Percent-encodes everything but RFC 3986's unreserved characters, so
+/// that a name is one path segment (or one RFC 5987 value) whatever it holds.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A name as one segment of a URL path.
+pub fn path_segment(name: &str) -> String {
+    percent_encode(name)
+}
+
+/// `Content-Disposition` for a download named `name` (RFC 6266): a plain
+/// ASCII `filename` for old clients, and the exact name in `filename*`.
+fn content_disposition(name: &str) -> String {
+    let fallback: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!(
+        "attachment; filename=\"{fallback}\"; filename*=UTF-8''{}",
+        percent_encode(name)
+    )
+}
+
 fn content_type_of(name: &str) -> &'static str {
     if name.ends_with(".json") {
         "application/json"
@@ -798,10 +840,7 @@ pub async fn download_artifact(
         RangeRequest::Whole
     };
     let path = state.blobs.path(&artifact.sha256);
-    let disposition = format!(
-        "attachment; filename=\"{}\"",
-        name.replace(['"', '\\'], "_")
-    );
+    let disposition = content_disposition(&name);
     let mut resp_headers = HeaderMap::new();
     let put = |h: &mut HeaderMap, k: header::HeaderName, v: String| {
         if let Ok(v) = HeaderValue::from_str(&v) {
@@ -879,6 +918,17 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=5-2"), 10), Whole);
         assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), Whole);
         assert_eq!(parse_range(Some("items=0-1"), 10), Whole);
+    }
+
+    #[test]
+    fn names_are_percent_encoded_in_paths_and_dispositions() {
+        assert_eq!(path_segment("model.safetensors"), "model.safetensors");
+        assert_eq!(path_segment("a?x=1.safetensors"), "a%3Fx%3D1.safetensors");
+        assert_eq!(path_segment("a b/c#é"), "a%20b%2Fc%23%C3%A9");
+        assert_eq!(
+            content_disposition("modèle\t\"x\".json"),
+            "attachment; filename=\"mod_le__x_.json\"; filename*=UTF-8''mod%C3%A8le%09%22x%22.json"
+        );
     }
 
     #[test]
