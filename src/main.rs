@@ -97,6 +97,9 @@ fn classify(e: RunError) -> anyhow::Error {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        end_quietly_on_closed_pipe();
+    }
     let outcome = std::panic::catch_unwind(|| run_command(cli));
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -112,6 +115,19 @@ fn main() -> ExitCode {
             eprintln!("error: internal failure (see the message above)");
             ExitCode::from(1)
         }
+    }
+}
+
+/// A closed pipe (`modelpress inspect X | head`) ends the command quietly,
+/// as it ends other Unix tools: Rust ignores SIGPIPE, which turns the next
+/// print into a panic. The server keeps ignoring it: a client that goes
+/// away is an error to handle, not a reason to stop.
+fn end_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: sets the disposition of one signal to its default, before any
+    // other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

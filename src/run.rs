@@ -245,7 +245,10 @@ pub fn check(input: &Path, pipeline: &Pipeline, format: OutputFormat) -> Result<
     let ckpt = Checkpoint::open(input)?;
     let src = Source(&ckpt);
     let plan = structural::plan(&pipeline.structural(), &src)?;
-    check_plan(&ckpt, &plan, pipeline, format)?;
+    // The compressed-tensors format narrows the pipeline to linear layers:
+    // statistics are checked against what will run.
+    let narrowed = check_plan(&ckpt, &plan, pipeline, format, ckpt.config_json())?;
+    let pipeline = narrowed.as_ref().map_or(pipeline, |(p, _)| p);
     check_stats(&ckpt, &plan, pipeline, None)
 }
 
@@ -283,12 +286,15 @@ fn check_stats(
     Ok(())
 }
 
+/// For the compressed-tensors format, also the pipeline that format runs
+/// and the collector of its layers.
 fn check_plan(
     ckpt: &Checkpoint,
     plan: &Plan,
     pipeline: &Pipeline,
     format: OutputFormat,
-) -> Result<(), RunError> {
+    config: Option<&serde_json::Value>,
+) -> Result<Option<(Pipeline, ct::Layers)>, RunError> {
     let shapes: Vec<TensorShape<'_>> = plan
         .outputs
         .iter()
@@ -302,9 +308,11 @@ fn check_plan(
         .collect();
     pipeline.check_against(&shapes)?;
     if format == OutputFormat::CompressedTensors {
-        ct::check_expressible(pipeline, &shapes).map_err(RunError::CompressedTensors)?;
+        return ct::prepare(pipeline, &shapes, config)
+            .map(Some)
+            .map_err(RunError::CompressedTensors);
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Compresses the checkpoint at `input` into `out_dir`.
@@ -336,10 +344,12 @@ pub fn compress_with_stats(
         None => ckpt.config_json().cloned(),
     };
     let src = Source(&ckpt);
-    let pipeline = req.pipeline;
     progress.phase("plan", 0);
-    let plan = structural::plan(&pipeline.structural(), &src)?;
-    check_plan(&ckpt, &plan, pipeline, req.format)?;
+    let plan = structural::plan(&req.pipeline.structural(), &src)?;
+    let (pipeline, mut ct_layers) =
+        check_plan(&ckpt, &plan, req.pipeline, req.format, config.as_ref())?
+            .unwrap_or_else(|| (req.pipeline.clone(), ct::Layers::default()));
+    let pipeline = &pipeline;
     check_stats(&ckpt, &plan, pipeline, stats)?;
     let cuts = global_cuts(&ckpt, &plan, pipeline, stats, progress, cancel)?;
 
@@ -348,7 +358,6 @@ pub fn compress_with_stats(
     let mut nonzero_after = 0u64;
     let mut seconds_per_stage: BTreeMap<String, f64> = BTreeMap::new();
     let mut weight_map: BTreeMap<String, String> = BTreeMap::new();
-    let mut ct_layers = ct::Layers::default();
     let mut shards: Vec<(String, SafetensorsWriter, Vec<PackedTensor>)> = Vec::new();
     let total = plan.outputs.len();
     // Buffers kept from tensor to tensor: the input in f32, and its copy

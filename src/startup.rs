@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiConfig, AppState, JobView};
 use crate::blobs::Blobs;
 use crate::config::ServeConfig;
+use crate::outbound::OutboundPolicy;
 use crate::store::{now_ms, JobRecord, Store};
 use crate::webhook::{RetryPolicy, Webhooks};
 use crate::worker::{WorkerConfig, WorkerPool};
@@ -33,6 +34,11 @@ pub fn prometheus() -> PrometheusHandle {
                     &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0],
                 )
                 .expect("the bucket list is not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full(api::telemetry::DURATION.into()),
+                    api::telemetry::DURATION_BUCKETS,
+                )
+                .expect("the bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
@@ -40,8 +46,9 @@ pub fn prometheus() -> PrometheusHandle {
             }
             metrics::describe_counter!(
                 "modelpress_jobs_finished_total",
-                "Jobs that reached a final status, by status"
+                "Jobs that reached a final status in this process since it started, by status; deleting jobs does not lower it (modelpress_jobs counts the jobs stored now)"
             );
+            api::telemetry::describe();
             metrics::describe_histogram!(
                 "modelpress_job_duration_seconds",
                 metrics::Unit::Seconds,
@@ -127,12 +134,22 @@ impl Application {
             .await
             .context("cannot open the database")?;
 
+        let listener = tokio::net::TcpListener::bind(config.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.addr))?;
+        // The address this server answers on is never a target of its own
+        // outgoing requests.
+        let outbound = Arc::new(OutboundPolicy::new(
+            config.allow_outbound.clone(),
+            Some(listener.local_addr()?),
+        ));
         let webhooks = Webhooks::new(
             config.webhook_secret.clone(),
             RetryPolicy {
                 first_delay: Duration::from_millis(config.webhook_retry_ms),
                 ..RetryPolicy::default()
             },
+            outbound.clone(),
         );
         let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<JobRecord>();
         let dispatcher = {
@@ -199,11 +216,9 @@ impl Application {
                     .collect(),
             }),
             metrics: Some(prometheus()),
+            outbound,
         };
         let router = api::router(state);
-        let listener = tokio::net::TcpListener::bind(config.addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.addr))?;
         Ok(Self {
             listener,
             router,

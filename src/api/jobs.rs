@@ -2,6 +2,7 @@
 //! what they produced.
 
 use std::path::Path as FsPath;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -15,10 +16,11 @@ use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use super::error::{ApiError, ErrorBody, ErrorDetail, Json, Path, Query};
-use super::models::{page_limit, split_page};
+use super::models::{page_cursor, page_limit, split_page};
 use super::time::rfc3339;
 use super::AppState;
 use crate::compress::spec::{preset, Pipeline, PipelineSpec, PRESETS};
+use crate::outbound::{OutboundPolicy, Refusal};
 use crate::run::{self, OutputFormat, RunError};
 use crate::store::{
     CancelOutcome, DeleteOutcome, InsertOutcome, JobFilter, JobRecord, JobStatus, NewArtifact,
@@ -152,11 +154,19 @@ pub struct JobList {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct JobListParams {
+    /// Only jobs with this status: `queued`, `running`, `succeeded`,
+    /// `failed` or `canceled` (empty: any).
+    #[param(pattern = "^(queued|running|succeeded|failed|canceled)?$")]
     pub status: Option<String>,
+    /// Only jobs of this model.
     pub model_id: Option<String>,
     /// At most this many items (1..=200, default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page (empty: the first page).
+    #[param(
+        pattern = "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$"
+    )]
     pub cursor: Option<String>,
 }
 
@@ -190,7 +200,7 @@ pub fn render_job(j: JobRecord, artifacts: Vec<NewArtifact>) -> JobView {
     let artifacts = artifacts
         .into_iter()
         .map(|a| ArtifactView {
-            url: format!("/v1/jobs/{}/artifacts/{}", j.id, a.name),
+            url: format!("/v1/jobs/{}/artifacts/{}", j.id, path_segment(&a.name)),
             name: a.name,
             bytes: a.bytes,
             sha256: a.sha256,
@@ -314,12 +324,21 @@ fn requested_pipeline(req: &CreateJob) -> Result<(Option<String>, Pipeline), Api
     }
 }
 
-fn check_webhook_url(url: &str) -> Result<(), ApiError> {
-    match reqwest::Url::parse(url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
-        _ => Err(ApiError::unprocessable(
+/// Checks a webhook URL against the outbound policy as far as it can be
+/// decided now: the scheme, an address given as the host, and the
+/// addresses a name resolves to. A name that does not resolve now is
+/// accepted; every delivery checks again.
+async fn check_webhook_url(policy: &OutboundPolicy, url: &str) -> Result<(), ApiError> {
+    match policy.resolve(url, Duration::from_secs(2)).await {
+        Ok(_) => Ok(()),
+        Err(Refusal::NotHttp(_)) => Err(ApiError::unprocessable(
             "invalid_webhook_url",
             format!("`webhook_url` must be an absolute http or https URL, not `{url}`."),
+        )),
+        Err(e) if e.is_transient() => Ok(()),
+        Err(e) => Err(ApiError::unprocessable(
+            "outbound_refused",
+            format!("`webhook_url` is refused by the outbound policy: {e}."),
         )),
     }
 }
@@ -331,16 +350,22 @@ async fn check_against_model(
     pipeline: Pipeline,
     format: OutputFormat,
 ) -> Result<(), ApiError> {
-    let files = state.store.model_files(model_id).await?;
-    if files.is_empty() {
-        return Err(ApiError::unprocessable(
+    let model_not_found = || {
+        ApiError::unprocessable(
             "model_not_found",
             format!("No model has the id `{model_id}`."),
-        ));
+        )
+    };
+    let files = state.store.model_files(model_id).await?;
+    if files.is_empty() {
+        return Err(model_not_found());
     }
     let blobs = state.blobs.clone();
     let checked =
         tokio::task::spawn_blocking(move || -> Result<Result<(), RunError>, std::io::Error> {
+            // A job needs room for its output: refused now rather than
+            // failing once it runs.
+            blobs.check_space()?;
             let dir = blobs.tmp_dir("check")?;
             let input = dir.path();
             blobs.checkout(
@@ -350,18 +375,22 @@ async fn check_against_model(
             Ok(run::check(input, &pipeline, format))
         })
         .await
-        .map_err(|e| ApiError::internal("checking a job panicked", e))?
-        .map_err(|e| ApiError::internal("could not lay out a model", e))?;
+        .map_err(|e| ApiError::internal("checking a job panicked", e))?;
+    // A model deleted while it was being checked loses its files under the
+    // check: that is the model missing, not a failure of the server.
+    let deleted = || async { matches!(state.store.get_model(model_id).await, Ok(None)) };
     match checked {
-        Ok(()) => Ok(()),
-        Err(e @ (RunError::Spec(_) | RunError::Structural(_))) => {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e @ (RunError::Spec(_) | RunError::Structural(_)))) => {
             Err(ApiError::unprocessable("invalid_pipeline", e.to_string()))
         }
-        Err(e @ RunError::CompressedTensors(_)) => Err(ApiError::unprocessable(
+        Ok(Err(e @ RunError::CompressedTensors(_))) => Err(ApiError::unprocessable(
             "unsupported_by_format",
             e.to_string(),
         )),
-        Err(e) => Err(ApiError::internal("a stored model could not be checked", e)),
+        _ if deleted().await => Err(model_not_found()),
+        Ok(Err(e)) => Err(ApiError::internal("a stored model could not be checked", e)),
+        Err(e) => Err(ApiError::io("could not lay out a model", e)),
     }
 }
 
@@ -390,10 +419,12 @@ fn created(view: JobView) -> Response {
     responses(
         (status = 202, description = "Queued (or queued before, for a repeated idempotent request)", body = JobView,
             headers(("Location" = String, description = "The job's URL"))),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 400, description = "Malformed JSON or `Idempotency-Key`", body = ErrorBody),
         (status = 409, description = "The idempotency key was used with another request", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts for JSON", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
-        (status = 422, description = "The pipeline does not fit the model, or a field is invalid", body = ErrorBody),
+        (status = 422, description = "The pipeline does not fit the model, a field is invalid, or the `webhook_url` is refused by the outbound policy (`outbound_refused`)", body = ErrorBody),
+        (status = 507, description = "The server's storage is full (`insufficient_storage`)", body = ErrorBody),
     )
 )]
 pub async fn create_job(
@@ -427,7 +458,7 @@ pub async fn create_job(
         ));
     }
     if let Some(url) = &req.webhook_url {
-        check_webhook_url(url)?;
+        check_webhook_url(&state.outbound, url).await?;
     }
     let (preset_name, pipeline) = requested_pipeline(&req)?;
     let pipeline_json = serde_json::to_string(pipeline.spec()).expect("a pipeline spec serializes");
@@ -451,6 +482,10 @@ pub async fn create_job(
             webhook_url: req.webhook_url.clone(),
             labels,
             idempotency: key.map(|k| (k, hash)),
+            request_id: headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
         })
         .await?;
     match outcome {
@@ -461,6 +496,10 @@ pub async fn create_job(
         }
         InsertOutcome::Existing(job) => Ok(created(JobView::load(&state.store, job).await?)),
         InsertOutcome::KeyConflict => Err(key_conflict()),
+        InsertOutcome::ModelNotFound => Err(ApiError::unprocessable(
+            "model_not_found",
+            format!("No model has the id `{}`.", req.model_id),
+        )),
     }
 }
 
@@ -488,8 +527,8 @@ async fn probe_key(store: &Store, key: &str, hash: &str) -> Result<Option<JobRec
     tag = "jobs",
     params(JobListParams),
     responses(
-        (status = 200, body = JobList),
-        (status = 400, body = ErrorBody),
+        (status = 200, description = "One page of jobs, newest first", body = JobList),
+        (status = 400, description = "`status`, `limit` or `cursor` is not valid (`invalid_query`)", body = ErrorBody),
     )
 )]
 pub async fn list_jobs(
@@ -512,14 +551,23 @@ pub async fn list_jobs(
             status,
             model_id: params.model_id.filter(|m| !m.is_empty()),
             limit: limit + 1,
-            cursor: params.cursor.filter(|c| !c.is_empty()),
+            cursor: page_cursor(params.cursor)?,
         })
         .await?;
     let next_cursor = split_page(&mut records, limit, |j| &j.id);
-    let mut items = Vec::with_capacity(records.len());
-    for j in records {
-        items.push(JobView::load(&state.store, j).await?);
-    }
+    let succeeded: Vec<&str> = records
+        .iter()
+        .filter(|j| j.status == JobStatus::Succeeded)
+        .map(|j| j.id.as_str())
+        .collect();
+    let mut artifacts = state.store.artifacts_of_jobs(&succeeded).await?;
+    let items = records
+        .into_iter()
+        .map(|j| {
+            let a = artifacts.remove(&j.id).unwrap_or_default();
+            render_job(j, a)
+        })
+        .collect();
     Ok(axum::Json(JobList { items, next_cursor }))
 }
 
@@ -538,8 +586,8 @@ async fn find_job(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
     tag = "jobs",
     params(("id" = String, Path, description = "Job id")),
     responses(
-        (status = 200, body = JobView),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The job", body = JobView),
+        (status = 404, description = "No job has this id", body = ErrorBody),
     )
 )]
 pub async fn get_job(
@@ -562,7 +610,7 @@ pub async fn get_job(
     responses(
         (status = 200, description = "Canceled", body = JobView),
         (status = 202, description = "Stopping at the next tensor", body = JobView),
-        (status = 404, body = ErrorBody),
+        (status = 404, description = "No job has this id", body = ErrorBody),
         (status = 409, description = "Already finished", body = ErrorBody),
     )
 )]
@@ -597,7 +645,7 @@ pub async fn cancel_job(
     params(("id" = String, Path, description = "Job id")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 404, body = ErrorBody),
+        (status = 404, description = "No job has this id", body = ErrorBody),
         (status = 409, description = "Not finished: cancel it first", body = ErrorBody),
     )
 )]
@@ -650,7 +698,7 @@ async fn find_artifact(state: &AppState, id: &str, name: &str) -> Result<NewArti
     params(("id" = String, Path, description = "Job id")),
     responses(
         (status = 200, description = "The report: per tensor shape, dtype, stages, bytes, fidelity; and totals", content_type = "application/json", body = Object),
-        (status = 404, body = ErrorBody),
+        (status = 404, description = "No job has this id", body = ErrorBody),
         (status = 409, description = "The job has not succeeded", body = ErrorBody),
     )
 )]
@@ -717,6 +765,44 @@ fn parse_range(value: Option<&str>, len: u64) -> RangeRequest {
     }
 }
 
+/// Percent-encodes everything but RFC 3986's unreserved characters, so
+/// that a name is one path segment (or one RFC 5987 value) whatever it holds.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A name as one segment of a URL path.
+pub fn path_segment(name: &str) -> String {
+    percent_encode(name)
+}
+
+/// `Content-Disposition` for a download named `name` (RFC 6266): a plain
+/// ASCII `filename` for old clients, and the exact name in `filename*`.
+fn content_disposition(name: &str) -> String {
+    let fallback: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!(
+        "attachment; filename=\"{fallback}\"; filename*=UTF-8''{}",
+        percent_encode(name)
+    )
+}
+
 fn content_type_of(name: &str) -> &'static str {
     if name.ends_with(".json") {
         "application/json"
@@ -737,13 +823,17 @@ fn content_type_of(name: &str) -> &'static str {
         ("id" = String, Path, description = "Job id"),
         ("name" = String, Path, description = "Artifact name, e.g. `model.safetensors`"),
         ("Range" = Option<String>, Header, description = "`bytes=START-END`"),
+        ("If-None-Match" = Option<String>, Header, description = "An `ETag` from an earlier download: 304 if unchanged"),
     ),
     responses(
-        (status = 200, description = "The file", content_type = "application/octet-stream", body = inline(super::BinaryFile),
-            headers(("ETag" = String, description = "The sha256, quoted"), ("Content-Disposition" = String))),
-        (status = 206, description = "The range asked for", content_type = "application/octet-stream", body = inline(super::BinaryFile)),
+        (status = 200, description = "The file: JSON artifacts (`config.json`, `report.json`) as `application/json`, the others as `application/octet-stream`",
+            content((inline(super::BinaryFile) = "application/octet-stream"), (Object = "application/json")),
+            headers(("ETag" = String, description = "The sha256, quoted"), ("Content-Disposition" = String, description = "`attachment` with the artifact's name"))),
+        (status = 206, description = "The range asked for, with the artifact's content type",
+            content((inline(super::BinaryFile) = "application/octet-stream"), (inline(super::BinaryFile) = "application/json")),
+            headers(("Content-Range" = String, description = "`bytes START-END/LENGTH`"))),
         (status = 304, description = "Unchanged (If-None-Match)"),
-        (status = 404, body = ErrorBody),
+        (status = 404, description = "No job has this id, or the job has no artifact of this name", body = ErrorBody),
         (status = 409, description = "The job has not succeeded", body = ErrorBody),
         (status = 416, description = "The range is outside the file", body = ErrorBody),
     )
@@ -776,10 +866,7 @@ pub async fn download_artifact(
         RangeRequest::Whole
     };
     let path = state.blobs.path(&artifact.sha256);
-    let disposition = format!(
-        "attachment; filename=\"{}\"",
-        name.replace(['"', '\\'], "_")
-    );
+    let disposition = content_disposition(&name);
     let mut resp_headers = HeaderMap::new();
     let put = |h: &mut HeaderMap, k: header::HeaderName, v: String| {
         if let Ok(v) = HeaderValue::from_str(&v) {
@@ -857,6 +944,17 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=5-2"), 10), Whole);
         assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), Whole);
         assert_eq!(parse_range(Some("items=0-1"), 10), Whole);
+    }
+
+    #[test]
+    fn names_are_percent_encoded_in_paths_and_dispositions() {
+        assert_eq!(path_segment("model.safetensors"), "model.safetensors");
+        assert_eq!(path_segment("a?x=1.safetensors"), "a%3Fx%3D1.safetensors");
+        assert_eq!(path_segment("a b/c#é"), "a%20b%2Fc%23%C3%A9");
+        assert_eq!(
+            content_disposition("modèle\t\"x\".json"),
+            "attachment; filename=\"mod_le__x_.json\"; filename*=UTF-8''mod%C3%A8le%09%22x%22.json"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod error;
 mod jobs;
 mod models;
 mod system;
+pub mod telemetry;
 mod time;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::{Config, SwaggerUi};
 
 use crate::blobs::Blobs;
+use crate::outbound::OutboundPolicy;
 use crate::store::Store;
 use crate::worker::WorkerHandle;
 use error::{error_response, ApiError};
@@ -48,6 +50,8 @@ pub struct AppState {
     pub workers: WorkerHandle,
     pub config: Arc<ApiConfig>,
     pub metrics: Option<PrometheusHandle>,
+    /// What outgoing requests (webhooks) may reach.
+    pub outbound: Arc<OutboundPolicy>,
 }
 
 #[derive(OpenApi)]
@@ -101,6 +105,66 @@ impl Modify for BearerOnV1 {
     }
 }
 
+/// Statuses every operation can answer whatever its handler does: 401 on
+/// `/v1` when the server has API keys, 500 anywhere. Also gives any
+/// response documented without a description its status' reason phrase, so
+/// the document stays valid OpenAPI.
+struct StandardResponses;
+
+impl Modify for StandardResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let error = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let responses = &mut op.responses.responses;
+                if path.starts_with("/v1/") {
+                    responses.entry("401".into()).or_insert_with(|| {
+                        error("No or an unknown API key (`missing_api_key`, `invalid_api_key`); only when the server has API keys")
+                    });
+                }
+                responses.entry("500".into()).or_insert_with(|| {
+                    error("The server failed (`internal_error`); its log has the details under the `x-request-id` of the answer")
+                });
+                for (status, response) in responses.iter_mut() {
+                    if let RefOr::T(r) = response {
+                        if r.description.is_empty() {
+                            r.description = status
+                                .parse::<u16>()
+                                .ok()
+                                .and_then(|s| axum::http::StatusCode::from_u16(s).ok())
+                                .and_then(|s| s.canonical_reason())
+                                .unwrap_or("Response")
+                                .to_string();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let v1 = OpenApiRouter::new()
         // Uploads are streamed to disk and limited by the upload limit, not
@@ -124,6 +188,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts();
     // After the routes are in: it marks their operations.
     BearerOnV1.modify(&mut doc);
+    StandardResponses.modify(&mut doc);
     (router, doc)
 }
 
@@ -158,10 +223,13 @@ pub fn router(state: AppState) -> Router {
         require_api_key,
     ))
     .merge(Router::<AppState>::from(docs))
+    .route_layer(middleware::from_fn(telemetry::record_route))
     .fallback(error::not_found)
     .method_not_allowed_fallback(method_not_allowed)
     .with_state(state)
     .layer(middleware::map_response(error::uniform_errors))
+    .layer(middleware::map_response(no_sniffing))
+    .layer(middleware::from_fn(telemetry::observe))
     .layer(PropagateRequestIdLayer::new(request_id.clone()))
     .layer(
         TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -184,9 +252,35 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// Compares in time independent of where the strings differ.
+/// Tells browsers to take every response for the type it declares (an
+/// artifact is never run as a script or a page).
+async fn no_sniffing(mut resp: Response) -> Response {
+    resp.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+/// Compares two secrets in time independent of their content and their
+/// lengths: both are hashed first, and the digests compared in full.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// The credentials of an `Authorization: Bearer <key>` header; the scheme
+/// is case-insensitive (RFC 9110).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(char::is_whitespace)?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -198,13 +292,14 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     match given {
+        // Every key is compared, so the time taken does not tell which
+        // matched.
         Some(key)
-            if keys
-                .iter()
-                .any(|k| same_secret(k.as_bytes(), key.as_bytes())) =>
+            if keys.iter().fold(false, |hit, k| {
+                same_secret(k.as_bytes(), key.as_bytes()) | hit
+            }) =>
         {
             next.run(req).await
         }
@@ -219,5 +314,28 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
             "This server needs an API key: send `Authorization: Bearer <key>`.".into(),
         )
         .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_read_without_regard_to_case() {
+        assert_eq!(bearer_token("Bearer k1"), Some("k1"));
+        assert_eq!(bearer_token("bearer k1"), Some("k1"));
+        assert_eq!(bearer_token("BEARER   k1 "), Some("k1"));
+        assert_eq!(bearer_token("Basic k1"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Bearerk1"), None);
+    }
+
+    #[test]
+    fn secrets_of_any_length_compare_by_content() {
+        assert!(same_secret(b"key", b"key"));
+        assert!(!same_secret(b"key", b"kez"));
+        assert!(!same_secret(b"key", b"key-longer"));
+        assert!(!same_secret(b"", b"key"));
     }
 }

@@ -7,8 +7,10 @@
 //! directory is removed, so nothing of a refused upload remains.
 
 use std::path::{Path as FsPath, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -20,7 +22,7 @@ use super::error::{ApiError, ErrorBody, Path, Query};
 use super::time::rfc3339;
 use super::AppState;
 use crate::blobs::{SealingWriter, TmpDir};
-use crate::format::checkpoint::{Checkpoint, CONFIG_FILE};
+use crate::format::checkpoint::{read_header, Checkpoint, FormatError, CONFIG_FILE};
 use crate::store::{DeleteOutcome, ModelFile, ModelRecord, NewModel};
 
 /// Page size when none is asked for, and the largest allowed.
@@ -105,9 +107,26 @@ pub struct UploadForm {
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
     /// At most this many items (1..=200, default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page (empty: the first page).
+    #[param(
+        pattern = "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$"
+    )]
     pub cursor: Option<String>,
+}
+
+/// A cursor is the id of the last item of the previous page; anything else
+/// is refused rather than read as a position.
+pub fn page_cursor(cursor: Option<String>) -> Result<Option<String>, ApiError> {
+    match cursor.filter(|c| !c.is_empty()) {
+        None => Ok(None),
+        Some(c) if uuid::Uuid::try_parse(&c).is_ok() => Ok(Some(c)),
+        Some(c) => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`cursor` must be the `next_cursor` of a previous page, not `{c}`."),
+        )),
+    }
 }
 
 pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
@@ -150,6 +169,124 @@ fn model_view(m: ModelRecord, files: Vec<ModelFile>) -> ModelView {
         tensor_count: m.tensor_count,
         parameter_count: m.parameter_count,
         created_at: rfc3339(m.created_at),
+    }
+}
+
+/// Bytes a `name` or `version` may hold.
+const MAX_TEXT_BYTES: usize = 256;
+/// Bytes the `labels` JSON may hold.
+const MAX_LABELS_BYTES: usize = 64 * 1024;
+/// Parts a multipart upload may have.
+const MAX_PARTS: usize = 1024;
+/// Bytes the multipart reader may take from the connection at a time
+/// before it must hand part data on.
+const READ_BUDGET: usize = 256 * 1024;
+/// Bytes the multipart reader may hold without handing any part data on:
+/// part headers, boundaries, text before the first part. Its buffer never
+/// grows past this plus one frame of the connection.
+const MAX_UNDELIVERED: u64 = 1 << 20;
+
+/// Why the meter stopped a multipart body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MeterRefusal {
+    /// The body is larger than the upload limit allows.
+    TooLarge,
+    /// Too much was read without any part data coming of it.
+    Framing,
+}
+
+/// Counts what a multipart body feeds its reader and what the reader hands
+/// on, so that neither the reader's buffer nor the whole body is unbounded.
+struct Meter {
+    /// The upload limit plus room for the framing of every part.
+    body_limit: u64,
+    fed: AtomicU64,
+    /// `fed` when part data or a new part was last handed on.
+    mark: AtomicU64,
+    refusal: std::sync::Mutex<Option<MeterRefusal>>,
+}
+
+impl Meter {
+    fn new(limit: u64) -> Self {
+        Self {
+            body_limit: limit.saturating_add(MAX_PARTS as u64 * 1024 + MAX_UNDELIVERED),
+            fed: AtomicU64::new(0),
+            mark: AtomicU64::new(0),
+            refusal: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The reader handed something on: its buffer holds at most what was
+    /// fed since.
+    fn delivered(&self) {
+        self.mark
+            .store(self.fed.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    fn refusal(&self) -> Option<MeterRefusal> {
+        self.refusal.lock().ok().and_then(|r| *r)
+    }
+
+    /// Counts `n` more bytes fed; the refusal if they are too many.
+    fn feed(&self, n: usize) -> Option<MeterRefusal> {
+        let fed = self.fed.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+        let refusal = if fed > self.body_limit {
+            MeterRefusal::TooLarge
+        } else if fed - self.mark.load(Ordering::SeqCst).min(fed) > MAX_UNDELIVERED {
+            MeterRefusal::Framing
+        } else {
+            return None;
+        };
+        if let Ok(mut r) = self.refusal.lock() {
+            r.get_or_insert(refusal);
+        }
+        Some(refusal)
+    }
+}
+
+/// A request body fed through a [`Meter`]. It also pauses after every
+/// [`READ_BUDGET`] bytes (waking itself at once), because the multipart
+/// reader otherwise takes all the connection offers before it hands
+/// anything on.
+struct Metered<S> {
+    inner: S,
+    meter: Arc<Meter>,
+    since_pause: usize,
+}
+
+impl<S> Stream for Metered<S>
+where
+    S: Stream<Item = Result<Bytes, axum::Error>> + Unpin,
+{
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.since_pause >= READ_BUDGET {
+            self.since_pause = 0;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match std::pin::Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                self.since_pause += chunk.len();
+                match self.meter.feed(chunk.len()) {
+                    None => Poll::Ready(Some(Ok(chunk))),
+                    Some(refusal) => Poll::Ready(Some(Err(std::io::Error::other(format!(
+                        "multipart body refused: {refusal:?}"
+                    ))))),
+                }
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(std::io::Error::other(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                self.since_pause = 0;
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -225,7 +362,7 @@ where
     let written = writer
         .await
         .map_err(|e| ApiError::internal("writing an upload file panicked", e))?
-        .map_err(|e| ApiError::internal("could not write an upload file", e));
+        .map_err(|e| ApiError::io("could not write an upload file", e));
     fed?;
     match written? {
         Some(sealed) => Ok(sealed),
@@ -272,9 +409,9 @@ fn parse_labels(text: Option<&str>) -> Result<String, ApiError> {
 
 fn check_text(field: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
     match value {
-        Some(v) if v.len() > 256 => Err(ApiError::bad_request(
+        Some(v) if v.len() > MAX_TEXT_BYTES => Err(ApiError::bad_request(
             "invalid_field",
-            format!("`{field}` must be at most 256 bytes long."),
+            format!("`{field}` must be at most {MAX_TEXT_BYTES} bytes long."),
         )),
         Some(v) if v.is_empty() => Ok(None),
         v => Ok(v),
@@ -288,14 +425,39 @@ struct Checked {
 }
 
 /// Opens the uploaded files as a checkpoint: every header, the index
-/// against the shards, and config.json are checked.
-fn check_checkpoint(dir: &FsPath) -> Result<Checked, ApiError> {
-    let ckpt = Checkpoint::open(dir).map_err(|e| {
+/// against the shards, and config.json are checked. The index and the
+/// uploaded shards must agree exactly: a shard the index does not use
+/// would be stored and silently left out of every output.
+fn check_checkpoint(dir: &FsPath, files: &[String]) -> Result<Checked, ApiError> {
+    let invalid = |e: FormatError| {
         let text = e.to_string().replace(&format!("{}/", dir.display()), "");
         let text = text.replace(&dir.display().to_string(), "the upload");
         ApiError::bad_request("invalid_safetensors", text)
-    })?;
+    };
+    let ckpt = Checkpoint::open(dir).map_err(invalid)?;
     let shard_names = ckpt.shard_names();
+    for name in files.iter().filter(|f| f.ends_with(".safetensors")) {
+        if shard_names.contains(name) {
+            continue;
+        }
+        let header = read_header(&dir.join(name)).map_err(invalid)?;
+        return Err(ApiError::bad_request(
+            "invalid_safetensors",
+            match header.tensors.first() {
+                Some(t) => format!(
+                    "shard `{name}` holds tensor `{}`, which the index does not list",
+                    t.name
+                ),
+                None => format!("shard `{name}` is not named by the index"),
+            },
+        ));
+    }
+    if ckpt.config_json().is_some_and(|c| !c.is_object()) {
+        return Err(ApiError::bad_request(
+            "invalid_config",
+            format!("`{CONFIG_FILE}` must be a JSON object."),
+        ));
+    }
     let mut parameters = 0i64;
     let tensors = ckpt
         .tensors()
@@ -346,6 +508,7 @@ struct UploadMeta {
             headers(("Location" = String, description = "The model's URL"))),
         (status = 400, description = "Not a valid checkpoint (`invalid_safetensors`) or a malformed upload", body = ErrorBody),
         (status = 413, description = "Larger than the server's upload limit", body = ErrorBody),
+        (status = 507, description = "The server's storage is full (`insufficient_storage`)", body = ErrorBody),
     )
 )]
 pub async fn upload_model(
@@ -369,7 +532,7 @@ pub async fn upload_model(
     let tmp = state
         .blobs
         .tmp_dir("upload")
-        .map_err(|e| ApiError::internal("could not create an upload directory", e))?;
+        .map_err(|e| ApiError::io("could not create an upload directory", e))?;
     let received = match receive_upload(&state, &tmp, params, req, limit).await {
         Ok(r) => r,
         Err(UploadError::TooLarge) => return Err(ApiError::too_large(limit)),
@@ -384,7 +547,8 @@ pub async fn upload_model(
     let task_state = state.clone();
     let record = tokio::spawn(async move {
         let dir = tmp.path().to_path_buf();
-        let checked = tokio::task::spawn_blocking(move || check_checkpoint(&dir))
+        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+        let checked = tokio::task::spawn_blocking(move || check_checkpoint(&dir, &names))
             .await
             .map_err(|e| ApiError::internal("checking an upload panicked", e))??;
         commit_upload(&task_state, &tmp, files, meta, checked, total).await
@@ -438,6 +602,17 @@ async fn receive_upload(
         });
         return Ok((files, meta));
     }
+    // The multipart reader buffers what it has not handed on yet (part
+    // headers, the text before the first part): it is fed through a meter
+    // that bounds that, and the whole body.
+    let meter = Arc::new(Meter::new(limit));
+    let (parts, body) = req.into_parts();
+    let body = Body::from_stream(Metered {
+        inner: body.into_data_stream(),
+        meter: meter.clone(),
+        since_pause: 0,
+    });
+    let req = Request::from_parts(parts, body);
     let mut form = Multipart::from_request(req, state).await.map_err(|e| {
         ApiError::bad_request(
             "invalid_multipart",
@@ -445,13 +620,30 @@ async fn receive_upload(
         )
     })?;
     let bad_multipart = |e: axum::extract::multipart::MultipartError| {
-        UploadError::Api(ApiError::bad_request(
+        match meter.refusal() {
+        Some(MeterRefusal::TooLarge) => UploadError::TooLarge,
+        Some(MeterRefusal::Framing) => UploadError::Api(ApiError::bad_request(
+            "invalid_multipart",
+            format!("The multipart body cannot be read: more than {MAX_UNDELIVERED} bytes of part headers or text between parts."),
+        )),
+        None => UploadError::Api(ApiError::bad_request(
             "invalid_multipart",
             format!("The multipart body cannot be read: {}", e.body_text()),
-        ))
+        )),
+    }
     };
     let mut used = 0u64;
-    while let Some(field) = form.next_field().await.map_err(bad_multipart)? {
+    let mut parts = 0usize;
+    while let Some(mut field) = form.next_field().await.map_err(bad_multipart)? {
+        meter.delivered();
+        parts += 1;
+        if parts > MAX_PARTS {
+            return Err(ApiError::bad_request(
+                "invalid_multipart",
+                format!("The multipart body has more than {MAX_PARTS} parts."),
+            )
+            .into());
+        }
         let field_name = field.name().unwrap_or_default().to_string();
         match field_name.as_str() {
             "file" => {
@@ -465,7 +657,10 @@ async fn receive_upload(
                     .into());
                 }
                 let path: PathBuf = tmp.path().join(&name);
-                let stream = field.map(|chunk| chunk.map_err(bad_multipart));
+                let stream = field.map(|chunk| {
+                    meter.delivered();
+                    chunk.map_err(bad_multipart)
+                });
                 let (sha256, bytes) = receive(stream, &path, used, limit).await?;
                 used += bytes;
                 files.push(Received {
@@ -475,7 +670,33 @@ async fn receive_upload(
                 });
             }
             "name" | "version" | "labels" => {
-                let text = field.text().await.map_err(bad_multipart)?;
+                let cap = if field_name == "labels" {
+                    MAX_LABELS_BYTES
+                } else {
+                    MAX_TEXT_BYTES
+                };
+                let mut bytes = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
+                    meter.delivered();
+                    used += chunk.len() as u64;
+                    if used > limit {
+                        return Err(UploadError::TooLarge);
+                    }
+                    if bytes.len() + chunk.len() > cap {
+                        return Err(ApiError::bad_request(
+                            "invalid_field",
+                            format!("`{field_name}` must be at most {cap} bytes long."),
+                        )
+                        .into());
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_field",
+                        format!("`{field_name}` must be UTF-8 text."),
+                    )
+                })?;
                 match field_name.as_str() {
                     "name" => meta.name = Some(text),
                     "version" => meta.version = Some(text),
@@ -490,6 +711,17 @@ async fn receive_upload(
                 .into())
             }
         }
+    }
+    let indexes = files
+        .iter()
+        .filter(|f| f.name.ends_with(".safetensors.index.json"))
+        .count();
+    if indexes > 1 {
+        return Err(ApiError::bad_request(
+            "invalid_safetensors",
+            "The upload holds several index files; send one `model.safetensors.index.json`.",
+        )
+        .into());
     }
     if !files.iter().any(|f| f.name.ends_with(".safetensors")) {
         return Err(ApiError::bad_request(
@@ -538,7 +770,7 @@ async fn commit_upload(
             Ok(false) => {}
             Err(e) => {
                 forget(state, &added).await;
-                return Err(ApiError::internal("could not store an uploaded file", e));
+                return Err(ApiError::io("could not store an uploaded file", e));
             }
         }
     }
@@ -568,8 +800,8 @@ async fn forget(state: &AppState, added: &[String]) {
     tag = "models",
     params(PageParams),
     responses(
-        (status = 200, body = ModelList),
-        (status = 400, body = ErrorBody),
+        (status = 200, description = "One page of models, newest first", body = ModelList),
+        (status = 400, description = "`limit` or `cursor` is not valid (`invalid_query`)", body = ErrorBody),
     )
 )]
 pub async fn list_models(
@@ -577,16 +809,21 @@ pub async fn list_models(
     Query(page): Query<PageParams>,
 ) -> Result<axum::Json<ModelList>, ApiError> {
     let limit = page_limit(page.limit)?;
+    let cursor = page_cursor(page.cursor)?;
     let mut records = state
         .store
-        .list_models(limit + 1, page.cursor.as_deref().filter(|c| !c.is_empty()))
+        .list_models(limit + 1, cursor.as_deref())
         .await?;
     let next_cursor = split_page(&mut records, limit, |m| &m.id);
-    let mut items = Vec::with_capacity(records.len());
-    for m in records {
-        let files = state.store.model_files(&m.id).await?;
-        items.push(model_view(m, files));
-    }
+    let ids: Vec<&str> = records.iter().map(|m| m.id.as_str()).collect();
+    let mut files = state.store.files_of_models(&ids).await?;
+    let items = records
+        .into_iter()
+        .map(|m| {
+            let f = files.remove(&m.id).unwrap_or_default();
+            model_view(m, f)
+        })
+        .collect();
     Ok(axum::Json(ModelList { items, next_cursor }))
 }
 
@@ -605,8 +842,8 @@ async fn find_model(state: &AppState, id: &str) -> Result<ModelRecord, ApiError>
     tag = "models",
     params(("id" = String, Path, description = "Model id")),
     responses(
-        (status = 200, body = ModelView),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The model", body = ModelView),
+        (status = 404, description = "No model has this id", body = ErrorBody),
     )
 )]
 pub async fn get_model(
@@ -625,8 +862,8 @@ pub async fn get_model(
     tag = "models",
     params(("id" = String, Path, description = "Model id")),
     responses(
-        (status = 200, body = TensorList),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The model's tensors: name, dtype, shape", body = TensorList),
+        (status = 404, description = "No model has this id", body = ErrorBody),
     )
 )]
 pub async fn model_tensors(
@@ -652,7 +889,7 @@ pub async fn model_tensors(
     params(("id" = String, Path, description = "Model id")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 404, body = ErrorBody),
+        (status = 404, description = "No model has this id", body = ErrorBody),
         (status = 409, description = "A queued or running job uses it", body = ErrorBody),
     )
 )]

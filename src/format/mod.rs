@@ -2,6 +2,7 @@
 //! and out (dense, packed, compressed-tensors).
 pub mod checkpoint;
 pub mod compressed_tensors;
+pub mod ct_targets;
 pub mod dtype;
 pub mod header;
 pub mod packed;
