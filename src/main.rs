@@ -11,7 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use modelpress::compress::report::Report;
 use modelpress::compress::spec::{preset, Pipeline, PipelineError, PRESETS};
 use modelpress::config::{LogFormat, ServeConfig};
-use modelpress::format::reader::Checkpoint;
+use modelpress::format::checkpoint::Checkpoint;
+use modelpress::format::stats::StatsFile;
 use modelpress::run::{self, CompressRequest, OutputFormat, Progress, RunError};
 
 /// Compress trained neural-network checkpoints (safetensors).
@@ -45,6 +46,11 @@ enum Command {
         /// config.json to use instead of the one beside the input.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Activation statistics of the model (safetensors, made by
+        /// scripts/collect_stats.py): needed by gptq, sparsegpt, wanda and
+        /// share compensate; they also weigh the other stages' errors.
+        #[arg(long)]
+        stats: Option<PathBuf>,
     },
     /// Restore a packed checkpoint to its dense form.
     Decompress {
@@ -91,6 +97,9 @@ fn classify(e: RunError) -> anyhow::Error {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        end_quietly_on_closed_pipe();
+    }
     let outcome = std::panic::catch_unwind(|| run_command(cli));
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -106,6 +115,19 @@ fn main() -> ExitCode {
             eprintln!("error: internal failure (see the message above)");
             ExitCode::from(1)
         }
+    }
+}
+
+/// A closed pipe (`modelpress inspect X | head`) ends the command quietly,
+/// as it ends other Unix tools: Rust ignores SIGPIPE, which turns the next
+/// print into a panic. The server keeps ignoring it: a client that goes
+/// away is an error to handle, not a reason to stop.
+fn end_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: sets the disposition of one signal to its default, before any
+    // other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
@@ -146,15 +168,23 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             pipeline,
             format,
             config,
+            stats,
         } => {
             let pipeline = load_pipeline(preset.as_deref(), pipeline.as_deref())?;
+            let stats = stats
+                .as_deref()
+                .map(StatsFile::open)
+                .transpose()
+                .map_err(|e| classify(RunError::Stats(e)))?;
             let req = CompressRequest {
                 pipeline: &pipeline,
                 format,
                 config: config.as_deref(),
             };
             let bars = Bars::new();
-            let report = run::compress(&input, &output, &req, &bars, &cancel).map_err(classify)?;
+            let report =
+                run::compress_with_stats(&input, &output, &req, stats.as_ref(), &bars, &cancel)
+                    .map_err(classify)?;
             bars.finish();
             print_summary(&report, &output);
         }
@@ -277,6 +307,9 @@ fn print_summary(report: &Report, out: &Path) {
     match (&t.worst_snr_tensor, t.worst_snr_db) {
         (Some(name), Some(db)) => println!("{:<22} {db:.2} dB ({name})", "worst-tensor SNR"),
         _ => println!("{:<22} lossless", "worst-tensor SNR"),
+    }
+    if let (Some(name), Some(e)) = (&t.worst_output_error_tensor, t.worst_output_error) {
+        println!("{:<22} {e:.3e} ({name})", "worst output error");
     }
     println!("{:<22} {:.2} s", "time", t.seconds_total);
 }

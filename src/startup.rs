@@ -34,6 +34,11 @@ pub fn prometheus() -> PrometheusHandle {
                     &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0],
                 )
                 .expect("the bucket list is not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full(api::telemetry::DURATION.into()),
+                    api::telemetry::DURATION_BUCKETS,
+                )
+                .expect("the bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
@@ -41,8 +46,9 @@ pub fn prometheus() -> PrometheusHandle {
             }
             metrics::describe_counter!(
                 "modelpress_jobs_finished_total",
-                "Jobs that reached a final status, by status"
+                "Jobs that reached a final status in this process since it started, by status; deleting jobs does not lower it (modelpress_jobs counts the jobs stored now)"
             );
+            api::telemetry::describe();
             metrics::describe_histogram!(
                 "modelpress_job_duration_seconds",
                 metrics::Unit::Seconds,

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::blobs::{seal_file, Blobs, StorageFault, TmpDir};
 use crate::compress::report::Report;
@@ -240,8 +241,18 @@ async fn worker_loop(shared: Arc<Shared>, n: usize) {
             .await
         {
             Ok(Some(job)) => {
-                tracing::info!(worker = n, job = %job.id, attempt = job.attempts, "job claimed");
-                run_job(&shared, job).await;
+                // Every line of the job carries the request that created it.
+                let span = tracing::info_span!(
+                    "job",
+                    job = %job.id,
+                    request_id = job.request_id.as_deref().unwrap_or("-"),
+                );
+                async {
+                    tracing::info!(worker = n, attempt = job.attempts, "job claimed");
+                    run_job(&shared, job).await;
+                }
+                .instrument(span)
+                .await;
             }
             Ok(None) => {
                 tokio::select! {

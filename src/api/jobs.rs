@@ -16,7 +16,7 @@ use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use super::error::{ApiError, ErrorBody, ErrorDetail, Json, Path, Query};
-use super::models::{page_limit, split_page};
+use super::models::{page_cursor, page_limit, split_page};
 use super::time::rfc3339;
 use super::AppState;
 use crate::compress::spec::{preset, Pipeline, PipelineSpec, PRESETS};
@@ -154,11 +154,19 @@ pub struct JobList {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct JobListParams {
+    /// Only jobs with this status: `queued`, `running`, `succeeded`,
+    /// `failed` or `canceled` (empty: any).
+    #[param(pattern = "^(queued|running|succeeded|failed|canceled)?$")]
     pub status: Option<String>,
+    /// Only jobs of this model.
     pub model_id: Option<String>,
     /// At most this many items (1..=200, default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page (empty: the first page).
+    #[param(
+        pattern = "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$"
+    )]
     pub cursor: Option<String>,
 }
 
@@ -411,11 +419,12 @@ fn created(view: JobView) -> Response {
     responses(
         (status = 202, description = "Queued (or queued before, for a repeated idempotent request)", body = JobView,
             headers(("Location" = String, description = "The job's URL"))),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 400, description = "Malformed JSON or `Idempotency-Key`", body = ErrorBody),
         (status = 409, description = "The idempotency key was used with another request", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts for JSON", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
-        (status = 422, description = "The pipeline does not fit the model, a field is invalid, or the `webhook_url` is refused by the outbound policy (`outbound_refused`)", body = ErrorBody),
-        (status = 507, description = "The server's storage is full (`insufficient_storage`)", body = ErrorBody),
+        (status = 422, description = "The pipeline does not fit the model, the model does not exist, a field is invalid, or the `webhook_url` is refused by the outbound policy (`outbound_refused`)", body = ErrorBody),
+        (status = 507, description = "Not enough free space to run the job (`insufficient_storage`)", body = ErrorBody),
     )
 )]
 pub async fn create_job(
@@ -473,6 +482,10 @@ pub async fn create_job(
             webhook_url: req.webhook_url.clone(),
             labels,
             idempotency: key.map(|k| (k, hash)),
+            request_id: headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
         })
         .await?;
     match outcome {
@@ -514,8 +527,8 @@ async fn probe_key(store: &Store, key: &str, hash: &str) -> Result<Option<JobRec
     tag = "jobs",
     params(JobListParams),
     responses(
-        (status = 200, body = JobList),
-        (status = 400, body = ErrorBody),
+        (status = 200, description = "One page of jobs, newest first", body = JobList),
+        (status = 400, description = "`status`, `limit` or `cursor` is not valid (`invalid_query`)", body = ErrorBody),
     )
 )]
 pub async fn list_jobs(
@@ -538,14 +551,23 @@ pub async fn list_jobs(
             status,
             model_id: params.model_id.filter(|m| !m.is_empty()),
             limit: limit + 1,
-            cursor: params.cursor.filter(|c| !c.is_empty()),
+            cursor: page_cursor(params.cursor)?,
         })
         .await?;
     let next_cursor = split_page(&mut records, limit, |j| &j.id);
-    let mut items = Vec::with_capacity(records.len());
-    for j in records {
-        items.push(JobView::load(&state.store, j).await?);
-    }
+    let succeeded: Vec<&str> = records
+        .iter()
+        .filter(|j| j.status == JobStatus::Succeeded)
+        .map(|j| j.id.as_str())
+        .collect();
+    let mut artifacts = state.store.artifacts_of_jobs(&succeeded).await?;
+    let items = records
+        .into_iter()
+        .map(|j| {
+            let a = artifacts.remove(&j.id).unwrap_or_default();
+            render_job(j, a)
+        })
+        .collect();
     Ok(axum::Json(JobList { items, next_cursor }))
 }
 
@@ -564,8 +586,8 @@ async fn find_job(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
     tag = "jobs",
     params(("id" = String, Path, description = "Job id")),
     responses(
-        (status = 200, body = JobView),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The job", body = JobView),
+        (status = 404, description = "No job has this id", body = ErrorBody),
     )
 )]
 pub async fn get_job(
@@ -588,7 +610,7 @@ pub async fn get_job(
     responses(
         (status = 200, description = "Canceled", body = JobView),
         (status = 202, description = "Stopping at the next tensor", body = JobView),
-        (status = 404, body = ErrorBody),
+        (status = 404, description = "No job has this id", body = ErrorBody),
         (status = 409, description = "Already finished", body = ErrorBody),
     )
 )]
@@ -623,7 +645,7 @@ pub async fn cancel_job(
     params(("id" = String, Path, description = "Job id")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 404, body = ErrorBody),
+        (status = 404, description = "No job has this id", body = ErrorBody),
         (status = 409, description = "Not finished: cancel it first", body = ErrorBody),
     )
 )]
@@ -676,7 +698,7 @@ async fn find_artifact(state: &AppState, id: &str, name: &str) -> Result<NewArti
     params(("id" = String, Path, description = "Job id")),
     responses(
         (status = 200, description = "The report: per tensor shape, dtype, stages, bytes, fidelity; and totals", content_type = "application/json", body = Object),
-        (status = 404, body = ErrorBody),
+        (status = 404, description = "No job has this id", body = ErrorBody),
         (status = 409, description = "The job has not succeeded", body = ErrorBody),
     )
 )]
@@ -801,13 +823,17 @@ fn content_type_of(name: &str) -> &'static str {
         ("id" = String, Path, description = "Job id"),
         ("name" = String, Path, description = "Artifact name, e.g. `model.safetensors`"),
         ("Range" = Option<String>, Header, description = "`bytes=START-END`"),
+        ("If-None-Match" = Option<String>, Header, description = "An `ETag` from an earlier download: 304 if unchanged"),
     ),
     responses(
-        (status = 200, description = "The file", content_type = "application/octet-stream", body = inline(super::BinaryFile),
-            headers(("ETag" = String, description = "The sha256, quoted"), ("Content-Disposition" = String))),
-        (status = 206, description = "The range asked for", content_type = "application/octet-stream", body = inline(super::BinaryFile)),
+        (status = 200, description = "The file: JSON artifacts (`config.json`, `report.json`) as `application/json`, the others as `application/octet-stream`",
+            content((inline(super::BinaryFile) = "application/octet-stream"), (Object = "application/json")),
+            headers(("ETag" = String, description = "The sha256, quoted"), ("Content-Disposition" = String, description = "`attachment` with the artifact's name"))),
+        (status = 206, description = "The range asked for, with the artifact's content type",
+            content((inline(super::BinaryFile) = "application/octet-stream"), (inline(super::BinaryFile) = "application/json")),
+            headers(("Content-Range" = String, description = "`bytes START-END/LENGTH`"))),
         (status = 304, description = "Unchanged (If-None-Match)"),
-        (status = 404, body = ErrorBody),
+        (status = 404, description = "No job has this id, or the job has no artifact of this name", body = ErrorBody),
         (status = 409, description = "The job has not succeeded", body = ErrorBody),
         (status = 416, description = "The range is outside the file", body = ErrorBody),
     )

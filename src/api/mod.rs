@@ -5,6 +5,7 @@ pub mod error;
 mod jobs;
 mod models;
 mod system;
+pub mod telemetry;
 mod time;
 
 use std::sync::Arc;
@@ -104,6 +105,66 @@ impl Modify for BearerOnV1 {
     }
 }
 
+/// Statuses every operation can answer whatever its handler does: 401 on
+/// `/v1` when the server has API keys, 500 anywhere. Also gives any
+/// response documented without a description its status' reason phrase, so
+/// the document stays valid OpenAPI.
+struct StandardResponses;
+
+impl Modify for StandardResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let error = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let responses = &mut op.responses.responses;
+                if path.starts_with("/v1/") {
+                    responses.entry("401".into()).or_insert_with(|| {
+                        error("No or an unknown API key (`missing_api_key`, `invalid_api_key`); only when the server has API keys")
+                    });
+                }
+                responses.entry("500".into()).or_insert_with(|| {
+                    error("The server failed (`internal_error`); its log has the details under the `x-request-id` of the answer")
+                });
+                for (status, response) in responses.iter_mut() {
+                    if let RefOr::T(r) = response {
+                        if r.description.is_empty() {
+                            r.description = status
+                                .parse::<u16>()
+                                .ok()
+                                .and_then(|s| axum::http::StatusCode::from_u16(s).ok())
+                                .and_then(|s| s.canonical_reason())
+                                .unwrap_or("Response")
+                                .to_string();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let v1 = OpenApiRouter::new()
         // Uploads are streamed to disk and limited by the upload limit, not
@@ -127,6 +188,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts();
     // After the routes are in: it marks their operations.
     BearerOnV1.modify(&mut doc);
+    StandardResponses.modify(&mut doc);
     (router, doc)
 }
 
@@ -161,11 +223,13 @@ pub fn router(state: AppState) -> Router {
         require_api_key,
     ))
     .merge(Router::<AppState>::from(docs))
+    .route_layer(middleware::from_fn(telemetry::record_route))
     .fallback(error::not_found)
     .method_not_allowed_fallback(method_not_allowed)
     .with_state(state)
     .layer(middleware::map_response(error::uniform_errors))
     .layer(middleware::map_response(no_sniffing))
+    .layer(middleware::from_fn(telemetry::observe))
     .layer(PropagateRequestIdLayer::new(request_id.clone()))
     .layer(
         TraceLayer::new_for_http().make_span_with(|req: &Request| {

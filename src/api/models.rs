@@ -22,7 +22,7 @@ use super::error::{ApiError, ErrorBody, Path, Query};
 use super::time::rfc3339;
 use super::AppState;
 use crate::blobs::{SealingWriter, TmpDir};
-use crate::format::reader::{read_header, Checkpoint, FormatError, CONFIG_FILE};
+use crate::format::checkpoint::{read_header, Checkpoint, FormatError, CONFIG_FILE};
 use crate::store::{DeleteOutcome, ModelFile, ModelRecord, NewModel};
 
 /// Page size when none is asked for, and the largest allowed.
@@ -107,9 +107,26 @@ pub struct UploadForm {
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
     /// At most this many items (1..=200, default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page (empty: the first page).
+    #[param(
+        pattern = "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$"
+    )]
     pub cursor: Option<String>,
+}
+
+/// A cursor is the id of the last item of the previous page; anything else
+/// is refused rather than read as a position.
+pub fn page_cursor(cursor: Option<String>) -> Result<Option<String>, ApiError> {
+    match cursor.filter(|c| !c.is_empty()) {
+        None => Ok(None),
+        Some(c) if uuid::Uuid::try_parse(&c).is_ok() => Ok(Some(c)),
+        Some(c) => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`cursor` must be the `next_cursor` of a previous page, not `{c}`."),
+        )),
+    }
 }
 
 pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
@@ -783,8 +800,8 @@ async fn forget(state: &AppState, added: &[String]) {
     tag = "models",
     params(PageParams),
     responses(
-        (status = 200, body = ModelList),
-        (status = 400, body = ErrorBody),
+        (status = 200, description = "One page of models, newest first", body = ModelList),
+        (status = 400, description = "`limit` or `cursor` is not valid (`invalid_query`)", body = ErrorBody),
     )
 )]
 pub async fn list_models(
@@ -792,16 +809,21 @@ pub async fn list_models(
     Query(page): Query<PageParams>,
 ) -> Result<axum::Json<ModelList>, ApiError> {
     let limit = page_limit(page.limit)?;
+    let cursor = page_cursor(page.cursor)?;
     let mut records = state
         .store
-        .list_models(limit + 1, page.cursor.as_deref().filter(|c| !c.is_empty()))
+        .list_models(limit + 1, cursor.as_deref())
         .await?;
     let next_cursor = split_page(&mut records, limit, |m| &m.id);
-    let mut items = Vec::with_capacity(records.len());
-    for m in records {
-        let files = state.store.model_files(&m.id).await?;
-        items.push(model_view(m, files));
-    }
+    let ids: Vec<&str> = records.iter().map(|m| m.id.as_str()).collect();
+    let mut files = state.store.files_of_models(&ids).await?;
+    let items = records
+        .into_iter()
+        .map(|m| {
+            let f = files.remove(&m.id).unwrap_or_default();
+            model_view(m, f)
+        })
+        .collect();
     Ok(axum::Json(ModelList { items, next_cursor }))
 }
 
@@ -820,8 +842,8 @@ async fn find_model(state: &AppState, id: &str) -> Result<ModelRecord, ApiError>
     tag = "models",
     params(("id" = String, Path, description = "Model id")),
     responses(
-        (status = 200, body = ModelView),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The model", body = ModelView),
+        (status = 404, description = "No model has this id", body = ErrorBody),
     )
 )]
 pub async fn get_model(
@@ -840,8 +862,8 @@ pub async fn get_model(
     tag = "models",
     params(("id" = String, Path, description = "Model id")),
     responses(
-        (status = 200, body = TensorList),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The model's tensors: name, dtype, shape", body = TensorList),
+        (status = 404, description = "No model has this id", body = ErrorBody),
     )
 )]
 pub async fn model_tensors(
@@ -867,7 +889,7 @@ pub async fn model_tensors(
     params(("id" = String, Path, description = "Model id")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 404, body = ErrorBody),
+        (status = 404, description = "No model has this id", body = ErrorBody),
         (status = 409, description = "A queued or running job uses it", body = ErrorBody),
     )
 )]

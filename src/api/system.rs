@@ -32,7 +32,7 @@ pub struct PresetList {
     get,
     path = "/v1/presets",
     tag = "service",
-    responses((status = 200, body = PresetList))
+    responses((status = 200, description = "The named pipelines with their stages", body = PresetList))
 )]
 pub async fn presets() -> axum::Json<PresetList> {
     let items = PRESETS
@@ -57,7 +57,7 @@ pub struct Health {
     get,
     path = "/healthz",
     tag = "service",
-    responses((status = 200, body = Health))
+    responses((status = 200, description = "The process answers", body = Health))
 )]
 pub async fn healthz() -> axum::Json<Health> {
     axum::Json(Health {
@@ -75,7 +75,7 @@ pub async fn healthz() -> axum::Json<Health> {
     path = "/readyz",
     tag = "service",
     responses(
-        (status = 200, body = Health),
+        (status = 200, description = "Ready", body = Health),
         (status = 503, description = "Not ready; the message says which check failed", body = ErrorBody),
     )
 )]
@@ -105,8 +105,10 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Prometheus metrics: jobs by status, queue depth, job durations, bytes
-/// uploaded and written.
+/// Prometheus metrics: jobs stored by status, queue depth, jobs finished in
+/// this process, job durations, bytes uploaded and written, HTTP requests
+/// by route and their durations, and the process's CPU, memory and open
+/// files.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -120,7 +122,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     let mut text = String::new();
     match state.store.count_jobs_by_status().await {
         Ok(counts) => {
-            text.push_str("# HELP modelpress_jobs Jobs in the database, by status.\n");
+            text.push_str("# HELP modelpress_jobs Jobs stored in the database now, by status, counted at each scrape; deleting a job lowers it (modelpress_jobs_finished_total counts finishes in this process).\n");
             text.push_str("# TYPE modelpress_jobs gauge\n");
             for (status, n) in &counts {
                 let _ = writeln!(
@@ -146,6 +148,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         "modelpress_jobs_running_here {}",
         state.workers.running_jobs()
     );
+    text.push_str(&super::telemetry::process_metrics());
     if let Some(handle) = &state.metrics {
         handle.run_upkeep();
         text.push_str(&handle.render());

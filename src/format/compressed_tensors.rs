@@ -20,13 +20,15 @@
 //! Scales have compressed-tensors' shapes: `[1]` per tensor, `[rows, 1]` per
 //! channel, `[rows, cols / group_size]` per group. Everything else passes
 //! through, and `quantization_config` (for `config.json`) lists one config
-//! group per quantize stage, targeting the layers by name.
+//! group per quantize stage. Which layers are quantized by default and how
+//! the config names them is [`super::ct_targets`]'s business.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
+use super::ct_targets::{self, Layout};
 use super::dtype::Dtype;
 use super::packed::Piece;
 use crate::compress::bitpack::pack_lsb;
@@ -35,8 +37,28 @@ use crate::compress::quantize::{IntQuant, ScaleSearch};
 use crate::compress::spec::{Pipeline, PruneKind, Stage, TensorShape, ValueStage};
 use crate::compress::tensor::{Processed, Values};
 
-/// Refuses, before any work, a pipeline this layout cannot hold.
-pub fn check_expressible(pipeline: &Pipeline, tensors: &[TensorShape<'_>]) -> Result<(), String> {
+/// The pipeline this format runs (stages without `targets` narrowed to
+/// linear layers, see [`ct_targets`]) and the collector of its layers;
+/// refuses, before any work, a pipeline this layout cannot hold.
+pub fn prepare(
+    pipeline: &Pipeline,
+    tensors: &[TensorShape<'_>],
+    config: Option<&Value>,
+) -> Result<(Pipeline, Layers), String> {
+    let layout = Layout::new(tensors, config);
+    let narrowed = ct_targets::narrow(pipeline, tensors, &layout)?;
+    check_expressible(&narrowed, tensors)?;
+    Ok((
+        narrowed,
+        Layers {
+            layout,
+            ..Layers::default()
+        },
+    ))
+}
+
+/// Refuses a pipeline this layout cannot hold.
+fn check_expressible(pipeline: &Pipeline, tensors: &[TensorShape<'_>]) -> Result<(), String> {
     for (i, s) in pipeline.stages().iter().enumerate() {
         match s {
             Stage::LowRank(..) | Stage::Encode(..) => {
@@ -101,10 +123,11 @@ fn format_of(v: &ValueStage) -> &'static str {
 /// `quantization_config`.
 #[derive(Default)]
 pub struct Layers {
+    layout: Layout,
     /// Quantize stage index → layer names.
     quantized: BTreeMap<usize, Vec<String>>,
     /// Layers with a 2-D float weight left unquantized.
-    ignored: Vec<String>,
+    unquantized: Vec<String>,
     /// n:m sparsity seen on quantized layers.
     structured: Option<(usize, usize)>,
     sparse_layers: Vec<String>,
@@ -134,7 +157,7 @@ impl Layers {
     /// Records a tensor that passes through unchanged.
     pub fn unquantized(&mut self, name: &str, shape: &[usize], is_float: bool) {
         if is_float && shape.len() == 2 && name.ends_with(".weight") {
-            self.ignored.push(layer_of(name).to_string());
+            self.unquantized.push(layer_of(name).to_string());
         }
     }
 
@@ -254,9 +277,11 @@ impl Layers {
 
     /// The `quantization_config` block for `config.json`.
     pub fn quantization_config_for(&self, pipeline: &Pipeline) -> Value {
+        let layer_lists: Vec<&[String]> = self.quantized.values().map(Vec::as_slice).collect();
+        let naming = ct_targets::naming(&self.layout, &layer_lists, &self.unquantized);
         let mut groups = serde_json::Map::new();
         let mut format = "dense";
-        for (n, (si, layers)) in self.quantized.iter().enumerate() {
+        for (n, ((si, _), targets)) in self.quantized.iter().zip(&naming.targets).enumerate() {
             let Stage::Value(v, _) = &pipeline.stages()[*si] else {
                 continue;
             };
@@ -274,7 +299,7 @@ impl Layers {
             groups.insert(
                 format!("group_{n}"),
                 json!({
-                    "targets": layers,
+                    "targets": targets,
                     "weights": weights,
                     "input_activations": null,
                     "output_activations": null,
@@ -287,7 +312,7 @@ impl Layers {
             "format": format,
             "quantization_status": "compressed",
             "config_groups": groups,
-            "ignore": self.ignored,
+            "ignore": naming.ignore,
             "kv_cache_scheme": null,
             "global_compression_ratio": null,
         });
@@ -295,7 +320,7 @@ impl Layers {
             config["sparsity_config"] = json!({
                 "format": "dense",
                 "sparsity_structure": format!("{n}:{m}"),
-                "targets": self.sparse_layers,
+                "targets": self.sparse_layers.iter().map(|l| self.layout.pattern(l)).collect::<Vec<_>>(),
                 "ignore": [],
                 "global_sparsity": null,
             });

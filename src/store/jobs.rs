@@ -86,6 +86,8 @@ pub struct JobRecord {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub updated_at: i64,
+    /// The `x-request-id` of the request that created the job.
+    pub request_id: Option<String>,
 }
 
 /// A job to enqueue.
@@ -101,6 +103,8 @@ pub struct NewJob {
     /// With the hash of the request it came with: the same key with another
     /// request is a conflict.
     pub idempotency: Option<(String, String)>,
+    /// The `x-request-id` of the request that creates it.
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug)]
@@ -216,8 +220,8 @@ impl Store {
         let record: JobRecord = sqlx::query_as(
             "INSERT INTO jobs (id, model_id, status, priority, preset, pipeline, output_format,
                                webhook_url, labels, idempotency_key, request_hash,
-                               created_at, updated_at)
-             VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                               created_at, updated_at, request_id)
+             VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
         )
         .bind(uuid::Uuid::now_v7().to_string())
         .bind(job.model_id)
@@ -231,6 +235,7 @@ impl Store {
         .bind(hash)
         .bind(now)
         .bind(now)
+        .bind(job.request_id)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -267,6 +272,31 @@ impl Store {
         .bind(filter.limit)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// The artifacts of several jobs in one query: job id → its artifacts,
+    /// in order. A job without artifacts is absent.
+    pub async fn artifacts_of_jobs(
+        &self,
+        ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, Vec<NewArtifact>>, StoreError> {
+        let ids = serde_json::to_string(ids).expect("strings serialize");
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT job_id, name, sha256, bytes FROM job_artifacts
+             WHERE job_id IN (SELECT value FROM json_each(?1)) ORDER BY job_id, position",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: std::collections::HashMap<String, Vec<NewArtifact>> = Default::default();
+        for (job_id, name, sha256, bytes) in rows {
+            out.entry(job_id).or_default().push(NewArtifact {
+                name,
+                sha256,
+                bytes,
+            });
+        }
+        Ok(out)
     }
 
     pub async fn job_artifacts(&self, id: &str) -> Result<Vec<NewArtifact>, StoreError> {

@@ -234,6 +234,7 @@ mod tests {
             webhook_url: None,
             labels: "{}".into(),
             idempotency: None,
+            request_id: None,
         }
     }
 

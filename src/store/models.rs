@@ -90,6 +90,31 @@ impl Store {
         .await?)
     }
 
+    /// The files of several models in one query: model id → its files,
+    /// by name. A model without files is absent.
+    pub async fn files_of_models(
+        &self,
+        ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, Vec<ModelFile>>, StoreError> {
+        let ids = serde_json::to_string(ids).expect("strings serialize");
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT model_id, name, sha256, bytes FROM model_files
+             WHERE model_id IN (SELECT value FROM json_each(?1)) ORDER BY model_id, name",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: std::collections::HashMap<String, Vec<ModelFile>> = Default::default();
+        for (model_id, name, sha256, bytes) in rows {
+            out.entry(model_id).or_default().push(ModelFile {
+                name,
+                sha256,
+                bytes,
+            });
+        }
+        Ok(out)
+    }
+
     /// Models, newest first, after the model `cursor` (its id) if given.
     pub async fn list_models(
         &self,

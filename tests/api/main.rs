@@ -3,11 +3,13 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod contract;
 mod errors;
 mod helpers;
 mod jobs;
 mod openapi;
 mod recovery;
 mod storage;
+mod telemetry;
 mod uploads;
 mod webhook;

@@ -1,0 +1,302 @@
+//! The MSE scale search and the fixed-order sums it is built on.
+
+use rayon::prelude::*;
+
+use super::*;
+use crate::compress::coded::affine_value;
+
+/// Σ w·d and Σ d² over a group for `d = q - z`: enough to get the squared
+/// error of any scale applied to these symbols, and the best such scale.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Fit {
+    pub(super) wd: f64,
+    pub(super) dd: f64,
+}
+
+/// `Σ (w - s·d)²` expanded; exact up to rounding of the sums.
+pub(super) fn model_error(sum_sq: f64, fit: Fit, scale: f32) -> f64 {
+    let s = f64::from(scale);
+    sum_sq - 2.0 * s * fit.wd + s * s * fit.dd
+}
+
+/// The passes over one group that the scale search needs. The reference and
+/// the optimized kernels implement them with the same arithmetic in the same
+/// order.
+pub(super) trait GroupPasses {
+    /// Σ w².
+    fn sum_sq(&self) -> f64;
+    fn fit(&self, round_scale: f32, zero: i32) -> Fit;
+    /// Σ (w - w')² with the values `c` decodes to.
+    fn sq_error(&self, c: Choice) -> f64;
+}
+
+/// The MSE scale search: shrunken min-max scales with, when asymmetric,
+/// three placements of the zero point (min-max's, low end anchored, high
+/// end anchored), each also with its least-squares scale. The candidates are
+/// ranked by the expanded error; the winner replaces min-max only if its
+/// directly computed error is strictly smaller.
+pub(super) fn search_choice(p: &impl GroupPasses, span: Span, bits: u8, symmetric: bool) -> Choice {
+    let minmax = minmax_choice(span, bits, symmetric);
+    if span.is_zero() {
+        return minmax;
+    }
+    let r = IntRange::of(bits);
+    let sum_sq = p.sum_sq();
+    let mut best = minmax;
+    let mut best_err = f64::INFINITY;
+    let mut consider = |c: Choice, err: f64| {
+        if err < best_err {
+            best = c;
+            best_err = err;
+        }
+    };
+    for step in 0..=SHRINK_STEPS {
+        let s = minmax.scale * (1.0 - f32::from(step) * SHRINK_STEP);
+        if s < f32::MIN_POSITIVE {
+            continue;
+        }
+        let zeros = if symmetric {
+            [Some(0), None, None]
+        } else {
+            let a = minmax.zero;
+            let b = zero_for_low(span.lo, s, r);
+            let c = zero_for_high(span.hi, s, r);
+            [
+                Some(a),
+                (b != a).then_some(b),
+                (c != a && c != b).then_some(c),
+            ]
+        };
+        for zero in zeros.into_iter().flatten() {
+            let fit = p.fit(s, zero);
+            let plain = Choice {
+                round_scale: s,
+                scale: s,
+                zero,
+            };
+            consider(plain, model_error(sum_sq, fit, s));
+            if fit.dd > 0.0 {
+                let ls = (fit.wd / fit.dd) as f32;
+                if ls > 0.0 {
+                    let ls = bounded_scale(ls, bits);
+                    let refit = Choice { scale: ls, ..plain };
+                    consider(refit, model_error(sum_sq, fit, ls));
+                }
+            }
+        }
+    }
+    if best != minmax && p.sq_error(best) >= p.sq_error(minmax) {
+        minmax
+    } else {
+        best
+    }
+}
+
+pub(super) fn fold_lanes(l: [f64; LANES]) -> f64 {
+    ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+}
+
+pub(super) fn add_blocks<const N: usize>(blocks: impl IntoIterator<Item = [f64; N]>) -> [f64; N] {
+    blocks.into_iter().fold([0.0; N], |mut acc, b| {
+        for (a, v) in acc.iter_mut().zip(b) {
+            *a += v;
+        }
+        acc
+    })
+}
+
+/// `N` sums of `term(w)` in the canonical order, element `i` of a block into
+/// lane `i % LANES`, written to keep the lanes independent.
+#[inline(always)]
+pub(super) fn block_sums_fast<const N: usize>(
+    block: &[f32],
+    term: impl Fn(f32) -> [f64; N],
+) -> [f64; N] {
+    let mut lanes = [[0.0f64; LANES]; N];
+    let mut chunks = block.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (j, &w) in c.iter().enumerate() {
+            let t = term(w);
+            for k in 0..N {
+                lanes[k][j] += t[k];
+            }
+        }
+    }
+    for (j, &w) in chunks.remainder().iter().enumerate() {
+        let t = term(w);
+        for k in 0..N {
+            lanes[k][j] += t[k];
+        }
+    }
+    lanes.map(fold_lanes)
+}
+
+/// Canonical sums over a whole group from per-block sums, blocks in
+/// parallel when the group is large.
+pub(super) fn group_blocks_fast<const N: usize>(
+    w: &[f32],
+    block: impl Fn(&[f32]) -> [f64; N] + Sync,
+) -> [f64; N] {
+    if w.len() > PAR_GROUP {
+        let parts: Vec<[f64; N]> = w.par_chunks(BLOCK).map(&block).collect();
+        add_blocks(parts)
+    } else {
+        add_blocks(w.chunks(BLOCK).map(block))
+    }
+}
+
+pub(super) fn group_sums_fast<const N: usize>(
+    w: &[f32],
+    term: impl Fn(f32) -> [f64; N] + Sync,
+) -> [f64; N] {
+    group_blocks_fast(w, |b| block_sums_fast(b, &term))
+}
+
+// Σ d² of a block is an exact i32 sum.
+const _: () = assert!(BLOCK * 255 * 255 < i32::MAX as usize);
+const _: () = assert!(BLOCK.is_multiple_of(FIT_STEP) && FIT_STEP.is_multiple_of(LANES));
+
+/// The integer value of an integer-valued f32 `x` with `|x| < 2^22`, read
+/// from the mantissa of `x + 1.5 * 2^23` (a saturating `as i32` conversion
+/// does not vectorize).
+#[inline(always)]
+pub(super) fn small_int(x: f32) -> i32 {
+    (x + ROUND_MAGIC).to_bits() as i32 - ROUND_MAGIC.to_bits() as i32
+}
+
+/// Elements per step of [`fit_block`]: small stack buffers, cheap to
+/// initialise even for short groups; a multiple of [`LANES`].
+pub(super) const FIT_STEP: usize = 64;
+
+/// The [`GroupPasses::fit`] sums of one block: the hot loop of the search.
+/// Each step goes through small buffers as plain loops that vectorize: the
+/// rounding, Σ d² (an exact integer sum, equal to the reference's exact f64
+/// lanes), the f64 products, then the lane sums.
+#[inline(always)]
+pub(super) fn fit_block<const SANITIZE: bool>(block: &[f32], span: Span, k: FastQuant) -> [f64; 2] {
+    let mut wd = [0.0f64; LANES];
+    let mut dd = 0i32;
+    for step in block.chunks(FIT_STEP) {
+        let n = step.len();
+        let mut seen = [0.0f32; FIT_STEP];
+        let w = if SANITIZE {
+            for (o, &x) in seen.iter_mut().zip(step) {
+                *o = span.seen(x);
+            }
+            &seen[..n]
+        } else {
+            step
+        };
+        let mut dbuf = [0.0f32; FIT_STEP];
+        let d = &mut dbuf[..n];
+        for (d, &x) in d.iter_mut().zip(w) {
+            *d = k.q(x) - k.zero;
+        }
+        dd += d.iter().map(|&d| small_int(d) * small_int(d)).sum::<i32>();
+        let mut pbuf = [0.0f64; FIT_STEP];
+        let p = &mut pbuf[..n];
+        for ((p, &w), &d) in p.iter_mut().zip(w).zip(d.iter()) {
+            *p = f64::from(w) * f64::from(d);
+        }
+        let mut chunks = p.chunks_exact(LANES);
+        for c in &mut chunks {
+            for j in 0..LANES {
+                wd[j] += c[j];
+            }
+        }
+        for (j, &v) in chunks.remainder().iter().enumerate() {
+            wd[j] += v;
+        }
+    }
+    [fold_lanes(wd), f64::from(dd)]
+}
+
+/// Canonical sums, plainly.
+pub(super) fn group_sums_reference<const N: usize>(
+    w: &[f32],
+    term: impl Fn(f32) -> [f64; N],
+) -> [f64; N] {
+    let mut total = [0.0; N];
+    for block in w.chunks(BLOCK) {
+        let mut lanes = [[0.0f64; LANES]; N];
+        for (i, &x) in block.iter().enumerate() {
+            let t = term(x);
+            for k in 0..N {
+                lanes[k][i % LANES] += t[k];
+            }
+        }
+        for k in 0..N {
+            total[k] += fold_lanes(lanes[k]);
+        }
+    }
+    total
+}
+
+pub(super) fn sq(x: f32) -> f64 {
+    f64::from(x) * f64::from(x)
+}
+
+pub(super) struct FastPasses<'a> {
+    pub(super) w: &'a [f32],
+    pub(super) span: Span,
+    pub(super) r: IntRange,
+}
+
+impl GroupPasses for FastPasses<'_> {
+    fn sum_sq(&self) -> f64 {
+        let span = self.span;
+        group_sums_fast(self.w, |w| [sq(span.seen(w))])[0]
+    }
+
+    fn fit(&self, round_scale: f32, zero: i32) -> Fit {
+        let (span, k) = (self.span, FastQuant::new(round_scale, zero, self.r));
+        let [wd, dd] = if span.all_finite {
+            group_blocks_fast(self.w, |b| fit_block::<false>(b, span, k))
+        } else {
+            group_blocks_fast(self.w, |b| fit_block::<true>(b, span, k))
+        };
+        Fit { wd, dd }
+    }
+
+    fn sq_error(&self, c: Choice) -> f64 {
+        let (span, k) = (self.span, FastQuant::new(c.round_scale, c.zero, self.r));
+        group_sums_fast(self.w, |w| {
+            let w = span.seen(w);
+            [sq_diff(w, affine_value(k.q(w) as i32, c.zero, c.scale))]
+        })[0]
+    }
+}
+
+pub(super) fn sq_diff(a: f32, b: f32) -> f64 {
+    let d = f64::from(a) - f64::from(b);
+    d * d
+}
+
+pub(super) struct ReferencePasses<'a> {
+    pub(super) w: &'a [f32],
+    pub(super) span: Span,
+    pub(super) r: IntRange,
+}
+
+impl GroupPasses for ReferencePasses<'_> {
+    fn sum_sq(&self) -> f64 {
+        group_sums_reference(self.w, |w| [sq(self.span.seen(w))])[0]
+    }
+
+    fn fit(&self, round_scale: f32, zero: i32) -> Fit {
+        let [wd, dd] = group_sums_reference(self.w, |w| {
+            let w = self.span.seen(w);
+            let d = f64::from(quantize_value(w, round_scale, zero, self.r) - zero);
+            [f64::from(w) * d, d * d]
+        });
+        Fit { wd, dd }
+    }
+
+    fn sq_error(&self, c: Choice) -> f64 {
+        group_sums_reference(self.w, |w| {
+            let w = self.span.seen(w);
+            let q = quantize_value(w, c.round_scale, c.zero, self.r);
+            [sq_diff(w, affine_value(q, c.zero, c.scale))]
+        })[0]
+    }
+}
