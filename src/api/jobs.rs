@@ -423,8 +423,8 @@ fn created(view: JobView) -> Response {
         (status = 409, description = "The idempotency key was used with another request", body = ErrorBody),
         (status = 413, description = "The body is larger than the server accepts for JSON", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
-        (status = 422, description = "The pipeline does not fit the model, a field is invalid, or the `webhook_url` is refused by the outbound policy (`outbound_refused`)", body = ErrorBody),
-        (status = 507, description = "The server's storage is full (`insufficient_storage`)", body = ErrorBody),
+        (status = 422, description = "The pipeline does not fit the model, the model does not exist, a field is invalid, or the `webhook_url` is refused by the outbound policy (`outbound_refused`)", body = ErrorBody),
+        (status = 507, description = "Not enough free space to run the job (`insufficient_storage`)", body = ErrorBody),
     )
 )]
 pub async fn create_job(
