@@ -15,17 +15,19 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::compress::calibrate::output_error;
 use crate::compress::metrics::{fidelity, fidelity_with};
 use crate::compress::prune::GlobalThreshold;
 use crate::compress::report::{Report, TensorReport, Totals, REPORT_VERSION};
 use crate::compress::spec::{Pipeline, PruneKind, SpecError, Stage, TensorShape};
 use crate::compress::structural::{self, Plan, StructuralError, TensorSource};
-use crate::compress::tensor::{process, TensorCut, TensorError, Values};
+use crate::compress::tensor::{process, process_with_stats, TensorCut, TensorError, Values};
 use crate::format::checkpoint::{Checkpoint, FormatError};
 use crate::format::compressed_tensors as ct;
 use crate::format::dtype::{from_f32, to_f32, Dtype};
 use crate::format::header::TensorInfo;
 use crate::format::packed::{self, pack_tensor, unpack_tensor, PackedError, PackedTensor, Pieces};
+use crate::format::stats::{StatsFile, StatsFileError};
 use crate::format::writer::{header_bound, header_reserve, SafetensorsWriter, WriteError};
 
 /// The layout of the compressed checkpoint.
@@ -75,6 +77,9 @@ pub enum RunError {
     Structural(#[from] StructuralError),
     #[error(transparent)]
     Tensor(#[from] TensorError),
+    /// The calibration statistics do not fit the model.
+    #[error(transparent)]
+    Stats(#[from] StatsFileError),
     /// The packed input cannot be restored.
     #[error(transparent)]
     Packed(#[from] PackedError),
@@ -240,7 +245,45 @@ pub fn check(input: &Path, pipeline: &Pipeline, format: OutputFormat) -> Result<
     let ckpt = Checkpoint::open(input)?;
     let src = Source(&ckpt);
     let plan = structural::plan(&pipeline.structural(), &src)?;
-    check_plan(&ckpt, &plan, pipeline, format, ckpt.config_json()).map(drop)
+    // The compressed-tensors format runs a narrower pipeline: the
+    // statistics it needs are those of the narrower one.
+    let narrowed = check_plan(&ckpt, &plan, pipeline, format, ckpt.config_json())?;
+    let pipeline = narrowed.as_ref().map_or(pipeline, |(p, _)| p);
+    check_stats(&ckpt, &plan, pipeline, None)
+}
+
+/// Holds the statistics to the model as the pipeline will see it (after
+/// structural stages) and refuses stages that need statistics a tensor
+/// does not have.
+fn check_stats(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    pipeline: &Pipeline,
+    stats: Option<&StatsFile>,
+) -> Result<(), RunError> {
+    if let Some(s) = stats {
+        s.check_against(
+            plan.outputs
+                .iter()
+                .map(|p| (p.name.as_str(), p.shape.as_slice())),
+        )?;
+    }
+    let shapes: Vec<TensorShape<'_>> = plan
+        .outputs
+        .iter()
+        .map(|p| TensorShape {
+            name: &p.name,
+            shape: &p.shape,
+            is_float: ckpt
+                .get(&p.source)
+                .is_some_and(|t| t.dtype.is_float_weight()),
+        })
+        .collect();
+    pipeline.check_statistics(
+        &shapes,
+        stats.map(|s| s as &dyn crate::compress::spec::StatsCatalog),
+    )?;
+    Ok(())
 }
 
 /// For the compressed-tensors format, also the pipeline that format runs
@@ -280,6 +323,20 @@ pub fn compress(
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<Report, RunError> {
+    compress_with_stats(input, out_dir, req, None, progress, cancel)
+}
+
+/// [`compress`] with calibration statistics: checked against the model
+/// before any work, passed tensor by tensor to the stages, and the
+/// report gets each tensor's output error and the statistics' sha256.
+pub fn compress_with_stats(
+    input: &Path,
+    out_dir: &Path,
+    req: &CompressRequest<'_>,
+    stats: Option<&StatsFile>,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Report, RunError> {
     let started = Instant::now();
     let ckpt = Checkpoint::open(input)?;
     let config = match req.config {
@@ -293,6 +350,7 @@ pub fn compress(
         check_plan(&ckpt, &plan, req.pipeline, req.format, config.as_ref())?
             .unwrap_or_else(|| (req.pipeline.clone(), ct::Layers::default()));
     let pipeline = &pipeline;
+    check_stats(&ckpt, &plan, pipeline, stats)?;
     let cuts = global_cuts(&ckpt, &plan, pipeline, progress, cancel)?;
 
     let staging = Staging::new(out_dir)?;
@@ -372,7 +430,11 @@ pub fn compress(
             };
             let cut = cuts.get(&planned.name).copied();
             let round = |v: &mut [f32]| round_to(dtype, v);
-            let p = process(
+            let layer_stats = match stats {
+                Some(s) if !stage_idx.is_empty() => s.get(&planned.name)?,
+                _ => None,
+            };
+            let p = process_with_stats(
                 &planned.name,
                 exact,
                 &planned.shape,
@@ -381,11 +443,13 @@ pub fn compress(
                 cut,
                 &round,
                 &mut work,
+                layer_stats.as_ref(),
             )?;
-            Some((p, exact))
+            Some((p, exact, layer_stats))
         };
 
         let mut fid = None;
+        let mut out_err = None;
         match processed {
             None => {
                 let bytes = ckpt.bytes(info);
@@ -411,7 +475,7 @@ pub fn compress(
                     nonzero_after += planned.shape.iter().product::<usize>() as u64;
                 }
             }
-            Some((p, exact)) => {
+            Some((p, exact, layer_stats)) => {
                 // The dense values are built only when they are written;
                 // otherwise fidelity decodes chunk by chunk.
                 let dense = match (&p.values, req.format) {
@@ -431,6 +495,16 @@ pub fn compress(
                     }),
                     (None, Values::LowRank(_)) => unreachable!("low-rank values are reconstructed"),
                 };
+                if let Some(ls) = &layer_stats {
+                    out_err = match &dense {
+                        Some(d) => output_error(exact, d, ls),
+                        None => {
+                            let mut d = p.values.reconstruct(&p.shape);
+                            round_to(dtype, &mut d);
+                            output_error(exact, &d, ls)
+                        }
+                    };
+                }
                 let elements = p.shape.iter().product::<usize>() as f64;
                 nonzero_after += (elements * (1.0 - f.sparsity)).round() as u64;
                 fid = Some(f);
@@ -491,6 +565,7 @@ pub fn compress(
                 0.0
             },
             fidelity: fid,
+            output_error: out_err,
         });
         progress.tensor_done(&planned.name, k + 1, total);
     }
@@ -554,6 +629,7 @@ pub fn compress(
         report_version: REPORT_VERSION,
         format: req.format.name().to_string(),
         pipeline: pipeline.spec().clone(),
+        statistics_sha256: stats.map(|s| s.sha256().to_string()),
         tensors: reports,
         totals,
     };
@@ -574,7 +650,7 @@ fn stage_labels(pipeline: &Pipeline, changed: bool, idx: &[usize]) -> Vec<String
     } else {
         Vec::new()
     };
-    labels.extend(idx.iter().map(|&i| pipeline.stages()[i].label()));
+    labels.extend(idx.iter().map(|&i| pipeline.label(i)));
     labels
 }
 

@@ -289,6 +289,12 @@ fn selection_mut(stage: &mut StageSpec) -> Option<(&[String], &mut Vec<String>)>
         })
         | StageSpec::Prune(PruneSpec::NM {
             targets, ignore, ..
+        })
+        | StageSpec::Prune(PruneSpec::Wanda {
+            targets, ignore, ..
+        })
+        | StageSpec::Prune(PruneSpec::Sparsegpt {
+            targets, ignore, ..
         }) => Some((targets, ignore)),
         StageSpec::Prune(PruneSpec::Channel { .. }) | StageSpec::FoldBatchnorm(_) => None,
         StageSpec::LowRank(s) => Some((&s.targets, &mut s.ignore)),

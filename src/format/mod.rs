@@ -6,4 +6,5 @@ pub mod ct_targets;
 pub mod dtype;
 pub mod header;
 pub mod packed;
+pub mod stats;
 pub mod writer;
