@@ -339,16 +339,22 @@ async fn check_against_model(
     pipeline: Pipeline,
     format: OutputFormat,
 ) -> Result<(), ApiError> {
-    let files = state.store.model_files(model_id).await?;
-    if files.is_empty() {
-        return Err(ApiError::unprocessable(
+    let model_not_found = || {
+        ApiError::unprocessable(
             "model_not_found",
             format!("No model has the id `{model_id}`."),
-        ));
+        )
+    };
+    let files = state.store.model_files(model_id).await?;
+    if files.is_empty() {
+        return Err(model_not_found());
     }
     let blobs = state.blobs.clone();
     let checked =
         tokio::task::spawn_blocking(move || -> Result<Result<(), RunError>, std::io::Error> {
+            // A job needs room for its output: refused now rather than
+            // failing once it runs.
+            blobs.check_space()?;
             let dir = blobs.tmp_dir("check")?;
             let input = dir.path();
             blobs.checkout(
@@ -358,18 +364,22 @@ async fn check_against_model(
             Ok(run::check(input, &pipeline, format))
         })
         .await
-        .map_err(|e| ApiError::internal("checking a job panicked", e))?
-        .map_err(|e| ApiError::internal("could not lay out a model", e))?;
+        .map_err(|e| ApiError::internal("checking a job panicked", e))?;
+    // A model deleted while it was being checked loses its files under the
+    // check: that is the model missing, not a failure of the server.
+    let deleted = || async { matches!(state.store.get_model(model_id).await, Ok(None)) };
     match checked {
-        Ok(()) => Ok(()),
-        Err(e @ (RunError::Spec(_) | RunError::Structural(_))) => {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e @ (RunError::Spec(_) | RunError::Structural(_)))) => {
             Err(ApiError::unprocessable("invalid_pipeline", e.to_string()))
         }
-        Err(e @ RunError::CompressedTensors(_)) => Err(ApiError::unprocessable(
+        Ok(Err(e @ RunError::CompressedTensors(_))) => Err(ApiError::unprocessable(
             "unsupported_by_format",
             e.to_string(),
         )),
-        Err(e) => Err(ApiError::internal("a stored model could not be checked", e)),
+        _ if deleted().await => Err(model_not_found()),
+        Ok(Err(e)) => Err(ApiError::internal("a stored model could not be checked", e)),
+        Err(e) => Err(ApiError::io("could not lay out a model", e)),
     }
 }
 

@@ -9,6 +9,7 @@ mod helpers;
 mod jobs;
 mod openapi;
 mod recovery;
+mod storage;
 mod telemetry;
 mod uploads;
 mod webhook;
