@@ -21,6 +21,7 @@ SHAPES=${SHAPES:-"4096x4096 11008x4096"}
 PYTHON=${PYTHON:-python3}
 WORK=${WORK:-$(mktemp -d)}
 TARGET=${CARGO_TARGET_DIR:-target}
+mkdir -p "$WORK"
 
 cargo build --release --quiet --example bench_calibrated
 BIN=$TARGET/release/examples/bench_calibrated

@@ -57,6 +57,18 @@ pub struct ServeConfig {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// A target outgoing requests (webhooks) may reach although the
+    /// outbound policy refuses it (loopback, private, link-local and other
+    /// special addresses): a CIDR block (`10.20.0.0/16`), an address, or a
+    /// host name. Repeat for several (the variable takes a comma-separated
+    /// list). This server's own address stays refused.
+    #[arg(
+        long = "allow-outbound",
+        value_name = "CIDR|HOST",
+        env = "MODELPRESS_ALLOW_OUTBOUND",
+        value_delimiter = ','
+    )]
+    pub allow_outbound: Vec<crate::outbound::Allow>,
     /// Secret of the webhook signatures (HMAC-SHA256 of the body, in
     /// `X-Modelpress-Signature: sha256=<hex>`); unsigned when absent.
     #[arg(long, env = "MODELPRESS_WEBHOOK_SECRET", hide_env_values = true)]

@@ -6,13 +6,15 @@
 //!
 //! The service: [`store`] (the database and the job queue), [`blobs`]
 //! (content-addressed files), [`worker`] (the pool that runs jobs),
-//! [`webhook`], [`api`] (HTTP routes and the OpenAPI document), [`config`]
+//! [`webhook`] with the [`outbound`] policy every outgoing request obeys,
+//! [`api`] (HTTP routes and the OpenAPI document), [`config`]
 //! and [`startup`].
 pub mod api;
 pub mod blobs;
 pub mod compress;
 pub mod config;
 pub mod format;
+pub mod outbound;
 pub mod run;
 pub mod startup;
 pub mod store;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiConfig, AppState, JobView};
 use crate::blobs::Blobs;
 use crate::config::ServeConfig;
+use crate::outbound::OutboundPolicy;
 use crate::store::{now_ms, JobRecord, Store};
 use crate::webhook::{RetryPolicy, Webhooks};
 use crate::worker::{WorkerConfig, WorkerPool};
@@ -133,12 +134,22 @@ impl Application {
             .await
             .context("cannot open the database")?;
 
+        let listener = tokio::net::TcpListener::bind(config.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.addr))?;
+        // The address this server answers on is never a target of its own
+        // outgoing requests.
+        let outbound = Arc::new(OutboundPolicy::new(
+            config.allow_outbound.clone(),
+            Some(listener.local_addr()?),
+        ));
         let webhooks = Webhooks::new(
             config.webhook_secret.clone(),
             RetryPolicy {
                 first_delay: Duration::from_millis(config.webhook_retry_ms),
                 ..RetryPolicy::default()
             },
+            outbound.clone(),
         );
         let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<JobRecord>();
         let dispatcher = {
@@ -205,11 +216,9 @@ impl Application {
                     .collect(),
             }),
             metrics: Some(prometheus()),
+            outbound,
         };
         let router = api::router(state);
-        let listener = tokio::net::TcpListener::bind(config.addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.addr))?;
         Ok(Self {
             listener,
             router,

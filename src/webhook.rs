@@ -4,8 +4,16 @@
 //! `X-Modelpress-Signature: sha256=<hex of HMAC-SHA256(secret, body)>`.
 //! Each delivery runs on its own task and is retried with exponential
 //! backoff, so a slow or dead receiver never holds up a worker.
+//!
+//! Every attempt goes through the [outbound policy](crate::outbound): the
+//! target is resolved and checked again (it was checked when the job was
+//! created, but a name may resolve elsewhere now), the connection goes to
+//! the checked addresses, and a redirect counts as a refusal.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::outbound::{OutboundPolicy, Target};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -33,7 +41,7 @@ impl Default for RetryPolicy {
 
 #[derive(Clone)]
 pub struct Webhooks {
-    client: reqwest::Client,
+    policy: Arc<OutboundPolicy>,
     secret: Option<Vec<u8>>,
     retry: RetryPolicy,
 }
@@ -46,14 +54,9 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
 }
 
 impl Webhooks {
-    pub fn new(secret: Option<String>, retry: RetryPolicy) -> Self {
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("modelpress/", env!("CARGO_PKG_VERSION")))
-            .timeout(retry.timeout)
-            .build()
-            .expect("the HTTP client builds with static settings");
+    pub fn new(secret: Option<String>, retry: RetryPolicy, policy: Arc<OutboundPolicy>) -> Self {
         Self {
-            client,
+            policy,
             secret: secret.filter(|s| !s.is_empty()).map(String::into_bytes),
             retry,
         }
@@ -72,31 +75,25 @@ impl Webhooks {
         let signature = self.secret.as_deref().map(|s| signature(s, &body));
         let mut delay = self.retry.first_delay;
         for attempt in 1..=self.retry.attempts.max(1) {
-            let mut req = self
-                .client
-                .post(url)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .header(EVENT_HEADER, event)
-                .header(DELIVERY_HEADER, &delivery)
-                .body(body.clone());
-            if let Some(sig) = &signature {
-                req = req.header(SIGNATURE_HEADER, sig);
-            }
-            match req.send().await {
-                Ok(resp) if resp.status().is_success() => {
+            let target = match self.policy.resolve(url, self.retry.timeout).await {
+                Ok(target) => Some(target),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(url, event, attempt, error = %e, "webhook not delivered");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(url, event, error = %e, "webhook refused by the outbound policy");
+                    return false;
+                }
+            };
+            if let Some(target) = target {
+                if self
+                    .attempt(&target, event, &delivery, &body, signature.as_deref())
+                    .await
+                {
                     tracing::info!(url, event, attempt, "webhook delivered");
                     return true;
                 }
-                Ok(resp) => {
-                    tracing::warn!(
-                        url,
-                        event,
-                        attempt,
-                        status = resp.status().as_u16(),
-                        "webhook refused"
-                    )
-                }
-                Err(e) => tracing::warn!(url, event, attempt, error = %e, "webhook not delivered"),
             }
             if attempt < self.retry.attempts {
                 tokio::time::sleep(delay).await;
@@ -105,6 +102,51 @@ impl Webhooks {
         }
         tracing::error!(url, event, "webhook given up after every attempt");
         false
+    }
+
+    /// One delivery attempt; whether the receiver accepted it.
+    async fn attempt(
+        &self,
+        target: &Target,
+        event: &str,
+        delivery: &str,
+        body: &[u8],
+        signature: Option<&str>,
+    ) -> bool {
+        let url = target.url.as_str();
+        let client = match self.policy.client(target, self.retry.timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(url, error = %e, "could not build the webhook client");
+                return false;
+            }
+        };
+        let mut req = client
+            .post(target.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(EVENT_HEADER, event)
+            .header(DELIVERY_HEADER, delivery)
+            .body(body.to_vec());
+        if let Some(sig) = signature {
+            req = req.header(SIGNATURE_HEADER, sig);
+        }
+        match req.send().await {
+            Ok(resp) if resp.status().is_success() => true,
+            Ok(resp) => {
+                // Redirects included: they are not followed.
+                tracing::warn!(
+                    url,
+                    event,
+                    status = resp.status().as_u16(),
+                    "webhook refused"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(url, event, error = %e, "webhook not delivered");
+                false
+            }
+        }
     }
 }
 

@@ -155,6 +155,13 @@ impl From<JsonRejection> for ApiError {
                 "unsupported_media_type",
                 "Send the body as JSON with `Content-Type: application/json`.",
             ),
+            // A body over the limit is the same condition as an upload
+            // over it.
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("The request body is too large: {}", other.body_text()),
+            ),
             other => ApiError::new(other.status(), "invalid_body", other.body_text()),
         }
     }

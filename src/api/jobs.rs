@@ -2,6 +2,7 @@
 //! what they produced.
 
 use std::path::Path as FsPath;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -19,6 +20,7 @@ use super::models::{page_cursor, page_limit, split_page};
 use super::time::rfc3339;
 use super::AppState;
 use crate::compress::spec::{preset, Pipeline, PipelineSpec, PRESETS};
+use crate::outbound::{OutboundPolicy, Refusal};
 use crate::run::{self, OutputFormat, RunError};
 use crate::store::{
     CancelOutcome, DeleteOutcome, InsertOutcome, JobFilter, JobRecord, JobStatus, NewArtifact,
@@ -198,7 +200,7 @@ pub fn render_job(j: JobRecord, artifacts: Vec<NewArtifact>) -> JobView {
     let artifacts = artifacts
         .into_iter()
         .map(|a| ArtifactView {
-            url: format!("/v1/jobs/{}/artifacts/{}", j.id, a.name),
+            url: format!("/v1/jobs/{}/artifacts/{}", j.id, path_segment(&a.name)),
             name: a.name,
             bytes: a.bytes,
             sha256: a.sha256,
@@ -322,12 +324,21 @@ fn requested_pipeline(req: &CreateJob) -> Result<(Option<String>, Pipeline), Api
     }
 }
 
-fn check_webhook_url(url: &str) -> Result<(), ApiError> {
-    match reqwest::Url::parse(url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
-        _ => Err(ApiError::unprocessable(
+/// Checks a webhook URL against the outbound policy as far as it can be
+/// decided now: the scheme, an address given as the host, and the
+/// addresses a name resolves to. A name that does not resolve now is
+/// accepted; every delivery checks again.
+async fn check_webhook_url(policy: &OutboundPolicy, url: &str) -> Result<(), ApiError> {
+    match policy.resolve(url, Duration::from_secs(2)).await {
+        Ok(_) => Ok(()),
+        Err(Refusal::NotHttp(_)) => Err(ApiError::unprocessable(
             "invalid_webhook_url",
             format!("`webhook_url` must be an absolute http or https URL, not `{url}`."),
+        )),
+        Err(e) if e.is_transient() => Ok(()),
+        Err(e) => Err(ApiError::unprocessable(
+            "outbound_refused",
+            format!("`webhook_url` is refused by the outbound policy: {e}."),
         )),
     }
 }
@@ -412,8 +423,8 @@ fn created(view: JobView) -> Response {
         (status = 409, description = "The idempotency key was used with another request", body = ErrorBody),
         (status = 413, description = "The body is larger than the server accepts for JSON", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
-        (status = 422, description = "The pipeline does not fit the model, the model does not exist, or a field is invalid", body = ErrorBody),
-        (status = 507, description = "Not enough free space to run the job (`insufficient_storage`)", body = ErrorBody),
+        (status = 422, description = "The pipeline does not fit the model, a field is invalid, or the `webhook_url` is refused by the outbound policy (`outbound_refused`)", body = ErrorBody),
+        (status = 507, description = "The server's storage is full (`insufficient_storage`)", body = ErrorBody),
     )
 )]
 pub async fn create_job(
@@ -447,7 +458,7 @@ pub async fn create_job(
         ));
     }
     if let Some(url) = &req.webhook_url {
-        check_webhook_url(url)?;
+        check_webhook_url(&state.outbound, url).await?;
     }
     let (preset_name, pipeline) = requested_pipeline(&req)?;
     let pipeline_json = serde_json::to_string(pipeline.spec()).expect("a pipeline spec serializes");
@@ -485,6 +496,10 @@ pub async fn create_job(
         }
         InsertOutcome::Existing(job) => Ok(created(JobView::load(&state.store, job).await?)),
         InsertOutcome::KeyConflict => Err(key_conflict()),
+        InsertOutcome::ModelNotFound => Err(ApiError::unprocessable(
+            "model_not_found",
+            format!("No model has the id `{}`.", req.model_id),
+        )),
     }
 }
 
@@ -750,6 +765,44 @@ fn parse_range(value: Option<&str>, len: u64) -> RangeRequest {
     }
 }
 
+/// Percent-encodes everything but RFC 3986's unreserved characters, so
+/// that a name is one path segment (or one RFC 5987 value) whatever it holds.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A name as one segment of a URL path.
+pub fn path_segment(name: &str) -> String {
+    percent_encode(name)
+}
+
+/// `Content-Disposition` for a download named `name` (RFC 6266): a plain
+/// ASCII `filename` for old clients, and the exact name in `filename*`.
+fn content_disposition(name: &str) -> String {
+    let fallback: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!(
+        "attachment; filename=\"{fallback}\"; filename*=UTF-8''{}",
+        percent_encode(name)
+    )
+}
+
 fn content_type_of(name: &str) -> &'static str {
     if name.ends_with(".json") {
         "application/json"
@@ -813,10 +866,7 @@ pub async fn download_artifact(
         RangeRequest::Whole
     };
     let path = state.blobs.path(&artifact.sha256);
-    let disposition = format!(
-        "attachment; filename=\"{}\"",
-        name.replace(['"', '\\'], "_")
-    );
+    let disposition = content_disposition(&name);
     let mut resp_headers = HeaderMap::new();
     let put = |h: &mut HeaderMap, k: header::HeaderName, v: String| {
         if let Ok(v) = HeaderValue::from_str(&v) {
@@ -894,6 +944,17 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=5-2"), 10), Whole);
         assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), Whole);
         assert_eq!(parse_range(Some("items=0-1"), 10), Whole);
+    }
+
+    #[test]
+    fn names_are_percent_encoded_in_paths_and_dispositions() {
+        assert_eq!(path_segment("model.safetensors"), "model.safetensors");
+        assert_eq!(path_segment("a?x=1.safetensors"), "a%3Fx%3D1.safetensors");
+        assert_eq!(path_segment("a b/c#é"), "a%20b%2Fc%23%C3%A9");
+        assert_eq!(
+            content_disposition("modèle\t\"x\".json"),
+            "attachment; filename=\"mod_le__x_.json\"; filename*=UTF-8''mod%C3%A8le%09%22x%22.json"
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::{Config, SwaggerUi};
 
 use crate::blobs::Blobs;
+use crate::outbound::OutboundPolicy;
 use crate::store::Store;
 use crate::worker::WorkerHandle;
 use error::{error_response, ApiError};
@@ -49,6 +50,8 @@ pub struct AppState {
     pub workers: WorkerHandle,
     pub config: Arc<ApiConfig>,
     pub metrics: Option<PrometheusHandle>,
+    /// What outgoing requests (webhooks) may reach.
+    pub outbound: Arc<OutboundPolicy>,
 }
 
 #[derive(OpenApi)]
@@ -225,6 +228,7 @@ pub fn router(state: AppState) -> Router {
     .method_not_allowed_fallback(method_not_allowed)
     .with_state(state)
     .layer(middleware::map_response(error::uniform_errors))
+    .layer(middleware::map_response(no_sniffing))
     .layer(middleware::from_fn(telemetry::observe))
     .layer(PropagateRequestIdLayer::new(request_id.clone()))
     .layer(
@@ -248,9 +252,35 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// Compares in time independent of where the strings differ.
+/// Tells browsers to take every response for the type it declares (an
+/// artifact is never run as a script or a page).
+async fn no_sniffing(mut resp: Response) -> Response {
+    resp.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+/// Compares two secrets in time independent of their content and their
+/// lengths: both are hashed first, and the digests compared in full.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// The credentials of an `Authorization: Bearer <key>` header; the scheme
+/// is case-insensitive (RFC 9110).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(char::is_whitespace)?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -262,13 +292,14 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     match given {
+        // Every key is compared, so the time taken does not tell which
+        // matched.
         Some(key)
-            if keys
-                .iter()
-                .any(|k| same_secret(k.as_bytes(), key.as_bytes())) =>
+            if keys.iter().fold(false, |hit, k| {
+                same_secret(k.as_bytes(), key.as_bytes()) | hit
+            }) =>
         {
             next.run(req).await
         }
@@ -283,5 +314,28 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
             "This server needs an API key: send `Authorization: Bearer <key>`.".into(),
         )
         .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_read_without_regard_to_case() {
+        assert_eq!(bearer_token("Bearer k1"), Some("k1"));
+        assert_eq!(bearer_token("bearer k1"), Some("k1"));
+        assert_eq!(bearer_token("BEARER   k1 "), Some("k1"));
+        assert_eq!(bearer_token("Basic k1"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Bearerk1"), None);
+    }
+
+    #[test]
+    fn secrets_of_any_length_compare_by_content() {
+        assert!(same_secret(b"key", b"key"));
+        assert!(!same_secret(b"key", b"kez"));
+        assert!(!same_secret(b"key", b"key-longer"));
+        assert!(!same_secret(b"", b"key"));
     }
 }

@@ -22,7 +22,7 @@ use super::error::{ApiError, ErrorBody, Path, Query};
 use super::time::rfc3339;
 use super::AppState;
 use crate::blobs::{SealingWriter, TmpDir};
-use crate::format::checkpoint::{Checkpoint, CONFIG_FILE};
+use crate::format::checkpoint::{read_header, Checkpoint, FormatError, CONFIG_FILE};
 use crate::store::{DeleteOutcome, ModelFile, ModelRecord, NewModel};
 
 /// Page size when none is asked for, and the largest allowed.
@@ -425,14 +425,39 @@ struct Checked {
 }
 
 /// Opens the uploaded files as a checkpoint: every header, the index
-/// against the shards, and config.json are checked.
-fn check_checkpoint(dir: &FsPath) -> Result<Checked, ApiError> {
-    let ckpt = Checkpoint::open(dir).map_err(|e| {
+/// against the shards, and config.json are checked. The index and the
+/// uploaded shards must agree exactly: a shard the index does not use
+/// would be stored and silently left out of every output.
+fn check_checkpoint(dir: &FsPath, files: &[String]) -> Result<Checked, ApiError> {
+    let invalid = |e: FormatError| {
         let text = e.to_string().replace(&format!("{}/", dir.display()), "");
         let text = text.replace(&dir.display().to_string(), "the upload");
         ApiError::bad_request("invalid_safetensors", text)
-    })?;
+    };
+    let ckpt = Checkpoint::open(dir).map_err(invalid)?;
     let shard_names = ckpt.shard_names();
+    for name in files.iter().filter(|f| f.ends_with(".safetensors")) {
+        if shard_names.contains(name) {
+            continue;
+        }
+        let header = read_header(&dir.join(name)).map_err(invalid)?;
+        return Err(ApiError::bad_request(
+            "invalid_safetensors",
+            match header.tensors.first() {
+                Some(t) => format!(
+                    "shard `{name}` holds tensor `{}`, which the index does not list",
+                    t.name
+                ),
+                None => format!("shard `{name}` is not named by the index"),
+            },
+        ));
+    }
+    if ckpt.config_json().is_some_and(|c| !c.is_object()) {
+        return Err(ApiError::bad_request(
+            "invalid_config",
+            format!("`{CONFIG_FILE}` must be a JSON object."),
+        ));
+    }
     let mut parameters = 0i64;
     let tensors = ckpt
         .tensors()
@@ -522,7 +547,8 @@ pub async fn upload_model(
     let task_state = state.clone();
     let record = tokio::spawn(async move {
         let dir = tmp.path().to_path_buf();
-        let checked = tokio::task::spawn_blocking(move || check_checkpoint(&dir))
+        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+        let checked = tokio::task::spawn_blocking(move || check_checkpoint(&dir, &names))
             .await
             .map_err(|e| ApiError::internal("checking an upload panicked", e))??;
         commit_upload(&task_state, &tmp, files, meta, checked, total).await
@@ -685,6 +711,17 @@ async fn receive_upload(
                 .into())
             }
         }
+    }
+    let indexes = files
+        .iter()
+        .filter(|f| f.name.ends_with(".safetensors.index.json"))
+        .count();
+    if indexes > 1 {
+        return Err(ApiError::bad_request(
+            "invalid_safetensors",
+            "The upload holds several index files; send one `model.safetensors.index.json`.",
+        )
+        .into());
     }
     if !files.iter().any(|f| f.name.ends_with(".safetensors")) {
         return Err(ApiError::bad_request(

@@ -114,6 +114,9 @@ pub enum InsertOutcome {
     Existing(JobRecord),
     /// The idempotency key was used before with another request.
     KeyConflict,
+    /// The model does not exist (any more): deleting a model and queuing
+    /// a job on it are serialized, so one of them sees the other.
+    ModelNotFound,
 }
 
 /// Filters of a job listing; `cursor` is the id of the last job of the
@@ -204,6 +207,13 @@ impl Store {
                     InsertOutcome::KeyConflict
                 });
             }
+        }
+        let model: Option<i64> = sqlx::query_scalar("SELECT 1 FROM models WHERE id = ?")
+            .bind(&job.model_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if model.is_none() {
+            return Ok(InsertOutcome::ModelNotFound);
         }
         let now = now_ms();
         let (key, hash) = job.idempotency.unzip();

@@ -213,6 +213,14 @@ mod tests {
     async fn store() -> (Store, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&Store::default_url(dir.path())).await.unwrap();
+        // The model the jobs below are queued on.
+        sqlx::query(
+            "INSERT INTO models (id, total_bytes, tensor_count, parameter_count, tensors, created_at)
+             VALUES ('m', 0, 0, 0, '[]', 0)",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
         (store, dir)
     }
 
@@ -235,6 +243,17 @@ mod tests {
             InsertOutcome::Created(j) => j.id,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_job_is_not_queued_for_a_missing_model() {
+        let (store, _dir) = store().await;
+        let mut orphan = job(0);
+        orphan.model_id = "gone".into();
+        assert!(matches!(
+            store.insert_job(orphan).await.unwrap(),
+            InsertOutcome::ModelNotFound
+        ));
     }
 
     #[tokio::test]

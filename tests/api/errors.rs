@@ -124,3 +124,67 @@ async fn health_readiness_and_presets_answer() {
         .unwrap();
     assert_eq!(int8["pipeline"]["stages"][0]["stage"], "quantize");
 }
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_and_keys_of_any_length_are_refused() {
+    let app = spawn_app_with(&["--api-key", "k1"]).await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let resp = app
+            .client
+            .get(app.url("/v1/presets"))
+            .header("authorization", format!("{scheme} k1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{scheme}");
+    }
+    for wrong in ["k", "k2", "k1k1", ""] {
+        let resp = app
+            .client
+            .get(app.url("/v1/presets"))
+            .header("authorization", format!("Bearer {wrong}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "{wrong:?}");
+    }
+}
+
+#[tokio::test]
+async fn every_response_says_nosniff() {
+    let app = spawn_app().await;
+    for path in [
+        "/healthz",
+        "/v1/models",
+        "/no/such/route",
+        "/openapi.json",
+        "/docs/",
+    ] {
+        let resp = app.get(path).await;
+        assert_eq!(
+            resp.headers()["x-content-type-options"],
+            "nosniff",
+            "{path}"
+        );
+    }
+    let resp = app.upload_raw(b"junk".to_vec(), "").await;
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+}
+
+#[tokio::test]
+async fn a_json_body_over_the_limit_is_payload_too_large_like_an_upload() {
+    let app = spawn_app().await;
+    let body = format!(
+        r#"{{"model_id": "m", "preset": "int8", "labels": {{"pad": "{}"}}}}"#,
+        "x".repeat(3 << 20)
+    );
+    let resp = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 413, "payload_too_large").await;
+}

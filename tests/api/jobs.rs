@@ -498,3 +498,89 @@ async fn a_job_that_fails_is_recorded_with_its_error_and_the_worker_goes_on() {
     app.wait_succeeded(id(&next)).await;
     assert!(app.tmp_entries().is_empty(), "{:?}", app.tmp_entries());
 }
+
+#[tokio::test]
+async fn artifact_names_are_percent_encoded_in_urls_and_dispositions() {
+    use reqwest::multipart::{Form, Part};
+    let app = spawn_app().await;
+    let mut rng = common::Rng::new(70);
+    let shards = ["a?x=1.safetensors", "b#c d.safetensors"];
+    let shard1 = crate::helpers::safetensors_bytes(&[common::gaussian(
+        "a.weight",
+        &[16, 16],
+        0.05,
+        &mut rng,
+    )]);
+    let shard2 = crate::helpers::safetensors_bytes(&[common::gaussian(
+        "b.weight",
+        &[16, 16],
+        0.05,
+        &mut rng,
+    )]);
+    let index = json!({"weight_map": {"a.weight": shards[0], "b.weight": shards[1]}});
+    let form = Form::new()
+        .part("file", Part::bytes(shard1).file_name(shards[0]))
+        .part("file", Part::bytes(shard2).file_name(shards[1]))
+        .part(
+            "file",
+            Part::bytes(index.to_string().into_bytes()).file_name("model.safetensors.index.json"),
+        );
+    let resp = app.upload_form(form).await;
+    assert_eq!(resp.status(), 201);
+    let model: Value = resp.json().await.unwrap();
+    let job = run_to_success(&app, id(&model), "int8", "dense").await;
+    let a = artifact(&job, shards[0]);
+    assert_eq!(
+        a["url"],
+        format!("/v1/jobs/{}/artifacts/a%3Fx%3D1.safetensors", id(&job))
+    );
+    let b = artifact(&job, shards[1]);
+    assert_eq!(
+        b["url"],
+        format!("/v1/jobs/{}/artifacts/b%23c%20d.safetensors", id(&job))
+    );
+    for art in [a, b] {
+        app.download(art).await;
+    }
+    let resp = app.get(a["url"].as_str().unwrap()).await;
+    assert_eq!(
+        resp.headers()["content-disposition"],
+        "attachment; filename=\"a?x=1.safetensors\"; filename*=UTF-8''a%3Fx%3D1.safetensors"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_a_job_while_its_model_is_deleted_is_decided_one_way_or_the_other() {
+    let app = spawn_app().await;
+    let (mut jobs_won, mut deletes_won) = (0, 0);
+    let mut accepted = Vec::new();
+    for round in 0..120u64 {
+        let model = app.upload_model(tiny_model(1000 + round)).await;
+        let model_id = id(&model).to_string();
+        let body = json!({"model_id": model_id, "preset": "int8"});
+        let path = format!("/v1/models/{model_id}");
+        let (created, deleted) = tokio::join!(app.post_job(&body), app.delete(&path));
+        let (created_status, deleted_status) = (created.status(), deleted.status());
+        let body: Value = created.json().await.unwrap();
+        match (created_status.as_u16(), deleted_status.as_u16()) {
+            // The job came first: the delete waits for it, unless it already
+            // finished.
+            (202, 409 | 204) => {
+                jobs_won += 1;
+                accepted.push(id(&body).to_string());
+            }
+            (422, 204) => {
+                assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+                deletes_won += 1;
+            }
+            other => panic!("round {round}: {other:?}, {body}"),
+        }
+    }
+    for job in &accepted {
+        let done = app.wait_finished(job).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    assert_eq!(jobs_won + deletes_won, 120);
+    // Both outcomes happen, or the race was not exercised.
+    eprintln!("jobs first: {jobs_won}, deletes first: {deletes_won}");
+}

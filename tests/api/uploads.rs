@@ -416,3 +416,47 @@ async fn a_name_that_is_not_utf8_is_refused() {
     assert!(message.contains("UTF-8"), "{message}");
     app.assert_nothing_stored().await;
 }
+
+#[tokio::test]
+async fn a_shard_the_index_does_not_name_is_refused_with_its_tensor() {
+    let app = spawn_app().await;
+    let mut rng = Rng::new(62);
+    let shard1 = safetensors_bytes(&[gaussian("a.weight", &[8, 8], 0.05, &mut rng)]);
+    let shard2 = safetensors_bytes(&[gaussian("dropped.weight", &[8, 8], 0.05, &mut rng)]);
+    let index = json!({"weight_map": {"a.weight": "model-00001-of-00002.safetensors"}});
+    let form = Form::new()
+        .part(
+            "file",
+            Part::bytes(shard1).file_name("model-00001-of-00002.safetensors"),
+        )
+        .part(
+            "file",
+            Part::bytes(shard2).file_name("model-00002-of-00002.safetensors"),
+        )
+        .part(
+            "file",
+            Part::bytes(index.to_string().into_bytes()).file_name("model.safetensors.index.json"),
+        );
+    let message = assert_error(app.upload_form(form).await, 400, "invalid_safetensors").await;
+    assert!(message.contains("dropped.weight"), "{message}");
+    app.assert_nothing_stored().await;
+}
+
+#[tokio::test]
+async fn a_config_that_is_not_a_json_object_is_refused() {
+    let app = spawn_app().await;
+    for config in ["[1]", "\"text\"", "3"] {
+        let form = Form::new()
+            .part(
+                "file",
+                Part::bytes(tiny_model(63)).file_name("model.safetensors"),
+            )
+            .part(
+                "file",
+                Part::bytes(config.as_bytes().to_vec()).file_name("config.json"),
+            );
+        let message = assert_error(app.upload_form(form).await, 400, "invalid_config").await;
+        assert!(message.contains("config.json"), "{message}");
+    }
+    app.assert_nothing_stored().await;
+}
