@@ -59,7 +59,11 @@ def sync_detailed(
     *,
     client: AuthenticatedClient | Client,
 ) -> Response[ErrorBody | Health]:
-    """Readiness: the database answers and the data directory is writable.
+    """Readiness: the database takes a write and the data directory has room
+    for one.
+
+     Checked afresh on every call, so it turns back to 200 by itself once
+    space is freed.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -82,7 +86,11 @@ def sync(
     *,
     client: AuthenticatedClient | Client,
 ) -> ErrorBody | Health | None:
-    """Readiness: the database answers and the data directory is writable.
+    """Readiness: the database takes a write and the data directory has room
+    for one.
+
+     Checked afresh on every call, so it turns back to 200 by itself once
+    space is freed.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -101,7 +109,11 @@ async def asyncio_detailed(
     *,
     client: AuthenticatedClient | Client,
 ) -> Response[ErrorBody | Health]:
-    """Readiness: the database answers and the data directory is writable.
+    """Readiness: the database takes a write and the data directory has room
+    for one.
+
+     Checked afresh on every call, so it turns back to 200 by itself once
+    space is freed.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -122,7 +134,11 @@ async def asyncio(
     *,
     client: AuthenticatedClient | Client,
 ) -> ErrorBody | Health | None:
-    """Readiness: the database answers and the data directory is writable.
+    """Readiness: the database takes a write and the data directory has room
+    for one.
+
+     Checked afresh on every call, so it turns back to 200 by itself once
+    space is freed.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
