@@ -354,14 +354,14 @@ async fn check_against_model(
         .map_err(|e| ApiError::internal("could not lay out a model", e))?;
     match checked {
         Ok(()) => Ok(()),
-        Err(e @ (RunError::Spec(_) | RunError::Structural(_))) => {
-            Err(ApiError::unprocessable("invalid_pipeline", e.to_string()))
+        // The stored model was checked when it was uploaded.
+        Err(e @ RunError::Input(_)) => {
+            Err(ApiError::internal("a stored model could not be checked", e))
         }
-        Err(e @ RunError::CompressedTensors(_)) => Err(ApiError::unprocessable(
-            "unsupported_by_format",
-            e.to_string(),
-        )),
-        Err(e) => Err(ApiError::internal("a stored model could not be checked", e)),
+        Err(e) => match e.code() {
+            Some(code) => Err(ApiError::unprocessable(code, e.to_string())),
+            None => Err(ApiError::internal("a stored model could not be checked", e)),
+        },
     }
 }
 

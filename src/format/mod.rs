@@ -2,7 +2,9 @@
 //! and out (dense, packed, compressed-tensors).
 pub mod checkpoint;
 pub mod compressed_tensors;
+pub mod dense;
 pub mod dtype;
 pub mod header;
 pub mod packed;
+pub mod sink;
 pub mod writer;

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::dtype;
-use super::header::{parse_header, Entries, Header, HeaderError, TensorInfo, MAX_HEADER_LEN};
+use super::header::{parse_header, Entries, Header, HeaderError, TensorInfo};
 
 /// Name of the index file of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -71,32 +71,6 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> FormatError + '_ {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Reads and checks the header of the safetensors file at `path` without
-/// mapping or reading its data.
-pub fn read_header(path: &Path) -> Result<Header, FormatError> {
-    let mut file = File::open(path).map_err(io_error(path))?;
-    let file_len = file.metadata().map_err(io_error(path))?.len();
-    let mut prefix = Vec::new();
-    (&mut file)
-        .take(8)
-        .read_to_end(&mut prefix)
-        .map_err(io_error(path))?;
-    if let Ok(len) = <[u8; 8]>::try_from(prefix.as_slice()) {
-        let len = u64::from_le_bytes(len);
-        // Only a length that passes the checks is read, so a hostile length
-        // never turns into an allocation.
-        if len <= MAX_HEADER_LEN && len <= file_len - 8 {
-            file.take(len)
-                .read_to_end(&mut prefix)
-                .map_err(io_error(path))?;
-        }
-    }
-    parse_header(&prefix, file_len).map_err(|source| FormatError::Header {
-        path: path.to_path_buf(),
-        source,
-    })
 }
 
 struct Shard {
