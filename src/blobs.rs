@@ -9,10 +9,18 @@
 //! Deciding that a blob is unreferenced and removing it must not interleave
 //! with another request adding a reference to the same content: both happen
 //! under [`Blobs::lock`].
+//!
+//! A temporary directory is removed as soon as its owner is done with it.
+//! When that fails (a file system that turned read-only), the directory is
+//! remembered and removal is tried again by [`Blobs::remove_leftovers`],
+//! which the worker pool calls periodically, so it does not wait for the
+//! next start.
 
+use std::error::Error as StdError;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -20,12 +28,17 @@ pub struct Blobs {
     blobs: PathBuf,
     tmp: PathBuf,
     lock: tokio::sync::Mutex<()>,
+    leftovers: Leftovers,
 }
+
+/// Temporary directories whose removal failed, to be tried again.
+type Leftovers = Arc<Mutex<Vec<PathBuf>>>;
 
 /// A directory under `tmp/`, removed with everything in it when dropped.
 #[derive(Debug)]
 pub struct TmpDir {
     path: PathBuf,
+    leftovers: Leftovers,
 }
 
 impl TmpDir {
@@ -36,7 +49,57 @@ impl TmpDir {
 
 impl Drop for TmpDir {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
+        match fs::remove_dir_all(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %self.path.display(), error = %e, "could not remove a temporary directory; trying again later");
+                if let Ok(mut l) = self.leftovers.lock() {
+                    l.push(self.path.clone());
+                }
+            }
+        }
+    }
+}
+
+/// A failure of the storage itself, as opposed to any other I/O error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageFault {
+    /// No space left on the device, or a quota is exhausted.
+    Full,
+    /// The file system is read-only.
+    ReadOnly,
+}
+
+impl StorageFault {
+    /// The fault an I/O error reports, if it is one.
+    pub fn of_io(e: &io::Error) -> Option<StorageFault> {
+        match e.kind() {
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => {
+                return Some(StorageFault::Full)
+            }
+            io::ErrorKind::ReadOnlyFilesystem => return Some(StorageFault::ReadOnly),
+            _ => {}
+        }
+        // ENOSPC, EDQUOT and EROFS on Linux, for errors built from raw codes
+        // that were not mapped to a kind.
+        match e.raw_os_error() {
+            Some(28 | 122) => Some(StorageFault::Full),
+            Some(30) => Some(StorageFault::ReadOnly),
+            _ => None,
+        }
+    }
+
+    /// The first storage fault in an error's chain of sources.
+    pub fn find(e: &(dyn StdError + 'static)) -> Option<StorageFault> {
+        let mut next = Some(e);
+        while let Some(e) = next {
+            if let Some(fault) = e.downcast_ref::<io::Error>().and_then(Self::of_io) {
+                return Some(fault);
+            }
+            next = e.source();
+        }
+        None
     }
 }
 
@@ -111,7 +174,21 @@ impl Blobs {
             blobs,
             tmp,
             lock: tokio::sync::Mutex::new(()),
+            leftovers: Leftovers::default(),
         })
+    }
+
+    /// Tries again to remove temporary directories whose removal failed;
+    /// returns how many are still there.
+    pub fn remove_leftovers(&self) -> usize {
+        let Ok(mut leftovers) = self.leftovers.lock() else {
+            return 0;
+        };
+        leftovers.retain(|path| match fs::remove_dir_all(path) {
+            Ok(()) => false,
+            Err(e) => e.kind() != io::ErrorKind::NotFound,
+        });
+        leftovers.len()
     }
 
     /// Serializes adding and removing references to blobs.
@@ -132,7 +209,10 @@ impl Blobs {
     pub fn tmp_dir(&self, prefix: &str) -> io::Result<TmpDir> {
         let path = self.tmp.join(format!("{prefix}-{}", uuid::Uuid::new_v4()));
         fs::create_dir(&path)?;
-        Ok(TmpDir { path })
+        Ok(TmpDir {
+            path,
+            leftovers: self.leftovers.clone(),
+        })
     }
 
     /// Moves a complete file (under `tmp/`) whose sha256 is `sha256`, sealed
@@ -188,13 +268,26 @@ impl Blobs {
 
     /// Whether a file can be written and synced under `tmp/`.
     pub fn check_writable(&self) -> io::Result<()> {
-        let path = self
-            .tmp
-            .join(format!("ready-probe-{}", uuid::Uuid::new_v4()));
+        self.probe(true)
+    }
+
+    /// Whether a block can be written under `tmp/` at all (not synced: a
+    /// cheap check before work that needs space).
+    pub fn check_space(&self) -> io::Result<()> {
+        self.probe(false)
+    }
+
+    fn probe(&self, sync: bool) -> io::Result<()> {
+        let path = self.tmp.join(format!("probe-{}", uuid::Uuid::new_v4()));
         let outcome = (|| {
             let mut f = fs::File::create(&path)?;
-            f.write_all(b"ok")?;
-            f.sync_all()
+            // A whole page, so that a file system with no block left
+            // refuses it even where tiny files are stored inline.
+            f.write_all(&[0u8; 4096])?;
+            if sync {
+                f.sync_all()?;
+            }
+            Ok(())
         })();
         let _ = fs::remove_file(&path);
         outcome

@@ -13,6 +13,7 @@ use modelpress::compress::spec::{preset, Pipeline, PipelineError, PRESETS};
 use modelpress::config::{LogFormat, ServeConfig};
 use modelpress::format::checkpoint::Checkpoint;
 use modelpress::format::packed::packed_descriptions;
+use modelpress::format::stats::StatsFile;
 use modelpress::format::writer::Durability;
 use modelpress::run::{self, CompressRequest, OutputFormat, Progress, RunError};
 
@@ -51,6 +52,11 @@ enum Command {
         /// without it the output is left to the page cache, as `cp` does.
         #[arg(long)]
         sync: bool,
+        /// Activation statistics of the model (safetensors, made by
+        /// scripts/collect_stats.py): needed by gptq, sparsegpt, wanda and
+        /// share compensate; they also weigh the other stages' errors.
+        #[arg(long)]
+        stats: Option<PathBuf>,
     },
     /// Restore a packed checkpoint to its dense form.
     Decompress {
@@ -174,8 +180,14 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             format,
             config,
             sync,
+            stats,
         } => {
             let pipeline = load_pipeline(preset.as_deref(), pipeline.as_deref())?;
+            let stats = stats
+                .as_deref()
+                .map(StatsFile::open)
+                .transpose()
+                .map_err(|e| classify(RunError::Stats(e)))?;
             let req = CompressRequest {
                 pipeline: &pipeline,
                 format: format.into(),
@@ -187,7 +199,9 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 },
             };
             let bars = Bars::new();
-            let report = run::compress(&input, &output, &req, &bars, &cancel).map_err(classify)?;
+            let report =
+                run::compress_with_stats(&input, &output, &req, stats.as_ref(), &bars, &cancel)
+                    .map_err(classify)?;
             bars.finish();
             print_summary(&report, &output);
         }
@@ -310,6 +324,9 @@ fn print_summary(report: &Report, out: &Path) {
     match (&t.worst_snr_tensor, t.worst_snr_db) {
         (Some(name), Some(db)) => println!("{:<22} {db:.2} dB ({name})", "worst-tensor SNR"),
         _ => println!("{:<22} lossless", "worst-tensor SNR"),
+    }
+    if let (Some(name), Some(e)) = (&t.worst_output_error_tensor, t.worst_output_error) {
+        println!("{:<22} {e:.3e} ({name})", "worst output error");
     }
     println!("{:<22} {:.2} s", "time", t.seconds_total);
 }

@@ -15,12 +15,13 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::compress::calibrate::output_error;
 use crate::compress::metrics::{fidelity, fidelity_with, Fidelity};
 use crate::compress::prune::GlobalThreshold;
 use crate::compress::report::{Report, ReportBuilder, TensorReport};
 use crate::compress::spec::{Pipeline, PruneKind, SpecError, Stage, TensorShape};
 use crate::compress::structural::{self, Plan, PlannedTensor, StructuralError, TensorSource};
-use crate::compress::tensor::{process, TensorCut, TensorError, Values};
+use crate::compress::tensor::{process, process_with_stats, TensorCut, TensorError, Values};
 use crate::format::checkpoint::{Checkpoint, FormatError};
 use crate::format::compressed_tensors::{self as ct, CompressedTensorsSink};
 use crate::format::dense::DenseSink;
@@ -31,6 +32,7 @@ use crate::format::packed::{
     Pieces,
 };
 use crate::format::sink::{OutputTensor, ProcessedTensor, ShardFiles, Sink, SinkError};
+use crate::format::stats::{StatsFile, StatsFileError};
 use crate::format::writer::{header_reserve, Durability, SafetensorsWriter, WriteError};
 
 /// The layout of the compressed checkpoint.
@@ -97,6 +99,9 @@ pub enum RunError {
     Structural(#[from] StructuralError),
     #[error(transparent)]
     Tensor(#[from] TensorError),
+    /// The calibration statistics do not fit the model.
+    #[error(transparent)]
+    Stats(#[from] StatsFileError),
     /// The packed input cannot be restored.
     #[error(transparent)]
     Packed(#[from] PackedError),
@@ -126,7 +131,7 @@ impl RunError {
             RunError::CompressedTensors(_) => Some("unsupported_by_format"),
             RunError::Packed(_) => Some("invalid_packed_input"),
             RunError::Config { .. } => Some("invalid_config"),
-            RunError::Tensor(_) => Some("invalid_input"),
+            RunError::Tensor(_) | RunError::Stats(_) => Some("invalid_input"),
             RunError::Write(_) | RunError::Io { .. } | RunError::Canceled => None,
         }
     }
@@ -283,7 +288,41 @@ fn output_shard(ckpt: &Checkpoint, info: &TensorInfo) -> String {
 pub fn check(input: &Path, pipeline: &Pipeline, format: OutputFormat) -> Result<(), RunError> {
     let ckpt = Checkpoint::open(input)?;
     let outputs = structural::plan_shapes(&pipeline.structural(), &Source(&ckpt))?;
-    check_plan(&ckpt, &outputs, pipeline, format)
+    check_plan(&ckpt, &outputs, pipeline, format)?;
+    check_stats(&ckpt, &outputs, pipeline, None)
+}
+
+/// Holds the statistics to the model as the pipeline will see it (after
+/// structural stages) and refuses stages that need statistics a tensor
+/// does not have.
+fn check_stats(
+    ckpt: &Checkpoint,
+    outputs: &[PlannedTensor],
+    pipeline: &Pipeline,
+    stats: Option<&StatsFile>,
+) -> Result<(), RunError> {
+    if let Some(s) = stats {
+        s.check_against(
+            outputs
+                .iter()
+                .map(|p| (p.name.as_str(), p.shape.as_slice())),
+        )?;
+    }
+    let shapes: Vec<TensorShape<'_>> = outputs
+        .iter()
+        .map(|p| TensorShape {
+            name: &p.name,
+            shape: &p.shape,
+            is_float: ckpt
+                .get(&p.source)
+                .is_some_and(|t| t.dtype.is_float_weight()),
+        })
+        .collect();
+    pipeline.check_statistics(
+        &shapes,
+        stats.map(|s| s as &dyn crate::compress::spec::StatsCatalog),
+    )?;
+    Ok(())
 }
 
 fn check_plan(
@@ -317,6 +356,20 @@ pub fn compress(
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<Report, RunError> {
+    compress_with_stats(input, out_dir, req, None, progress, cancel)
+}
+
+/// [`compress`] with calibration statistics: checked against the model
+/// before any work, passed tensor by tensor to the stages, and the
+/// report gets each tensor's output error and the statistics' sha256.
+pub fn compress_with_stats(
+    input: &Path,
+    out_dir: &Path,
+    req: &CompressRequest<'_>,
+    stats: Option<&StatsFile>,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Report, RunError> {
     let started = Instant::now();
     let ckpt = Checkpoint::open(input)?;
     let config = match req.config {
@@ -328,6 +381,7 @@ pub fn compress(
     progress.phase("plan", 0);
     let plan = structural::plan(&pipeline.structural(), &src)?;
     check_plan(&ckpt, &plan.outputs, pipeline, req.format)?;
+    check_stats(&ckpt, &plan.outputs, pipeline, stats)?;
     let cuts = global_cuts(&ckpt, &plan, pipeline, progress, cancel)?;
 
     let staging = Staging::new(out_dir)?;
@@ -338,6 +392,7 @@ pub fn compress(
         plan: &plan,
         pipeline,
         cuts: &cuts,
+        stats,
         buffer: Vec::new(),
         work: Vec::new(),
     };
@@ -364,10 +419,10 @@ pub fn compress(
         let before = sink.data_bytes();
         let stages =
             pipeline.stages_for(&planned.name, &planned.shape, info.dtype.is_float_weight());
-        let (fid, nonzero) = tensors.write(planned, info, &stages, &mut *sink, &mut report)?;
+        let written = tensors.write(planned, info, &stages, &mut *sink, &mut report)?;
         let after = sink.data_bytes() - before;
-        let line = tensor_report(&ckpt, pipeline, planned, info, &stages, after, fid);
-        report.tensor(line, nonzero);
+        let line = tensor_report(&ckpt, pipeline, planned, info, &stages, after, &written);
+        report.tensor(line, written.nonzero);
         progress.tensor_done(&planned.name, k + 1, total);
     }
     check_canceled(cancel)?;
@@ -406,6 +461,7 @@ pub fn compress(
     let report = report.finish(
         req.format.name(),
         pipeline.spec().clone(),
+        stats.map(|s| s.sha256().to_string()),
         started.elapsed().as_secs_f64(),
     );
     staging.write_json("report.json", &report)?;
@@ -440,15 +496,24 @@ struct TensorRunner<'a> {
     plan: &'a Plan,
     pipeline: &'a Pipeline,
     cuts: &'a HashMap<String, TensorCut>,
+    stats: Option<&'a StatsFile>,
     /// The input tensor in f32.
     buffer: Vec<f32>,
     /// Its copy that pruning changes.
     work: Vec<f32>,
 }
 
+/// What writing one tensor measured.
+struct Written {
+    /// None when the tensor is stored untouched.
+    fidelity: Option<Fidelity>,
+    /// Error of the layer's output under the calibration statistics.
+    output_error: Option<f64>,
+    nonzero: u64,
+}
+
 impl TensorRunner<'_> {
-    /// Writes output tensor `planned` (from input tensor `info`); returns its
-    /// fidelity (none when stored untouched) and its count of nonzero values.
+    /// Writes output tensor `planned` (from input tensor `info`).
     fn write(
         &mut self,
         planned: &PlannedTensor,
@@ -456,7 +521,7 @@ impl TensorRunner<'_> {
         stages: &[usize],
         sink: &mut dyn Sink,
         report: &mut ReportBuilder,
-    ) -> Result<(Option<Fidelity>, u64), RunError> {
+    ) -> Result<Written, RunError> {
         let ckpt = self.ckpt;
         let pipeline = self.pipeline;
         let dtype = info.dtype;
@@ -473,7 +538,11 @@ impl TensorRunner<'_> {
             } else {
                 element_count(&planned.shape)
             };
-            return Ok((None, nonzero));
+            return Ok(Written {
+                fidelity: None,
+                output_error: None,
+                nonzero,
+            });
         }
         let owned: Vec<f32>;
         let exact: &[f32] = if planned.changed {
@@ -488,7 +557,11 @@ impl TensorRunner<'_> {
             &self.buffer
         };
         let round = |v: &mut [f32]| round_to(dtype, v);
-        let p = process(
+        let layer_stats = match self.stats {
+            Some(s) if !stages.is_empty() => s.get(&planned.name)?,
+            _ => None,
+        };
+        let p = process_with_stats(
             &planned.name,
             exact,
             &planned.shape,
@@ -497,6 +570,7 @@ impl TensorRunner<'_> {
             self.cuts.get(&planned.name).copied(),
             &round,
             &mut self.work,
+            layer_stats.as_ref(),
         )?;
         // The dense values are built only when they are written;
         // otherwise fidelity decodes chunk by chunk.
@@ -518,6 +592,14 @@ impl TensorRunner<'_> {
             }),
             (None, Values::LowRank(_)) => unreachable!("low-rank values are reconstructed"),
         };
+        let output_error = layer_stats.as_ref().and_then(|ls| match &dense {
+            Some(d) => output_error(exact, d, ls),
+            None => {
+                let mut d = p.values.reconstruct(&p.shape);
+                round_to(dtype, &mut d);
+                output_error(exact, &d, ls)
+            }
+        });
         let elements = p.shape.iter().product::<usize>() as f64;
         let nonzero = (elements * (1.0 - f.sparsity)).round() as u64;
         for (i, secs) in &p.seconds {
@@ -529,7 +611,11 @@ impl TensorRunner<'_> {
             dense: dense.as_deref(),
             stages,
         })?;
-        Ok((Some(f), nonzero))
+        Ok(Written {
+            fidelity: Some(f),
+            output_error,
+            nonzero,
+        })
     }
 }
 
@@ -542,7 +628,7 @@ fn tensor_report(
     info: &TensorInfo,
     stages: &[usize],
     after: u64,
-    fidelity: Option<Fidelity>,
+    written: &Written,
 ) -> TensorReport {
     let elements = element_count(&planned.shape);
     // A tensor the structural stages created (a folded bias) has no input
@@ -565,7 +651,8 @@ fn tensor_report(
         } else {
             0.0
         },
-        fidelity,
+        fidelity: written.fidelity,
+        output_error: written.output_error,
     }
 }
 
@@ -580,7 +667,7 @@ fn stage_labels(pipeline: &Pipeline, changed: bool, idx: &[usize]) -> Vec<String
     } else {
         Vec::new()
     };
-    labels.extend(idx.iter().map(|&i| pipeline.stages()[i].label()));
+    labels.extend(idx.iter().map(|&i| pipeline.label(i)));
     labels
 }
 

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::blobs::{seal_file, Blobs, TmpDir};
+use crate::blobs::{seal_file, Blobs, StorageFault, TmpDir};
 use crate::compress::report::Report;
 use crate::compress::spec::{Pipeline, PipelineSpec};
 use crate::format::writer::Durability;
@@ -291,6 +291,8 @@ async fn reaper_loop(shared: Arc<Shared>) {
             }
             Err(e) => tracing::error!(error = %e, "could not take back abandoned jobs"),
         }
+        let blobs = shared.blobs.clone();
+        let _ = tokio::task::spawn_blocking(move || blobs.remove_leftovers()).await;
     }
 }
 
@@ -346,6 +348,29 @@ impl Failure {
             message: "The job failed because of a problem on the server; the server log has the details. Submitting it again may work.".into(),
         }
     }
+
+    fn storage(fault: StorageFault) -> Self {
+        match fault {
+            StorageFault::Full => Self {
+                code: "insufficient_storage",
+                message: "The server's storage filled up while the job ran; its partial output was removed. Submit it again once the operator has freed space.".into(),
+            },
+            StorageFault::ReadOnly => Self {
+                code: "storage_unavailable",
+                message: "The server's storage could not be written while the job ran. Submit it again once the operator has fixed it.".into(),
+            },
+        }
+    }
+
+    /// A failure of the machine rather than of the job: logged, and told
+    /// to the client as a storage fault when it is one.
+    fn of_server(job: &str, context: &str, e: &(dyn std::error::Error + 'static)) -> Self {
+        tracing::error!(job, error = %e, "{context}");
+        match StorageFault::find(e) {
+            Some(fault) => Self::storage(fault),
+            None => Self::internal(),
+        }
+    }
 }
 
 /// The inputs of a job, laid out under `tmp/`.
@@ -375,7 +400,8 @@ async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> 
     })?;
     let files = shared.store.model_files(&job.model_id).await.map_err(|e| {
         tracing::error!(job = %job.id, error = %e, "could not read the model's files");
-        Failure::internal()
+        e.storage_fault()
+            .map_or_else(Failure::internal, Failure::storage)
     })?;
     if files.is_empty() {
         return Err(Failure {
@@ -386,10 +412,7 @@ async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> 
     let dir = shared
         .blobs
         .tmp_dir(&format!("job-{}", job.id))
-        .map_err(|e| {
-            tracing::error!(job = %job.id, error = %e, "could not create the job's directory");
-            Failure::internal()
-        })?;
+        .map_err(|e| Failure::of_server(&job.id, "could not create the job's directory", &e))?;
     let input = dir.path().join("in");
     let output = dir.path().join("out");
     let laid_out = std::fs::create_dir(&input).and_then(|_| {
@@ -399,8 +422,11 @@ async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> 
         )
     });
     if let Err(e) = laid_out {
-        tracing::error!(job = %job.id, error = %e, "could not lay out the model's files");
-        return Err(Failure::internal());
+        return Err(Failure::of_server(
+            &job.id,
+            "could not lay out the model's files",
+            &e,
+        ));
     }
     Ok(Prepared {
         dir,
@@ -586,10 +612,7 @@ async fn execute(
                 code,
                 message: e.to_string().replace(&format!("{}/", input.display()), ""),
             }),
-            None => {
-                tracing::error!(job = %job.id, error = %e, "the job failed");
-                Outcome::Failed(Failure::internal())
-            }
+            None => Outcome::Failed(Failure::of_server(&job.id, "the job failed", &e)),
         },
         // Finished despite a late stop: the work is kept unless the job
         // was canceled or is no longer ours, which recording it checks.
@@ -652,8 +675,11 @@ async fn store_outcome(
     let files = match hashed {
         Ok(Ok(files)) => files,
         Ok(Err(e)) => {
-            tracing::error!(job = %job.id, error = %e, "could not hash the job's output");
-            return Outcome::Failed(Failure::internal());
+            return Outcome::Failed(Failure::of_server(
+                &job.id,
+                "could not hash the job's output",
+                &e,
+            ))
         }
         Err(e) => {
             tracing::error!(job = %job.id, error = %e, "hashing the job's output panicked");
@@ -676,9 +702,12 @@ async fn store_outcome(
             Ok(true) => added.push(a.sha256.clone()),
             Ok(false) => {}
             Err(e) => {
-                tracing::error!(job = %job.id, error = %e, "could not store an artifact");
                 remove_unreferenced(shared, &added).await;
-                return Outcome::Failed(Failure::internal());
+                return Outcome::Failed(Failure::of_server(
+                    &job.id,
+                    "could not store an artifact",
+                    &e,
+                ));
             }
         }
     }
@@ -703,9 +732,12 @@ async fn store_outcome(
             Outcome::Stopped(StopReason::LeaseLost)
         }
         Err(e) => {
-            tracing::error!(job = %job.id, error = %e, "could not record the job's success");
             remove_unreferenced(shared, &added).await;
-            Outcome::Failed(Failure::internal())
+            tracing::error!(job = %job.id, error = %e, "could not record the job's success");
+            Outcome::Failed(
+                e.storage_fault()
+                    .map_or_else(Failure::internal, Failure::storage),
+            )
         }
     }
 }

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::blobs::StorageFault;
 use crate::store::StoreError;
 
 /// An error answer.
@@ -76,11 +77,41 @@ impl ApiError {
             "The server failed to handle the request; its log has the details under the request id in the x-request-id header.",
         )
     }
+
+    /// The answer to a storage fault: 507 when the disk is full, 503 when
+    /// it cannot be written at all.
+    pub fn storage(fault: StorageFault, context: &str, error: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %error, "{context}");
+        match fault {
+            StorageFault::Full => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient_storage",
+                "The server's storage is full; try again once the operator has freed space.",
+            ),
+            StorageFault::ReadOnly => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                "The server's storage cannot be written at the moment; try again later.",
+            ),
+        }
+    }
+
+    /// A failed file operation: a storage fault as such, anything else as
+    /// an internal error.
+    pub fn io(context: &str, error: std::io::Error) -> Self {
+        match StorageFault::of_io(&error) {
+            Some(fault) => Self::storage(fault, context, error),
+            None => Self::internal(context, error),
+        }
+    }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::internal("database request failed", e)
+        match e.storage_fault() {
+            Some(fault) => ApiError::storage(fault, "database request failed", e),
+            None => ApiError::internal("database request failed", e),
+        }
     }
 }
 

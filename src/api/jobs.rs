@@ -331,16 +331,22 @@ async fn check_against_model(
     pipeline: Pipeline,
     format: OutputFormat,
 ) -> Result<(), ApiError> {
-    let files = state.store.model_files(model_id).await?;
-    if files.is_empty() {
-        return Err(ApiError::unprocessable(
+    let model_not_found = || {
+        ApiError::unprocessable(
             "model_not_found",
             format!("No model has the id `{model_id}`."),
-        ));
+        )
+    };
+    let files = state.store.model_files(model_id).await?;
+    if files.is_empty() {
+        return Err(model_not_found());
     }
     let blobs = state.blobs.clone();
     let checked =
         tokio::task::spawn_blocking(move || -> Result<Result<(), RunError>, std::io::Error> {
+            // A job needs room for its output: refused now rather than
+            // failing once it runs.
+            blobs.check_space()?;
             let dir = blobs.tmp_dir("check")?;
             let input = dir.path();
             blobs.checkout(
@@ -350,18 +356,23 @@ async fn check_against_model(
             Ok(run::check(input, &pipeline, format))
         })
         .await
-        .map_err(|e| ApiError::internal("checking a job panicked", e))?
-        .map_err(|e| ApiError::internal("could not lay out a model", e))?;
+        .map_err(|e| ApiError::internal("checking a job panicked", e))?;
+    // A model deleted while it was being checked loses its files under the
+    // check: that is the model missing, not a failure of the server.
+    let deleted = || async { matches!(state.store.get_model(model_id).await, Ok(None)) };
     match checked {
-        Ok(()) => Ok(()),
-        // The stored model was checked when it was uploaded.
-        Err(e @ RunError::Input(_)) => {
-            Err(ApiError::internal("a stored model could not be checked", e))
-        }
-        Err(e) => match e.code() {
-            Some(code) => Err(ApiError::unprocessable(code, e.to_string())),
-            None => Err(ApiError::internal("a stored model could not be checked", e)),
+        Ok(Ok(())) => Ok(()),
+        // The stored model was checked when it was uploaded: an input error
+        // here is not the client's.
+        Ok(Err(e)) => match e.code() {
+            Some(code) if !matches!(e, RunError::Input(_)) => {
+                Err(ApiError::unprocessable(code, e.to_string()))
+            }
+            _ if deleted().await => Err(model_not_found()),
+            _ => Err(ApiError::internal("a stored model could not be checked", e)),
         },
+        _ if deleted().await => Err(model_not_found()),
+        Err(e) => Err(ApiError::io("could not lay out a model", e)),
     }
 }
 

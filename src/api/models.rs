@@ -7,8 +7,10 @@
 //! directory is removed, so nothing of a refused upload remains.
 
 use std::path::{Path as FsPath, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -153,6 +155,124 @@ fn model_view(m: ModelRecord, files: Vec<ModelFile>) -> ModelView {
     }
 }
 
+/// Bytes a `name` or `version` may hold.
+const MAX_TEXT_BYTES: usize = 256;
+/// Bytes the `labels` JSON may hold.
+const MAX_LABELS_BYTES: usize = 64 * 1024;
+/// Parts a multipart upload may have.
+const MAX_PARTS: usize = 1024;
+/// Bytes the multipart reader may take from the connection at a time
+/// before it must hand part data on.
+const READ_BUDGET: usize = 256 * 1024;
+/// Bytes the multipart reader may hold without handing any part data on:
+/// part headers, boundaries, text before the first part. Its buffer never
+/// grows past this plus one frame of the connection.
+const MAX_UNDELIVERED: u64 = 1 << 20;
+
+/// Why the meter stopped a multipart body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MeterRefusal {
+    /// The body is larger than the upload limit allows.
+    TooLarge,
+    /// Too much was read without any part data coming of it.
+    Framing,
+}
+
+/// Counts what a multipart body feeds its reader and what the reader hands
+/// on, so that neither the reader's buffer nor the whole body is unbounded.
+struct Meter {
+    /// The upload limit plus room for the framing of every part.
+    body_limit: u64,
+    fed: AtomicU64,
+    /// `fed` when part data or a new part was last handed on.
+    mark: AtomicU64,
+    refusal: std::sync::Mutex<Option<MeterRefusal>>,
+}
+
+impl Meter {
+    fn new(limit: u64) -> Self {
+        Self {
+            body_limit: limit.saturating_add(MAX_PARTS as u64 * 1024 + MAX_UNDELIVERED),
+            fed: AtomicU64::new(0),
+            mark: AtomicU64::new(0),
+            refusal: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The reader handed something on: its buffer holds at most what was
+    /// fed since.
+    fn delivered(&self) {
+        self.mark
+            .store(self.fed.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    fn refusal(&self) -> Option<MeterRefusal> {
+        self.refusal.lock().ok().and_then(|r| *r)
+    }
+
+    /// Counts `n` more bytes fed; the refusal if they are too many.
+    fn feed(&self, n: usize) -> Option<MeterRefusal> {
+        let fed = self.fed.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+        let refusal = if fed > self.body_limit {
+            MeterRefusal::TooLarge
+        } else if fed - self.mark.load(Ordering::SeqCst).min(fed) > MAX_UNDELIVERED {
+            MeterRefusal::Framing
+        } else {
+            return None;
+        };
+        if let Ok(mut r) = self.refusal.lock() {
+            r.get_or_insert(refusal);
+        }
+        Some(refusal)
+    }
+}
+
+/// A request body fed through a [`Meter`]. It also pauses after every
+/// [`READ_BUDGET`] bytes (waking itself at once), because the multipart
+/// reader otherwise takes all the connection offers before it hands
+/// anything on.
+struct Metered<S> {
+    inner: S,
+    meter: Arc<Meter>,
+    since_pause: usize,
+}
+
+impl<S> Stream for Metered<S>
+where
+    S: Stream<Item = Result<Bytes, axum::Error>> + Unpin,
+{
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.since_pause >= READ_BUDGET {
+            self.since_pause = 0;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match std::pin::Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                self.since_pause += chunk.len();
+                match self.meter.feed(chunk.len()) {
+                    None => Poll::Ready(Some(Ok(chunk))),
+                    Some(refusal) => Poll::Ready(Some(Err(std::io::Error::other(format!(
+                        "multipart body refused: {refusal:?}"
+                    ))))),
+                }
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(std::io::Error::other(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                self.since_pause = 0;
+                Poll::Pending
+            }
+        }
+    }
+}
+
 /// Why an upload was refused.
 enum UploadError {
     TooLarge,
@@ -225,7 +345,7 @@ where
     let written = writer
         .await
         .map_err(|e| ApiError::internal("writing an upload file panicked", e))?
-        .map_err(|e| ApiError::internal("could not write an upload file", e));
+        .map_err(|e| ApiError::io("could not write an upload file", e));
     fed?;
     match written? {
         Some(sealed) => Ok(sealed),
@@ -272,9 +392,9 @@ fn parse_labels(text: Option<&str>) -> Result<String, ApiError> {
 
 fn check_text(field: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
     match value {
-        Some(v) if v.len() > 256 => Err(ApiError::bad_request(
+        Some(v) if v.len() > MAX_TEXT_BYTES => Err(ApiError::bad_request(
             "invalid_field",
-            format!("`{field}` must be at most 256 bytes long."),
+            format!("`{field}` must be at most {MAX_TEXT_BYTES} bytes long."),
         )),
         Some(v) if v.is_empty() => Ok(None),
         v => Ok(v),
@@ -346,6 +466,7 @@ struct UploadMeta {
             headers(("Location" = String, description = "The model's URL"))),
         (status = 400, description = "Not a valid checkpoint (`invalid_safetensors`) or a malformed upload", body = ErrorBody),
         (status = 413, description = "Larger than the server's upload limit", body = ErrorBody),
+        (status = 507, description = "The server's storage is full (`insufficient_storage`)", body = ErrorBody),
     )
 )]
 pub async fn upload_model(
@@ -369,7 +490,7 @@ pub async fn upload_model(
     let tmp = state
         .blobs
         .tmp_dir("upload")
-        .map_err(|e| ApiError::internal("could not create an upload directory", e))?;
+        .map_err(|e| ApiError::io("could not create an upload directory", e))?;
     let received = match receive_upload(&state, &tmp, params, req, limit).await {
         Ok(r) => r,
         Err(UploadError::TooLarge) => return Err(ApiError::too_large(limit)),
@@ -438,6 +559,17 @@ async fn receive_upload(
         });
         return Ok((files, meta));
     }
+    // The multipart reader buffers what it has not handed on yet (part
+    // headers, the text before the first part): it is fed through a meter
+    // that bounds that, and the whole body.
+    let meter = Arc::new(Meter::new(limit));
+    let (parts, body) = req.into_parts();
+    let body = Body::from_stream(Metered {
+        inner: body.into_data_stream(),
+        meter: meter.clone(),
+        since_pause: 0,
+    });
+    let req = Request::from_parts(parts, body);
     let mut form = Multipart::from_request(req, state).await.map_err(|e| {
         ApiError::bad_request(
             "invalid_multipart",
@@ -445,13 +577,30 @@ async fn receive_upload(
         )
     })?;
     let bad_multipart = |e: axum::extract::multipart::MultipartError| {
-        UploadError::Api(ApiError::bad_request(
+        match meter.refusal() {
+        Some(MeterRefusal::TooLarge) => UploadError::TooLarge,
+        Some(MeterRefusal::Framing) => UploadError::Api(ApiError::bad_request(
+            "invalid_multipart",
+            format!("The multipart body cannot be read: more than {MAX_UNDELIVERED} bytes of part headers or text between parts."),
+        )),
+        None => UploadError::Api(ApiError::bad_request(
             "invalid_multipart",
             format!("The multipart body cannot be read: {}", e.body_text()),
-        ))
+        )),
+    }
     };
     let mut used = 0u64;
-    while let Some(field) = form.next_field().await.map_err(bad_multipart)? {
+    let mut parts = 0usize;
+    while let Some(mut field) = form.next_field().await.map_err(bad_multipart)? {
+        meter.delivered();
+        parts += 1;
+        if parts > MAX_PARTS {
+            return Err(ApiError::bad_request(
+                "invalid_multipart",
+                format!("The multipart body has more than {MAX_PARTS} parts."),
+            )
+            .into());
+        }
         let field_name = field.name().unwrap_or_default().to_string();
         match field_name.as_str() {
             "file" => {
@@ -465,7 +614,10 @@ async fn receive_upload(
                     .into());
                 }
                 let path: PathBuf = tmp.path().join(&name);
-                let stream = field.map(|chunk| chunk.map_err(bad_multipart));
+                let stream = field.map(|chunk| {
+                    meter.delivered();
+                    chunk.map_err(bad_multipart)
+                });
                 let (sha256, bytes) = receive(stream, &path, used, limit).await?;
                 used += bytes;
                 files.push(Received {
@@ -475,7 +627,33 @@ async fn receive_upload(
                 });
             }
             "name" | "version" | "labels" => {
-                let text = field.text().await.map_err(bad_multipart)?;
+                let cap = if field_name == "labels" {
+                    MAX_LABELS_BYTES
+                } else {
+                    MAX_TEXT_BYTES
+                };
+                let mut bytes = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(bad_multipart)? {
+                    meter.delivered();
+                    used += chunk.len() as u64;
+                    if used > limit {
+                        return Err(UploadError::TooLarge);
+                    }
+                    if bytes.len() + chunk.len() > cap {
+                        return Err(ApiError::bad_request(
+                            "invalid_field",
+                            format!("`{field_name}` must be at most {cap} bytes long."),
+                        )
+                        .into());
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_field",
+                        format!("`{field_name}` must be UTF-8 text."),
+                    )
+                })?;
                 match field_name.as_str() {
                     "name" => meta.name = Some(text),
                     "version" => meta.version = Some(text),
@@ -538,7 +716,7 @@ async fn commit_upload(
             Ok(false) => {}
             Err(e) => {
                 forget(state, &added).await;
-                return Err(ApiError::internal("could not store an uploaded file", e));
+                return Err(ApiError::io("could not store an uploaded file", e));
             }
         }
     }

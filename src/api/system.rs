@@ -65,7 +65,11 @@ pub async fn healthz() -> axum::Json<Health> {
     })
 }
 
-/// Readiness: the database answers and the data directory is writable.
+/// Readiness: the database takes a write and the data directory has room
+/// for one.
+///
+/// Checked afresh on every call, so it turns back to 200 by itself once
+/// space is freed.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -77,9 +81,9 @@ pub async fn healthz() -> axum::Json<Health> {
 )]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let mut failed = Vec::new();
-    if let Err(e) = state.store.ping().await {
-        tracing::error!(error = %e, "readiness: the database does not answer");
-        failed.push("the database does not answer");
+    if let Err(e) = state.store.check_writable().await {
+        tracing::error!(error = %e, "readiness: the database does not take a write");
+        failed.push("the database does not take a write");
     }
     let blobs = state.blobs.clone();
     let disk = tokio::task::spawn_blocking(move || blobs.check_writable()).await;

@@ -4,6 +4,7 @@
 //! database. The runner in [`crate::run`] feeds it one tensor at a time.
 pub mod binarize;
 pub mod bitpack;
+pub mod calibrate;
 pub mod coded;
 pub mod huffman;
 pub mod lowrank;

@@ -26,6 +26,11 @@ pub struct TensorReport {
     /// per-tensor stages; absent for tensors stored unchanged.
     #[serde(flatten)]
     pub fidelity: Option<Fidelity>,
+    /// `tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)` with the job's statistics (`H = xtx`, or
+    /// its diagonal `in_sum2` when that is all there is); absent without
+    /// statistics for the tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_error: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +48,11 @@ pub struct Totals {
     /// Lowest SNR of any compressed tensor, with its name.
     pub worst_snr_db: Option<f64>,
     pub worst_snr_tensor: Option<String>,
+    /// Highest relative output error of any tensor, with its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst_output_error: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst_output_error_tensor: Option<String>,
     /// Tensors of the input that the pipeline removed (folded batch norms).
     pub removed_tensors: Vec<String>,
     /// Seconds spent in each kind of stage, summed over tensors.
@@ -55,6 +65,9 @@ pub struct Report {
     pub report_version: u32,
     pub format: String,
     pub pipeline: PipelineSpec,
+    /// sha256 of the calibration statistics the job used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statistics_sha256: Option<String>,
     pub tensors: Vec<TensorReport>,
     pub totals: Totals,
 }
@@ -74,6 +87,10 @@ impl Totals {
             .iter()
             .filter_map(|t| Some((t.fidelity?.snr_db?, &t.name)))
             .min_by(|a, b| a.0.total_cmp(&b.0));
+        let worst_output = tensors
+            .iter()
+            .filter_map(|t| Some((t.output_error?, &t.name)))
+            .max_by(|a, b| a.0.total_cmp(&b.0));
         Self {
             tensors: tensors.len(),
             bytes_before,
@@ -93,6 +110,8 @@ impl Totals {
             },
             worst_snr_db: worst.map(|w| w.0),
             worst_snr_tensor: worst.map(|w| w.1.clone()),
+            worst_output_error: worst_output.map(|w| w.0),
+            worst_output_error_tensor: worst_output.map(|w| w.1.clone()),
             removed_tensors: Vec::new(),
             seconds_per_stage: BTreeMap::new(),
             seconds_total: 0.0,
@@ -143,7 +162,13 @@ impl ReportBuilder {
         self.tensors.iter().map(|r| r.bytes_after).sum()
     }
 
-    pub fn finish(self, format: &str, pipeline: PipelineSpec, seconds_total: f64) -> Report {
+    pub fn finish(
+        self,
+        format: &str,
+        pipeline: PipelineSpec,
+        statistics_sha256: Option<String>,
+        seconds_total: f64,
+    ) -> Report {
         let mut totals = Totals::from_tensors(&self.tensors, self.nonzero_after);
         for r in self.removed {
             totals.bytes_before += r.bytes;
@@ -162,6 +187,7 @@ impl ReportBuilder {
             report_version: REPORT_VERSION,
             format: format.to_string(),
             pipeline,
+            statistics_sha256,
             tensors: self.tensors,
             totals,
         }

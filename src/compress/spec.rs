@@ -10,6 +10,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use super::binarize::Levels;
+use super::calibrate::{SweepParams, SweepPrune};
 use super::coded::{Granularity, MatrixShape};
 use super::lowrank::RankChoice;
 use super::quantize::{IntQuant, ScaleSearch};
@@ -62,6 +63,38 @@ pub enum PruneSpec {
         norm: NormSpec,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         groups: Option<Vec<GroupSpec>>,
+    },
+    /// Wanda: `|W_ij| · sqrt(in_sum2_j / counts)` within each row; needs
+    /// `in_sum2`. `sparsity`, or `n` and `m`.
+    Wanda {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sparsity: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        n: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        m: Option<usize>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        targets: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ignore: Vec<String>,
+    },
+    /// SparseGPT: the mask by `w²/[H⁻¹]_jj²` per block, the other weights
+    /// updated; needs `xtx`. `sparsity`, or `n` and `m`.
+    Sparsegpt {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sparsity: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        n: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        m: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        damp: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        block_size: Option<usize>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        targets: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ignore: Vec<String>,
     },
 }
 
@@ -119,10 +152,21 @@ pub struct ShareSpec {
     pub iterations: usize,
     #[serde(default)]
     pub per_channel: bool,
+    /// Run the GPTQ sweep with the codebook as the grid (needs `xtx`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub compensate: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignore: Vec<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
 }
 
 fn default_iterations() -> usize {
@@ -164,11 +208,34 @@ pub enum ScaleSearchSpec {
     Mse,
 }
 
+/// How integer weights are chosen on their grid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantMethod {
+    /// Round to nearest (with statistics, the MSE scale search weighs each
+    /// column by its mean squared input).
+    #[default]
+    Rtn,
+    /// GPTQ: column by column with error feedback through `xtx`.
+    Gptq,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizeSpec {
     #[serde(default, rename = "type")]
     pub kind: QuantType,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub method: QuantMethod,
+    /// GPTQ dampening, relative to the mean diagonal of `xtx` (0.01).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damp: Option<f64>,
+    /// GPTQ columns per block (128).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
+    /// GPTQ: columns by decreasing `xtx_jj`; groups stay contiguous.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub act_order: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bits: Option<u8>,
     #[serde(default = "yes")]
@@ -308,8 +375,64 @@ pub enum ValueStage {
 /// Per-tensor pruning.
 #[derive(Debug, Clone, Copy)]
 pub enum PruneKind {
-    Magnitude { sparsity: f64, global: bool },
-    NM { n: usize, m: usize },
+    Magnitude {
+        sparsity: f64,
+        global: bool,
+    },
+    NM {
+        n: usize,
+        m: usize,
+    },
+    /// Wanda scores (needs `in_sum2`).
+    Wanda(SweepPrune),
+    /// SparseGPT (needs `xtx`).
+    SparseGpt(SweepPrune, SweepParams),
+}
+
+impl PruneKind {
+    /// The `n:m` pattern the stage leaves, whatever picks the weights.
+    pub fn n_m(&self) -> Option<(usize, usize)> {
+        match *self {
+            PruneKind::NM { n, m }
+            | PruneKind::Wanda(SweepPrune::NM { n, m })
+            | PruneKind::SparseGpt(SweepPrune::NM { n, m }, _) => Some((n, m)),
+            _ => None,
+        }
+    }
+}
+
+/// How a value stage uses calibration statistics beyond weighting its
+/// error (which every stage does when statistics are given).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Calibration {
+    None,
+    /// `quantize` with `method: gptq`.
+    Gptq(SweepParams),
+    /// `share` with `compensate: true`.
+    Compensate(SweepParams),
+}
+
+/// Statistics a stage cannot run without.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatsNeed {
+    InSum2,
+    Xtx,
+}
+
+impl StatsNeed {
+    pub fn name(self) -> &'static str {
+        match self {
+            StatsNeed::InSum2 => "in_sum2",
+            StatsNeed::Xtx => "xtx",
+        }
+    }
+}
+
+/// Which weights have which statistics (implemented by the statistics
+/// file reader).
+pub trait StatsCatalog {
+    fn has_in_sum2(&self, weight: &str) -> bool;
+    fn has_xtx(&self, weight: &str) -> bool;
 }
 
 /// A checked stage.
@@ -365,6 +488,10 @@ impl Stage {
             Stage::Structural(StructuralStage::Channel(_)) => "prune:channel".into(),
             Stage::Prune(PruneKind::Magnitude { .. }, _) => "prune:magnitude".into(),
             Stage::Prune(PruneKind::NM { n, m }, _) => format!("prune:{n}:{m}"),
+            Stage::Prune(PruneKind::Wanda(p), _) => format!("prune:wanda{}", pattern_label(p)),
+            Stage::Prune(PruneKind::SparseGpt(p, _), _) => {
+                format!("prune:sparsegpt{}", pattern_label(p))
+            }
             Stage::LowRank(..) => "low_rank".into(),
             Stage::Value(ValueStage::Share(p), _) => format!("share:{}", p.clusters),
             Stage::Value(ValueStage::Int(q), _) => format!("quantize:int{}", q.bits),
@@ -377,10 +504,18 @@ impl Stage {
     }
 }
 
+fn pattern_label(p: &SweepPrune) -> String {
+    match p {
+        SweepPrune::NM { n, m } => format!(":{n}:{m}"),
+        _ => String::new(),
+    }
+}
+
 /// A pipeline whose parameters and stage order have been checked.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     stages: Vec<Stage>,
+    calibration: Vec<Calibration>,
     spec: PipelineSpec,
 }
 
@@ -421,8 +556,11 @@ impl Pipeline {
             return Err(err(64, "pipeline", "a pipeline has at most 64 stages"));
         }
         let mut stages = Vec::with_capacity(spec.stages.len());
+        let mut calibration = Vec::with_capacity(spec.stages.len());
         for (i, s) in spec.stages.iter().enumerate() {
-            stages.push(parse_stage(i, s)?);
+            let (stage, calib) = parse_stage(i, s)?;
+            stages.push(stage);
+            calibration.push(calib);
         }
         // Structural stages rewrite the model before any per-tensor stage.
         let mut seen_per_tensor = None;
@@ -470,7 +608,11 @@ impl Pipeline {
                 "only one global magnitude prune per pipeline",
             ));
         }
-        Ok(Self { stages, spec })
+        Ok(Self {
+            stages,
+            calibration,
+            spec,
+        })
     }
 
     /// Parses JSON text into a checked pipeline.
@@ -481,6 +623,76 @@ impl Pipeline {
 
     pub fn stages(&self) -> &[Stage] {
         &self.stages
+    }
+
+    /// How stage `i` uses calibration statistics.
+    pub fn calibration(&self, i: usize) -> Calibration {
+        self.calibration
+            .get(i)
+            .copied()
+            .unwrap_or(Calibration::None)
+    }
+
+    /// The label of stage `i` in reports, with its calibrated method.
+    pub fn label(&self, i: usize) -> String {
+        let base = self.stages[i].label();
+        match self.calibration(i) {
+            Calibration::None => base,
+            Calibration::Gptq(_) => format!("{base}:gptq"),
+            Calibration::Compensate(_) => format!("{base}:compensate"),
+        }
+    }
+
+    /// The statistics stage `i` cannot run without.
+    pub fn needs(&self, i: usize) -> Option<StatsNeed> {
+        match (&self.stages[i], self.calibration(i)) {
+            (Stage::Prune(PruneKind::Wanda(_), _), _) => Some(StatsNeed::InSum2),
+            (Stage::Prune(PruneKind::SparseGpt(..), _), _) => Some(StatsNeed::Xtx),
+            (_, Calibration::Gptq(_) | Calibration::Compensate(_)) => Some(StatsNeed::Xtx),
+            _ => None,
+        }
+    }
+
+    /// Whether any stage needs statistics.
+    pub fn needs_statistics(&self) -> bool {
+        (0..self.stages.len()).any(|i| self.needs(i).is_some())
+    }
+
+    /// Refuses a stage that needs statistics a tensor it touches does not
+    /// have (`stats` is `None` when the job has no statistics), naming the
+    /// stage, the statistics and the tensor.
+    pub fn check_statistics(
+        &self,
+        tensors: &[TensorShape<'_>],
+        stats: Option<&dyn StatsCatalog>,
+    ) -> Result<(), SpecError> {
+        for t in tensors {
+            for i in self.stages_for(t.name, t.shape, t.is_float) {
+                let Some(need) = self.needs(i) else { continue };
+                let has = stats.is_some_and(|s| match need {
+                    StatsNeed::InSum2 => s.has_in_sum2(t.name),
+                    StatsNeed::Xtx => s.has_xtx(t.name),
+                });
+                if !has {
+                    let label = self.label(i);
+                    let what = if stats.is_some() {
+                        "the statistics have none"
+                    } else {
+                        "no statistics were given"
+                    };
+                    return Err(err(
+                        i,
+                        self.stages[i].kind(),
+                        format!(
+                            "{label} needs statistics `{}` for `{}`; {what}",
+                            need.name(),
+                            t.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn spec(&self) -> &PipelineSpec {
@@ -540,6 +752,24 @@ impl Pipeline {
         }
         for t in tensors {
             let idx = self.stages_for(t.name, t.shape, t.is_float);
+            let nm_sweep = idx.iter().any(|&i| {
+                matches!(
+                    self.stages[i],
+                    Stage::Prune(PruneKind::SparseGpt(SweepPrune::NM { .. }, _), _)
+                )
+            });
+            if let Some(&i) = idx
+                .iter()
+                .find(|&&i| matches!(self.calibration(i), Calibration::Gptq(g) if g.act_order))
+            {
+                if nm_sweep {
+                    return Err(err(
+                        i,
+                        "quantize",
+                        format!("`{}` is pruned n:m by sparsegpt in the same sweep, whose windows need the original column order; drop act_order", t.name),
+                    ));
+                }
+            }
             let mut last: Option<(usize, u8)> = None;
             let mut low_rank: Option<usize> = None;
             for &i in &idx {
@@ -561,7 +791,12 @@ impl Pipeline {
                 last = Some((i, phase));
                 let shape = MatrixShape::of(t.shape).unwrap_or(MatrixShape { rows: 0, cols: 0 });
                 match s {
-                    Stage::Prune(PruneKind::NM { m, .. }, _) if !shape.cols.is_multiple_of(*m) => {
+                    Stage::Prune(kind, _)
+                        if kind
+                            .n_m()
+                            .is_some_and(|(_, m)| !shape.cols.is_multiple_of(m)) =>
+                    {
+                        let m = kind.n_m().map_or(1, |(_, m)| m);
                         return Err(err(
                             i,
                             s.kind(),
@@ -632,7 +867,101 @@ pub enum PipelineError {
     Spec(#[from] SpecError),
 }
 
-fn parse_stage(i: usize, s: &StageSpec) -> Result<Stage, SpecError> {
+fn parse_stage(i: usize, s: &StageSpec) -> Result<(Stage, Calibration), SpecError> {
+    let calibration = match s {
+        StageSpec::Quantize(q) => quantize_calibration(i, q)?,
+        StageSpec::Share(sh) if sh.compensate => Calibration::Compensate(SweepParams::default()),
+        _ => Calibration::None,
+    };
+    Ok((parse_stage_kind(i, s)?, calibration))
+}
+
+fn sweep_params(
+    i: usize,
+    kind: &'static str,
+    damp: Option<f64>,
+    block_size: Option<usize>,
+    act_order: bool,
+) -> Result<SweepParams, SpecError> {
+    let d = SweepParams::default();
+    let damp = damp.unwrap_or(d.damp);
+    if !(damp.is_finite() && (0.0..=10.0).contains(&damp)) {
+        return Err(err(
+            i,
+            kind,
+            format!("damp must be between 0 and 10 (a fraction of the mean diagonal of xtx), got {damp}"),
+        ));
+    }
+    let block_size = block_size.unwrap_or(d.block_size);
+    if !(1..=65_536).contains(&block_size) {
+        return Err(err(
+            i,
+            kind,
+            format!("block_size must be 1..=65536, got {block_size}"),
+        ));
+    }
+    Ok(SweepParams {
+        damp,
+        block_size,
+        act_order,
+    })
+}
+
+fn quantize_calibration(i: usize, q: &QuantizeSpec) -> Result<Calibration, SpecError> {
+    match q.method {
+        QuantMethod::Rtn => {
+            if q.damp.is_some() || q.block_size.is_some() || q.act_order {
+                return Err(err(
+                    i,
+                    "quantize",
+                    "damp, block_size and act_order go with method gptq",
+                ));
+            }
+            Ok(Calibration::None)
+        }
+        QuantMethod::Gptq => {
+            if q.kind == QuantType::Fp8 {
+                return Err(err(
+                    i,
+                    "quantize",
+                    "method gptq quantizes to integer grids, not fp8",
+                ));
+            }
+            Ok(Calibration::Gptq(sweep_params(
+                i,
+                "quantize",
+                q.damp,
+                q.block_size,
+                q.act_order,
+            )?))
+        }
+    }
+}
+
+/// `sparsity`, or `n` and `m`, of a calibrated prune.
+fn prune_pattern(
+    i: usize,
+    sparsity: Option<f64>,
+    n: Option<usize>,
+    m: Option<usize>,
+) -> Result<SweepPrune, SpecError> {
+    match (sparsity, n, m) {
+        (Some(s), None, None) => Ok(SweepPrune::Sparsity(fraction(i, "prune", "sparsity", s)?)),
+        (None, Some(n), Some(m)) => {
+            if !(1..=64).contains(&m) || n == 0 || n >= m {
+                return Err(err(
+                    i,
+                    "prune",
+                    format!("n:m needs 0 < n < m <= 64, got {n}:{m}"),
+                ));
+            }
+            Ok(SweepPrune::NM { n, m })
+        }
+        _ => Err(err(i, "prune", "give sparsity, or n and m (not both)")),
+    }
+}
+
+fn parse_stage_kind(i: usize, s: &StageSpec) -> Result<Stage, SpecError> {
     let sel = |kind: &'static str, targets: &[String], ignore: &[String]| {
         Selector::parse(targets, ignore).map_err(|e| err(i, kind, e))
     };
@@ -667,6 +996,31 @@ fn parse_stage(i: usize, s: &StageSpec) -> Result<Stage, SpecError> {
                 sel("prune", targets, ignore)?,
             )
         }
+        StageSpec::Prune(PruneSpec::Wanda {
+            sparsity,
+            n,
+            m,
+            targets,
+            ignore,
+        }) => Stage::Prune(
+            PruneKind::Wanda(prune_pattern(i, *sparsity, *n, *m)?),
+            sel("prune", targets, ignore)?,
+        ),
+        StageSpec::Prune(PruneSpec::Sparsegpt {
+            sparsity,
+            n,
+            m,
+            damp,
+            block_size,
+            targets,
+            ignore,
+        }) => Stage::Prune(
+            PruneKind::SparseGpt(
+                prune_pattern(i, *sparsity, *n, *m)?,
+                sweep_params(i, "prune", *damp, *block_size, false)?,
+            ),
+            sel("prune", targets, ignore)?,
+        ),
         StageSpec::Prune(PruneSpec::Channel {
             sparsity,
             norm,
@@ -838,46 +1192,74 @@ impl Preset {
     }
 }
 
+/// What every preset leaves alone: embedding tables (token, position and
+/// type embeddings: `embed_tokens`, `word_embeddings`, `wte`, `wpe`, ...)
+/// and the output head (`lm_head`). Pruning or coarse quantization of a
+/// lookup table damages every token that reads it, the statistics of a
+/// model's linear inputs say nothing about them, and compressed-tensors
+/// loaders expect them unquantized (as llm-compressor leaves them).
+pub const PRESET_IGNORE: &str = "re:.*(embed|wte|wpe|lm_head).*";
+
 pub const PRESETS: &[Preset] = &[
     Preset {
         name: "deep-compression",
-        description: "Magnitude pruning (40% per tensor), k-means sharing with 16 clusters (k-means++ init), then sparse positions and Huffman coding; no retraining or data needed.",
+        description: "Magnitude pruning (40% per tensor), k-means sharing with 16 clusters (k-means++ init), then sparse positions and Huffman coding; no retraining or data needed. Embeddings and lm_head are left alone.",
         json: r#"{"stages":[
-            {"stage":"prune","method":"magnitude","sparsity":0.4,"scope":"tensor"},
-            {"stage":"share","clusters":16,"init":"kmeans++","iterations":20},
-            {"stage":"encode","entropy":"huffman"}]}"#,
+            {"stage":"prune","method":"magnitude","sparsity":0.4,"scope":"tensor","ignore":["re:.*(embed|wte|wpe|lm_head).*"]},
+            {"stage":"share","clusters":16,"init":"kmeans++","iterations":20,"ignore":["re:.*(embed|wte|wpe|lm_head).*"]},
+            {"stage":"encode","entropy":"huffman","ignore":["re:.*(embed|wte|wpe|lm_head).*"]}]}"#,
     },
     Preset {
         name: "int8",
-        description: "8-bit symmetric integer quantization with one scale per output channel.",
-        json: r#"{"stages":[{"stage":"quantize","bits":8,"symmetric":true,"granularity":"channel"}]}"#,
+        description: "8-bit symmetric integer quantization with one scale per output channel (min-max: at 8 bits the step is already fine). Embeddings and lm_head are left alone.",
+        json: r#"{"stages":[{"stage":"quantize","bits":8,"symmetric":true,"granularity":"channel","ignore":["re:.*(embed|wte|wpe|lm_head).*"]}]}"#,
     },
     Preset {
         name: "int4-g128",
-        description: "4-bit symmetric integer quantization with one scale per group of 128 input weights.",
-        json: r#"{"stages":[{"stage":"quantize","bits":4,"symmetric":true,"granularity":"group","group_size":128}]}"#,
+        description: "4-bit symmetric integer quantization with one scale per group of 128 input weights, each scale chosen by squared-error search. Embeddings and lm_head are left alone.",
+        json: r#"{"stages":[{"stage":"quantize","bits":4,"symmetric":true,"granularity":"group","group_size":128,"scale_search":"mse","ignore":["re:.*(embed|wte|wpe|lm_head).*"]}]}"#,
     },
     Preset {
         name: "sparse-2of4-int8",
-        description: "2:4 structured sparsity along the input dimension, then 8-bit per-channel symmetric quantization.",
+        description: "2:4 structured sparsity along the input dimension, then 8-bit per-channel symmetric quantization with squared-error scale search. Embeddings and lm_head are left alone.",
         json: r#"{"stages":[
-            {"stage":"prune","method":"n:m","n":2,"m":4},
-            {"stage":"quantize","bits":8,"symmetric":true,"granularity":"channel"}]}"#,
+            {"stage":"prune","method":"n:m","n":2,"m":4,"ignore":["re:.*(embed|wte|wpe|lm_head).*"]},
+            {"stage":"quantize","bits":8,"symmetric":true,"granularity":"channel","scale_search":"mse","ignore":["re:.*(embed|wte|wpe|lm_head).*"]}]}"#,
     },
     Preset {
         name: "fp8",
-        description: "FP8 E4M3 with one scale per output channel.",
-        json: r#"{"stages":[{"stage":"quantize","type":"fp8","granularity":"channel"}]}"#,
+        description: "FP8 E4M3 with one scale per output channel. Embeddings and lm_head are left alone.",
+        json: r#"{"stages":[{"stage":"quantize","type":"fp8","granularity":"channel","ignore":["re:.*(embed|wte|wpe|lm_head).*"]}]}"#,
     },
     Preset {
         name: "binary",
-        description: "1-bit weights: sign times the mean magnitude of each output channel (XNOR-Net).",
-        json: r#"{"stages":[{"stage":"binarize","levels":2}]}"#,
+        description: "1-bit weights: sign times the mean magnitude of each output channel (XNOR-Net). Embeddings and lm_head are left alone.",
+        json: r#"{"stages":[{"stage":"binarize","levels":2,"ignore":["re:.*(embed|wte|wpe|lm_head).*"]}]}"#,
     },
     Preset {
         name: "ternary",
-        description: "Ternary weights {-a, 0, +a} per output channel with threshold 0.7 mean|w| (TWN).",
-        json: r#"{"stages":[{"stage":"binarize","levels":3},{"stage":"encode","entropy":"huffman"}]}"#,
+        description: "Ternary weights {-a, 0, +a} per output channel with threshold 0.7 mean|w| (TWN). Embeddings and lm_head are left alone.",
+        json: r#"{"stages":[{"stage":"binarize","levels":3,"ignore":["re:.*(embed|wte|wpe|lm_head).*"]},{"stage":"encode","entropy":"huffman","ignore":["re:.*(embed|wte|wpe|lm_head).*"]}]}"#,
+    },
+    Preset {
+        name: "int4-g128-gptq",
+        description: "GPTQ 4-bit symmetric, groups of 128 (squared-error scale search, activation order with static groups, damp 0.01, blocks of 128); needs statistics with xtx. Embeddings and lm_head are left alone.",
+        json: r#"{"stages":[{"stage":"quantize","method":"gptq","bits":4,"symmetric":true,"granularity":"group","group_size":128,"scale_search":"mse","act_order":true,"ignore":["re:.*(embed|wte|wpe|lm_head).*"]}]}"#,
+    },
+    Preset {
+        name: "sparse-2of4-int8-gptq",
+        description: "SparseGPT 2:4 and GPTQ 8-bit per-channel in one sweep, so the quantization error is compensated with the pruning error; needs statistics with xtx. Embeddings and lm_head are left alone.",
+        json: r#"{"stages":[
+            {"stage":"prune","method":"sparsegpt","n":2,"m":4,"ignore":["re:.*(embed|wte|wpe|lm_head).*"]},
+            {"stage":"quantize","method":"gptq","bits":8,"symmetric":true,"granularity":"channel","scale_search":"mse","ignore":["re:.*(embed|wte|wpe|lm_head).*"]}]}"#,
+    },
+    Preset {
+        name: "deep-compression-calibrated",
+        description: "SparseGPT 50%, then 16-cluster sharing with importance-weighted k-means and GPTQ-style error compensation onto the codebook, then sparse positions and Huffman coding; needs statistics with xtx. Embeddings and lm_head are left alone.",
+        json: r#"{"stages":[
+            {"stage":"prune","method":"sparsegpt","sparsity":0.5,"ignore":["re:.*(embed|wte|wpe|lm_head).*"]},
+            {"stage":"share","clusters":16,"init":"kmeans++","iterations":20,"compensate":true,"ignore":["re:.*(embed|wte|wpe|lm_head).*"]},
+            {"stage":"encode","entropy":"huffman","ignore":["re:.*(embed|wte|wpe|lm_head).*"]}]}"#,
     },
 ];
 
@@ -902,10 +1284,74 @@ mod tests {
     }
 
     #[test]
-    fn every_preset_parses() {
+    fn every_preset_parses_and_skips_embeddings_and_the_head() {
         for p in PRESETS {
             let pl = p.pipeline();
             assert!(!pl.stages().is_empty(), "{}", p.name);
+            assert!(p.json.contains(PRESET_IGNORE), "{}", p.name);
+            for name in [
+                "model.embed_tokens.weight",
+                "bert.embeddings.word_embeddings.weight",
+                "transformer.wte.weight",
+                "lm_head.weight",
+            ] {
+                assert!(
+                    pl.stages_for(name, &[8, 8], true).is_empty(),
+                    "{}: {name}",
+                    p.name
+                );
+            }
+            assert!(!pl
+                .stages_for("model.layers.0.mlp.up_proj.weight", &[8, 8], true)
+                .is_empty());
+        }
+    }
+
+    #[test]
+    fn calibrated_stages_parse_and_name_what_they_need() {
+        let p = parse(r#"{"stages":[
+            {"stage":"prune","method":"sparsegpt","n":2,"m":4},
+            {"stage":"quantize","method":"gptq","bits":4,"granularity":"group","group_size":4,"damp":0.05,"block_size":64}]}"#).unwrap();
+        assert_eq!(p.label(0), "prune:sparsegpt:2:4");
+        assert_eq!(p.label(1), "quantize:int4:gptq");
+        assert_eq!(p.needs(0), Some(StatsNeed::Xtx));
+        assert_eq!(
+            p.calibration(1),
+            Calibration::Gptq(SweepParams {
+                damp: 0.05,
+                block_size: 64,
+                act_order: false
+            })
+        );
+        let e = p.check_statistics(&[t("w", &[4, 8])], None).unwrap_err();
+        assert_eq!(e.index, 0);
+        assert!(e.reason.contains("`xtx` for `w`"), "{e}");
+        struct OnlyInSum2;
+        impl StatsCatalog for OnlyInSum2 {
+            fn has_in_sum2(&self, _: &str) -> bool {
+                true
+            }
+            fn has_xtx(&self, _: &str) -> bool {
+                false
+            }
+        }
+        let w = parse(r#"{"stages":[{"stage":"prune","method":"wanda","sparsity":0.5}]}"#).unwrap();
+        w.check_statistics(&[t("w", &[4, 8])], Some(&OnlyInSum2))
+            .unwrap();
+        let e = w.check_statistics(&[t("w", &[4, 8])], None).unwrap_err();
+        assert!(e.reason.contains("`in_sum2` for `w`"), "{e}");
+        let e = p
+            .check_statistics(&[t("w", &[4, 8])], Some(&OnlyInSum2))
+            .unwrap_err();
+        assert!(e.reason.contains("the statistics have none"), "{e}");
+        for bad in [
+            r#"{"stages":[{"stage":"quantize","bits":4,"damp":0.1}]}"#,
+            r#"{"stages":[{"stage":"quantize","type":"fp8","method":"gptq"}]}"#,
+            r#"{"stages":[{"stage":"prune","method":"wanda","sparsity":0.5,"n":2,"m":4}]}"#,
+            r#"{"stages":[{"stage":"prune","method":"sparsegpt"}]}"#,
+            r#"{"stages":[{"stage":"quantize","method":"gptq","bits":4,"block_size":0}]}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
         }
     }
 

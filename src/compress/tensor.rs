@@ -3,12 +3,13 @@
 use std::time::Instant;
 
 use super::binarize::binarize;
+use super::calibrate::{self, CalibError, LayerStats, SweepGrid, SweepPrune};
 use super::coded::{Coded, MatrixShape};
 use super::lowrank::{low_rank, product, LowRank};
 use super::prune::{prune_below, prune_magnitude, prune_n_m};
-use super::quantize::{quantize_fp8, quantize_int};
+use super::quantize::{quantize_fp8, quantize_int, quantize_int_weighted};
 use super::share::share;
-use super::spec::{Entropy, Pipeline, PruneKind, Stage, ValueStage};
+use super::spec::{Calibration, Entropy, Pipeline, PruneKind, Stage, StatsNeed, ValueStage};
 
 /// A tensor's values after its stages.
 #[derive(Debug, Clone)]
@@ -47,6 +48,19 @@ pub enum TensorError {
     LowRank { tensor: String, reason: String },
     #[error("tensor `{tensor}` has a shape whose element count overflows")]
     Shape { tensor: String },
+    #[error("tensor `{tensor}`: {stage} needs statistics `{}`, which it did not get", need.name())]
+    MissingStats {
+        tensor: String,
+        stage: String,
+        need: StatsNeed,
+    },
+    #[error("tensor `{tensor}`: {stage}: {source}")]
+    Calibration {
+        tensor: String,
+        stage: String,
+        #[source]
+        source: CalibError,
+    },
 }
 
 /// Runs the stages `stage_indices` of `pipeline` on `values` (row-major,
@@ -67,6 +81,39 @@ pub fn process(
     round_to_storage: &dyn Fn(&mut [f32]),
     work: &mut Vec<f32>,
 ) -> Result<Processed, TensorError> {
+    process_with_stats(
+        name,
+        values,
+        shape,
+        pipeline,
+        stage_indices,
+        cut,
+        round_to_storage,
+        work,
+        None,
+    )
+}
+
+/// [`process`] with the tensor's activation statistics, which calibrated
+/// stages need and the others use to weigh their error:
+/// - `prune` wanda / sparsegpt; a sparsegpt stage followed by a gptq
+///   `quantize` on the tensor runs both in one sweep (with the sparsegpt
+///   stage's `damp` and `block_size` and the quantize stage's `act_order`),
+///   so the quantization error is compensated too;
+/// - `quantize`: gptq; rtn's MSE scale search weighted by `in_sum2 / counts`;
+/// - `share`: the importance-weighted k-means, and `compensate`.
+#[allow(clippy::too_many_arguments)]
+pub fn process_with_stats(
+    name: &str,
+    values: &[f32],
+    shape: &[usize],
+    pipeline: &Pipeline,
+    stage_indices: &[usize],
+    cut: Option<TensorCut>,
+    round_to_storage: &dyn Fn(&mut [f32]),
+    work: &mut Vec<f32>,
+    stats: Option<&LayerStats>,
+) -> Result<Processed, TensorError> {
     let matrix = MatrixShape::of(shape).ok_or_else(|| TensorError::Shape {
         tensor: name.to_string(),
     })?;
@@ -81,6 +128,25 @@ pub fn process(
     let writes = stage_indices
         .iter()
         .any(|&i| matches!(pipeline.stages()[i], Stage::Prune(..)));
+    let importance = stats.map(LayerStats::importance);
+    let need = |i: usize, need: StatsNeed| -> Result<&LayerStats, TensorError> {
+        stats
+            .filter(|s| need == StatsNeed::InSum2 || s.xtx().is_some())
+            .ok_or_else(|| TensorError::MissingStats {
+                tensor: name.to_string(),
+                stage: pipeline.label(i),
+                need,
+            })
+    };
+    let calib_err = |i: usize| {
+        move |source| TensorError::Calibration {
+            tensor: name.to_string(),
+            stage: pipeline.label(i),
+            source,
+        }
+    };
+    // A gptq stage already run jointly with a sparsegpt stage.
+    let mut joint_done: Option<usize> = None;
     if writes {
         work.clear();
         work.extend_from_slice(values);
@@ -100,6 +166,52 @@ pub fn process(
                 }
             },
             Stage::Prune(PruneKind::NM { n, m }, _) => prune_n_m(work, matrix, *n, *m),
+            Stage::Prune(PruneKind::Wanda(pattern), _) => {
+                let s = need(i, StatsNeed::InSum2)?;
+                calibrate::wanda(work, matrix, &s.importance(), *pattern).map_err(calib_err(i))?;
+            }
+            Stage::Prune(PruneKind::SparseGpt(pattern, params), _) => {
+                let s = need(i, StatsNeed::Xtx)?;
+                let imp = importance.as_deref().unwrap_or_default();
+                let xtx = s.xtx().unwrap_or_default();
+                // The gptq stage this sweep also quantizes for, if any.
+                let gptq = stage_indices.iter().copied().find_map(|j| {
+                    match (&pipeline.stages()[j], pipeline.calibration(j)) {
+                        (Stage::Value(ValueStage::Int(q), _), Calibration::Gptq(g)) if j > i => {
+                            Some((j, *q, g))
+                        }
+                        _ => None,
+                    }
+                });
+                let later_prune = stage_indices
+                    .iter()
+                    .any(|&j| j > i && matches!(pipeline.stages()[j], Stage::Prune(..)));
+                match gptq {
+                    Some((j, quant, g)) if !later_prune => {
+                        let p = calibrate::SweepParams {
+                            act_order: g.act_order,
+                            ..*params
+                        };
+                        let grid = SweepGrid::Int {
+                            quant,
+                            importance: imp,
+                        };
+                        let out = calibrate::sweep(work, matrix, xtx, *pattern, grid, &p)
+                            .map_err(calib_err(i))?;
+                        work.copy_from_slice(&out.values);
+                        if let Some(c) = out.coded {
+                            current = Values::Coded(c);
+                        }
+                        joint_done = Some(j);
+                    }
+                    _ => {
+                        let out =
+                            calibrate::sweep(work, matrix, xtx, *pattern, SweepGrid::Keep, params)
+                                .map_err(calib_err(i))?;
+                        work.copy_from_slice(&out.values);
+                    }
+                }
+            }
             Stage::LowRank(choice, _) => {
                 let mut lr =
                     low_rank(values, matrix, *choice).map_err(|e| TensorError::LowRank {
@@ -110,18 +222,73 @@ pub fn process(
                 round_to_storage(&mut lr.b);
                 current = Values::LowRank(lr);
             }
+            Stage::Value(..) if joint_done == Some(i) => {}
             Stage::Value(v, _) => {
-                let coded = match v {
-                    ValueStage::Share(p) => share(values, matrix, p),
-                    ValueStage::Int(q) => quantize_int(values, matrix, q),
-                    ValueStage::Fp8(g) => quantize_fp8(values, matrix, *g),
-                    ValueStage::Binarize(l) => binarize(values, matrix, *l),
+                let coded = match (v, pipeline.calibration(i), importance.as_deref()) {
+                    (ValueStage::Int(q), Calibration::Gptq(g), _) => {
+                        let s = need(i, StatsNeed::Xtx)?;
+                        let grid = SweepGrid::Int {
+                            quant: *q,
+                            importance: importance.as_deref().unwrap_or_default(),
+                        };
+                        calibrate::sweep(
+                            values,
+                            matrix,
+                            s.xtx().unwrap_or_default(),
+                            SweepPrune::None,
+                            grid,
+                            &g,
+                        )
+                        .map_err(calib_err(i))?
+                        .coded
+                        .expect("an integer sweep is coded")
+                    }
+                    (ValueStage::Share(p), Calibration::Compensate(g), _) => {
+                        let s = need(i, StatsNeed::Xtx)?;
+                        let imp = importance.as_deref().unwrap_or_default();
+                        let book = calibrate::share_weighted(values, matrix, p, imp);
+                        let super::coded::Decode::Codebook {
+                            entries,
+                            values: centroids,
+                        } = &book.decode
+                        else {
+                            unreachable!("sharing gives a codebook")
+                        };
+                        let zero_entry = values.contains(&0.0);
+                        let grid = SweepGrid::Codebook {
+                            group_len: book.group_len,
+                            entries: *entries,
+                            zero_entry,
+                            values: centroids,
+                        };
+                        calibrate::sweep(
+                            values,
+                            matrix,
+                            s.xtx().unwrap_or_default(),
+                            SweepPrune::None,
+                            grid,
+                            &g,
+                        )
+                        .map_err(calib_err(i))?
+                        .coded
+                        .expect("a codebook sweep is coded")
+                    }
+                    (ValueStage::Share(p), _, Some(imp)) => {
+                        calibrate::share_weighted(values, matrix, p, imp)
+                    }
+                    (ValueStage::Share(p), _, None) => share(values, matrix, p),
+                    (ValueStage::Int(q), _, Some(imp)) => {
+                        quantize_int_weighted(values, matrix, q, imp)
+                    }
+                    (ValueStage::Int(q), _, None) => quantize_int(values, matrix, q),
+                    (ValueStage::Fp8(g), _, _) => quantize_fp8(values, matrix, *g),
+                    (ValueStage::Binarize(l), _, _) => binarize(values, matrix, *l),
                 };
                 current = Values::Coded(coded);
             }
             Stage::Encode(entropy, _) => out.encode = Some(*entropy),
         }
-        out.applied.push(stage.label());
+        out.applied.push(pipeline.label(i));
         out.seconds.push((i, started.elapsed().as_secs_f64()));
     }
     out.values = match current {

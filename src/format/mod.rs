@@ -7,4 +7,5 @@ pub mod dtype;
 pub mod header;
 pub mod packed;
 pub mod sink;
+pub mod stats;
 pub mod writer;

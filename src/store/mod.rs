@@ -6,6 +6,12 @@
 //! such write is conditioned on the lease, so a worker that lost its lease
 //! (because it stalled past the expiry and the job was queued again) can no
 //! longer touch the job.
+//!
+//! A write that fails half-way (a full disk, an I/O error) never leaves a
+//! pooled connection inside a transaction: SQLite may have rolled the
+//! transaction back on its own, so the rollback sqlx sends afterwards fails
+//! and its count of open transactions stays up. Such a connection is
+//! discarded when it is next taken from the pool, and a fresh one opened.
 
 mod jobs;
 mod models;
@@ -15,7 +21,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::{Connection, SqlitePool};
+
+use crate::blobs::StorageFault;
 
 pub use jobs::{
     CancelOutcome, FinishOutcome, InsertOutcome, JobFilter, JobRecord, JobStatus, LeaseState,
@@ -30,6 +38,32 @@ pub enum StoreError {
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
+
+impl StoreError {
+    /// Whether the database failed because its storage is full or
+    /// read-only, rather than for any other reason.
+    pub fn storage_fault(&self) -> Option<StorageFault> {
+        let StoreError::Database(e) = self else {
+            return None;
+        };
+        match e {
+            sqlx::Error::Io(io) => StorageFault::of_io(io),
+            sqlx::Error::Database(db) => {
+                // The primary result code is the low byte of the extended one.
+                let code: i32 = db.code()?.parse().ok()?;
+                match code & 0xff {
+                    SQLITE_FULL => Some(StorageFault::Full),
+                    SQLITE_READONLY => Some(StorageFault::ReadOnly),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+const SQLITE_READONLY: i32 = 8;
+const SQLITE_FULL: i32 = 13;
 
 /// The outcome of deleting a model or a job.
 #[derive(Debug, PartialEq, Eq)]
@@ -76,6 +110,20 @@ impl Store {
         .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            // By now the rollback of a transaction dropped unfinished has
+            // run (the pool pings a connection when it comes back); a
+            // connection still counted inside one is out of step with SQLite.
+            .before_acquire(|conn, _meta| {
+                Box::pin(async move {
+                    let clean = !conn.is_in_transaction();
+                    if !clean {
+                        tracing::warn!(
+                            "discarding a database connection left inside a failed transaction"
+                        );
+                    }
+                    Ok(clean)
+                })
+            })
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
@@ -90,6 +138,17 @@ impl Store {
     /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Whether the database takes a write: one small committed update.
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query("UPDATE write_probe SET written_at = ? WHERE id = 1")
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -365,3 +365,59 @@ pub async fn assert_error(resp: reqwest::Response, status: u16, code: &str) -> S
     assert_eq!(body.as_object().unwrap().len(), 1, "only `error`: {body}");
     message
 }
+
+/// A small tmpfs mounted for one test, to run the service on a disk that
+/// really fills up; unmounted when dropped.
+///
+/// Mounting needs root (or CAP_SYS_ADMIN), as in CI. Where that is not
+/// available, set `MODELPRESS_SKIP_MOUNT_TESTS=1` to skip these tests
+/// knowingly; without it they fail rather than pass without checking.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(mib: u64) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(Tmpfs { dir }),
+            other => {
+                if std::env::var_os("MODELPRESS_SKIP_MOUNT_TESTS").is_some() {
+                    eprintln!("skipped: cannot mount a tmpfs ({other:?})");
+                    return None;
+                }
+                panic!("cannot mount a tmpfs ({other:?}): run as root, or set MODELPRESS_SKIP_MOUNT_TESTS=1 to skip the disk-full tests");
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `name` until the file system refuses another byte.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write;
+        let path = self.path().join(name);
+        let mut f = std::fs::File::create(&path).unwrap();
+        for size in [1 << 20, 4096, 1] {
+            let chunk = vec![0xa5u8; size];
+            while f.write_all(&chunk).is_ok() {}
+        }
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}

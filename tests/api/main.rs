@@ -8,5 +8,6 @@ mod helpers;
 mod jobs;
 mod openapi;
 mod recovery;
+mod storage;
 mod uploads;
 mod webhook;

@@ -328,3 +328,91 @@ async fn models_are_listed_newest_first_with_a_cursor() {
     let seen = app.all_pages("/v1/models", 2).await;
     assert_eq!(seen, ids);
 }
+
+/// A multipart body that sends `head`, then `filler` bytes in chunks of
+/// 64 KiB, then stalls without ever ending: only a server that refuses the
+/// part while it streams can answer it.
+fn stalling_multipart(head: &str, filler: usize) -> reqwest::Body {
+    let mut chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(head.as_bytes().to_vec())];
+    let mut left = filler;
+    while left > 0 {
+        let n = left.min(64 << 10);
+        chunks.push(Ok(vec![b'a'; n]));
+        left -= n;
+    }
+    let stream = futures_util::StreamExt::chain(
+        futures_util::stream::iter(chunks),
+        futures_util::stream::pending(),
+    );
+    reqwest::Body::wrap_stream(stream)
+}
+
+async fn post_multipart(app: &crate::helpers::TestApp, body: reqwest::Body) -> reqwest::Response {
+    let send = app
+        .client
+        .post(app.url("/v1/models"))
+        .header("content-type", "multipart/form-data; boundary=XYZ")
+        .body(body)
+        .send();
+    tokio::time::timeout(std::time::Duration::from_secs(30), send)
+        .await
+        .expect("the server answers before the body ends")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_oversized_text_part_is_refused_while_it_streams() {
+    let app = spawn_app().await;
+    let head = "--XYZ\r\ncontent-disposition: form-data; name=\"name\"\r\n\r\n";
+    let resp = post_multipart(&app, stalling_multipart(head, 4 << 20)).await;
+    let message = assert_error(resp, 400, "invalid_field").await;
+    assert!(message.contains("256"), "{message}");
+    let head = "--XYZ\r\ncontent-disposition: form-data; name=\"labels\"\r\n\r\n";
+    let resp = post_multipart(&app, stalling_multipart(head, 4 << 20)).await;
+    assert_error(resp, 400, "invalid_field").await;
+    app.assert_nothing_stored().await;
+}
+
+#[tokio::test]
+async fn endless_part_headers_are_refused_while_they_stream() {
+    let app = spawn_app().await;
+    let head = "--XYZ\r\ncontent-disposition: form-data; name=\"file\"; filename=\"model.safetensors\"\r\nx-padding: ";
+    let resp = post_multipart(&app, stalling_multipart(head, 4 << 20)).await;
+    assert_error(resp, 400, "invalid_multipart").await;
+    app.assert_nothing_stored().await;
+}
+
+#[tokio::test]
+async fn text_parts_count_toward_the_upload_limit() {
+    let bytes = tiny_model(60);
+    let limit = bytes.len() + 100;
+    let app = spawn_app_with(&["--max-upload-bytes", &limit.to_string()]).await;
+    let labels = format!(r#"{{"note": "{}"}}"#, "x".repeat(200));
+    let form = Form::new()
+        .part(
+            "file",
+            Part::bytes(bytes.clone()).file_name("model.safetensors"),
+        )
+        .text("labels", labels);
+    assert_error(app.upload_form(form).await, 413, "payload_too_large").await;
+    app.assert_nothing_stored().await;
+    // Within the limit, the same upload is stored.
+    let form = Form::new()
+        .part("file", Part::bytes(bytes).file_name("model.safetensors"))
+        .text("labels", r#"{"a": "b"}"#);
+    assert_eq!(app.upload_form(form).await.status(), 201);
+}
+
+#[tokio::test]
+async fn a_name_that_is_not_utf8_is_refused() {
+    let app = spawn_app().await;
+    let form = Form::new()
+        .part(
+            "file",
+            Part::bytes(tiny_model(61)).file_name("model.safetensors"),
+        )
+        .part("name", Part::bytes(vec![b'm', 0xff, 0xfe]));
+    let message = assert_error(app.upload_form(form).await, 400, "invalid_field").await;
+    assert!(message.contains("UTF-8"), "{message}");
+    app.assert_nothing_stored().await;
+}

@@ -18,12 +18,14 @@
 use crate::compress::coded::Granularity;
 
 mod fp8;
+pub(crate) mod grid;
 mod int;
 mod search;
 #[cfg(test)]
 mod tests;
 
 pub use fp8::{quantize_fp8, quantize_fp8_reference};
+pub use grid::quantize_int_weighted;
 use int::*;
 pub use int::{quantize_int, quantize_int_reference};
 use search::*;
