@@ -5,14 +5,16 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use modelpress::compress::report::Report;
 use modelpress::compress::spec::{preset, Pipeline, PipelineError, PRESETS};
 use modelpress::config::{LogFormat, ServeConfig};
 use modelpress::format::checkpoint::Checkpoint;
+use modelpress::format::packed::packed_descriptions;
 use modelpress::format::stats::StatsFile;
+use modelpress::format::writer::Durability;
 use modelpress::run::{self, CompressRequest, OutputFormat, Progress, RunError};
 
 /// Compress trained neural-network checkpoints (safetensors).
@@ -41,11 +43,15 @@ enum Command {
         /// A pipeline JSON file: {"stages": [...]}.
         #[arg(long)]
         pipeline: Option<PathBuf>,
-        #[arg(long, value_enum, default_value_t = OutputFormat::Packed)]
-        format: OutputFormat,
+        #[arg(long, value_enum, default_value_t = FormatArg::Packed)]
+        format: FormatArg,
         /// config.json to use instead of the one beside the input.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Wait until the output is on the disk (fsync) before returning;
+        /// without it the output is left to the page cache, as `cp` does.
+        #[arg(long)]
+        sync: bool,
         /// Activation statistics of the model (safetensors, made by
         /// scripts/collect_stats.py): needed by gptq, sparsegpt, wanda and
         /// share compensate; they also weigh the other stages' errors.
@@ -86,6 +92,27 @@ impl std::fmt::Display for BadInput {
 }
 
 impl std::error::Error for BadInput {}
+
+/// `--format`: [`OutputFormat`] as a command-line value.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    /// Same tensor names and dtypes, decompressed values.
+    Dense,
+    /// The compact form, restorable with `decompress`.
+    Packed,
+    /// The layout vLLM and llm-compressor load.
+    CompressedTensors,
+}
+
+impl From<FormatArg> for OutputFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Dense => OutputFormat::Dense,
+            FormatArg::Packed => OutputFormat::Packed,
+            FormatArg::CompressedTensors => OutputFormat::CompressedTensors,
+        }
+    }
+}
 
 fn classify(e: RunError) -> anyhow::Error {
     if e.is_bad_input() {
@@ -168,6 +195,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             pipeline,
             format,
             config,
+            sync,
             stats,
         } => {
             let pipeline = load_pipeline(preset.as_deref(), pipeline.as_deref())?;
@@ -178,8 +206,13 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| classify(RunError::Stats(e)))?;
             let req = CompressRequest {
                 pipeline: &pipeline,
-                format,
+                format: format.into(),
                 config: config.as_deref(),
+                durability: if sync {
+                    Durability::Synced
+                } else {
+                    Durability::Cached
+                },
             };
             let bars = Bars::new();
             let report =
@@ -318,7 +351,7 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     let ckpt = Checkpoint::open(path).map_err(|e| BadInput(e.to_string()))?;
     let mut packed = Vec::new();
     for i in 0..ckpt.shard_names().len() {
-        if let Ok(d) = run::packed_descriptions(ckpt.shard_metadata(i)) {
+        if let Ok(d) = packed_descriptions(ckpt.shard_metadata(i)) {
             packed.extend(d);
         }
     }

@@ -7,7 +7,7 @@
 //! directory inside the destination and is moved into place only when
 //! everything is written; on error or cancellation nothing is left behind.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,22 +16,27 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::compress::calibrate::output_error;
-use crate::compress::metrics::{fidelity, fidelity_with};
+use crate::compress::metrics::{fidelity, fidelity_with, Fidelity};
 use crate::compress::prune::GlobalThreshold;
-use crate::compress::report::{Report, TensorReport, Totals, REPORT_VERSION};
+use crate::compress::report::{Report, ReportBuilder, TensorReport};
 use crate::compress::spec::{Pipeline, PruneKind, SpecError, Stage, TensorShape};
-use crate::compress::structural::{self, Plan, StructuralError, TensorSource};
+use crate::compress::structural::{self, Plan, PlannedTensor, StructuralError, TensorSource};
 use crate::compress::tensor::{process_with_stats, TensorCut, TensorError, Values};
 use crate::format::checkpoint::{Checkpoint, FormatError};
-use crate::format::compressed_tensors as ct;
-use crate::format::dtype::{from_f32, to_f32, Dtype};
+use crate::format::compressed_tensors::{self as ct, CompressedTensorsSink};
+use crate::format::dense::DenseSink;
+use crate::format::dtype::{to_f32, Dtype};
 use crate::format::header::TensorInfo;
-use crate::format::packed::{self, pack_tensor, unpack_tensor, PackedError, PackedTensor, Pieces};
+use crate::format::packed::{
+    packed_descriptions, source_metadata, unpack_tensor, PackedError, PackedSink, PackedTensor,
+    Pieces,
+};
+use crate::format::sink::{OutputTensor, ProcessedTensor, ShardFiles, Sink, SinkError};
 use crate::format::stats::{StatsFile, StatsFileError};
-use crate::format::writer::{header_bound, header_reserve, SafetensorsWriter, WriteError};
+use crate::format::writer::{header_reserve, Durability, SafetensorsWriter, WriteError};
 
 /// The layout of the compressed checkpoint.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OutputFormat {
     /// Same tensor names and dtypes, decompressed values.
@@ -49,6 +54,27 @@ impl OutputFormat {
             OutputFormat::Dense => "dense",
             OutputFormat::Packed => "packed",
             OutputFormat::CompressedTensors => "compressed-tensors",
+        }
+    }
+
+    /// The sink writing this format's shards to `files`; `metadata` is the
+    /// input's `__metadata__`.
+    fn sink<'p>(
+        self,
+        files: ShardFiles,
+        metadata: BTreeMap<String, String>,
+        pipeline: &'p Pipeline,
+        ct_layers: Option<ct::Layers>,
+    ) -> Box<dyn Sink + 'p> {
+        match self {
+            OutputFormat::Dense => Box::new(DenseSink::new(files, metadata)),
+            OutputFormat::Packed => Box::new(PackedSink::new(files, metadata)),
+            OutputFormat::CompressedTensors => Box::new(CompressedTensorsSink::new(
+                files,
+                metadata,
+                pipeline,
+                ct_layers.unwrap_or_default(),
+            )),
         }
     }
 }
@@ -99,13 +125,38 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// The client-facing code of an error about the input or the request;
+    /// `None` for a failure of this machine or a cancellation. The service's
+    /// error codes and the command line's exit status both come from here.
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            RunError::Input(_) => Some("invalid_safetensors"),
+            RunError::Spec(_) | RunError::Structural(_) => Some("invalid_pipeline"),
+            RunError::CompressedTensors(_) => Some("unsupported_by_format"),
+            RunError::Packed(_) => Some("invalid_packed_input"),
+            RunError::Config { .. } => Some("invalid_config"),
+            RunError::Tensor(_) | RunError::Stats(_) => Some("invalid_input"),
+            RunError::Write(_) | RunError::Io { .. } | RunError::Canceled => None,
+        }
+    }
+
     /// Whether the error is about the input or the request (as opposed to a
     /// failure of this machine).
     pub fn is_bad_input(&self) -> bool {
-        !matches!(
-            self,
-            RunError::Write(_) | RunError::Io { .. } | RunError::Canceled
-        )
+        self.code().is_some()
+    }
+}
+
+impl From<SinkError> for RunError {
+    fn from(e: SinkError) -> Self {
+        match e {
+            SinkError::Write(e) => RunError::Write(e),
+            SinkError::Unexpressible(reason) => RunError::CompressedTensors(reason),
+            SinkError::ConfigNotObject => RunError::Config {
+                path: PathBuf::new(),
+                reason: e.to_string(),
+            },
+        }
     }
 }
 
@@ -122,6 +173,8 @@ pub struct CompressRequest<'a> {
     pub format: OutputFormat,
     /// A `config.json` to use instead of the one beside the input.
     pub config: Option<&'a Path>,
+    /// Whether the shard files are on the disk when `compress` returns.
+    pub durability: Durability,
 }
 
 struct Source<'a>(&'a Checkpoint);
@@ -216,12 +269,6 @@ fn round_to(dtype: Dtype, v: &mut [f32]) {
     }
 }
 
-fn dtype_bytes(dtype: Dtype, v: &[f32]) -> Vec<u8> {
-    let mut out = vec![0u8; v.len() * dtype.bitsize() / 8];
-    from_f32(dtype, v, &mut out);
-    out
-}
-
 fn check_canceled(cancel: &AtomicBool) -> Result<(), RunError> {
     if cancel.load(Ordering::Relaxed) {
         Err(RunError::Canceled)
@@ -240,16 +287,16 @@ fn output_shard(ckpt: &Checkpoint, info: &TensorInfo) -> String {
 }
 
 /// Checks a pipeline against a checkpoint without running it: what the
-/// service does when a job is submitted.
+/// service does when a job is submitted. Channel pruning is planned by
+/// shape only: which channels go needs the weights, how many does not.
 pub fn check(input: &Path, pipeline: &Pipeline, format: OutputFormat) -> Result<(), RunError> {
     let ckpt = Checkpoint::open(input)?;
-    let src = Source(&ckpt);
-    let plan = structural::plan(&pipeline.structural(), &src)?;
+    let outputs = structural::plan_shapes(&pipeline.structural(), &Source(&ckpt))?;
     // The compressed-tensors format narrows the pipeline to linear layers:
     // statistics are checked against what will run.
-    let narrowed = check_plan(&ckpt, &plan, pipeline, format, ckpt.config_json())?;
+    let narrowed = check_plan(&ckpt, &outputs, pipeline, format, ckpt.config_json())?;
     let pipeline = narrowed.as_ref().map_or(pipeline, |(p, _)| p);
-    check_stats(&ckpt, &plan, pipeline, None)
+    check_stats(&ckpt, &outputs, pipeline, None)
 }
 
 /// Holds the statistics to the model as the pipeline will see it (after
@@ -257,19 +304,18 @@ pub fn check(input: &Path, pipeline: &Pipeline, format: OutputFormat) -> Result<
 /// does not have.
 fn check_stats(
     ckpt: &Checkpoint,
-    plan: &Plan,
+    outputs: &[PlannedTensor],
     pipeline: &Pipeline,
     stats: Option<&StatsFile>,
 ) -> Result<(), RunError> {
     if let Some(s) = stats {
         s.check_against(
-            plan.outputs
+            outputs
                 .iter()
                 .map(|p| (p.name.as_str(), p.shape.as_slice())),
         )?;
     }
-    let shapes: Vec<TensorShape<'_>> = plan
-        .outputs
+    let shapes: Vec<TensorShape<'_>> = outputs
         .iter()
         .map(|p| TensorShape {
             name: &p.name,
@@ -290,13 +336,12 @@ fn check_stats(
 /// and the collector of its layers.
 fn check_plan(
     ckpt: &Checkpoint,
-    plan: &Plan,
+    outputs: &[PlannedTensor],
     pipeline: &Pipeline,
     format: OutputFormat,
     config: Option<&serde_json::Value>,
 ) -> Result<Option<(Pipeline, ct::Layers)>, RunError> {
-    let shapes: Vec<TensorShape<'_>> = plan
-        .outputs
+    let shapes: Vec<TensorShape<'_>> = outputs
         .iter()
         .map(|p| TensorShape {
             name: &p.name,
@@ -346,26 +391,38 @@ pub fn compress_with_stats(
     let src = Source(&ckpt);
     progress.phase("plan", 0);
     let plan = structural::plan(&req.pipeline.structural(), &src)?;
-    let (pipeline, mut ct_layers) =
-        check_plan(&ckpt, &plan, req.pipeline, req.format, config.as_ref())?
-            .unwrap_or_else(|| (req.pipeline.clone(), ct::Layers::default()));
+    let (pipeline, ct_layers) = match check_plan(
+        &ckpt,
+        &plan.outputs,
+        req.pipeline,
+        req.format,
+        config.as_ref(),
+    )? {
+        Some((narrowed, layers)) => (narrowed, Some(layers)),
+        None => (req.pipeline.clone(), None),
+    };
     let pipeline = &pipeline;
-    check_stats(&ckpt, &plan, pipeline, stats)?;
+    check_stats(&ckpt, &plan.outputs, pipeline, stats)?;
     let cuts = global_cuts(&ckpt, &plan, pipeline, stats, progress, cancel)?;
 
     let staging = Staging::new(out_dir)?;
-    let mut reports = Vec::with_capacity(plan.outputs.len());
-    let mut nonzero_after = 0u64;
-    let mut seconds_per_stage: BTreeMap<String, f64> = BTreeMap::new();
-    let mut weight_map: BTreeMap<String, String> = BTreeMap::new();
-    let mut shards: Vec<(String, SafetensorsWriter, Vec<PackedTensor>)> = Vec::new();
+    let files = ShardFiles::new(staging.dir.clone(), req.durability);
+    let mut sink = req
+        .format
+        .sink(files, ckpt.metadata().clone(), pipeline, ct_layers);
+    let mut tensors = TensorRunner {
+        ckpt: &ckpt,
+        plan: &plan,
+        pipeline,
+        cuts: &cuts,
+        stats,
+        buffer: Vec::new(),
+        work: Vec::new(),
+    };
+    let mut report = ReportBuilder::default();
     let total = plan.outputs.len();
-    // Buffers kept from tensor to tensor: the input in f32, and its copy
-    // that pruning changes.
-    let mut buffer: Vec<f32> = Vec::new();
-    let mut work: Vec<f32> = Vec::new();
     progress.phase("compress", total);
-
+    let mut open_shard: Option<String> = None;
     for (k, planned) in plan.outputs.iter().enumerate() {
         check_canceled(cancel)?;
         let info = ckpt
@@ -375,268 +432,251 @@ pub fn compress_with_stats(
             ckpt.advise_willneed(next);
         }
         let shard = output_shard(&ckpt, info);
-        if shards.last().is_none_or(|s| s.0 != shard) {
-            if let Some((name, w, descs)) = shards.pop() {
-                finish_shard(&ckpt, req.format, name, w, descs)?;
+        if open_shard.as_ref() != Some(&shard) {
+            if open_shard.is_some() {
+                sink.finish_shard()?;
             }
-            let in_shard = plan.outputs.iter().filter(|p| {
-                ckpt.get(&p.source)
-                    .is_some_and(|t| output_shard(&ckpt, t) == shard)
-            });
-            let reserve = match req.format {
-                OutputFormat::Dense => header_reserve(
-                    in_shard.map(|p| (p.name.as_str(), p.shape.len())),
-                    ckpt.metadata(),
-                ),
-                // Pieces have longer names, and the packed description is
-                // JSON escaped inside a metadata string.
-                _ => {
-                    in_shard
-                        .map(|p| header_bound(&p.name, p.shape.len()) * 4 + 512)
-                        .sum::<u64>()
-                        + header_reserve([], ckpt.metadata()) * 2
-                }
-            };
-            let writer = SafetensorsWriter::create(&staging.path(&shard), reserve)?;
-            shards.push((shard.clone(), writer, Vec::new()));
+            sink.begin_shard(&shard, &shard_tensors(&ckpt, &plan, &shard))?;
+            open_shard = Some(shard);
         }
-        let (_, writer, descs) = shards.last_mut().expect("a shard is open");
-        let dtype = info.dtype;
-        let is_float = dtype.is_float_weight();
-        let stage_idx = pipeline.stages_for(&planned.name, &planned.shape, is_float);
-        let before = writer.data_bytes();
-        let original_bytes = if planned.changed {
-            // A tensor the structural stages rewrote: its "before" is the
-            // input tensor it came from.
-            info.end - info.start
-        } else {
-            ckpt.bytes(info).len()
-        } as u64;
-
-        let owned: Vec<f32>;
-        let processed = if !planned.changed && stage_idx.is_empty() {
-            None
-        } else {
-            // Untouched by structural stages: convert straight from the
-            // mapped input into a buffer reused from tensor to tensor.
-            let exact: &[f32] = if planned.changed {
-                owned = plan.materialize(&planned.name, &src)?;
-                &owned
-            } else {
-                let bytes = ckpt.bytes(info);
-                buffer.resize(bytes.len() * 8 / dtype.bitsize(), 0.0);
-                to_f32(dtype, bytes, &mut buffer);
-                &buffer
-            };
-            let cut = cuts.get(&planned.name).copied();
-            let round = |v: &mut [f32]| round_to(dtype, v);
-            let layer_stats = match stats {
-                Some(s) if !stage_idx.is_empty() => s.get(&planned.name)?,
-                _ => None,
-            };
-            let p = process_with_stats(
-                &planned.name,
-                exact,
-                &planned.shape,
-                pipeline,
-                &stage_idx,
-                cut,
-                &round,
-                &mut work,
-                layer_stats.as_ref(),
-            )?;
-            Some((p, exact, layer_stats))
-        };
-
-        let mut fid = None;
-        let mut out_err = None;
-        match processed {
-            None => {
-                let bytes = ckpt.bytes(info);
-                match req.format {
-                    OutputFormat::Packed => {
-                        descs.push(PackedTensor {
-                            name: planned.name.clone(),
-                            dtype,
-                            shape: planned.shape.clone(),
-                            values: packed::PackedValues::Raw { sparse: None },
-                        });
-                    }
-                    OutputFormat::CompressedTensors => {
-                        ct_layers.unquantized(&planned.name, &planned.shape, is_float)
-                    }
-                    OutputFormat::Dense => {}
-                }
-                writer.append(&planned.name, dtype, &planned.shape, bytes)?;
-                weight_map.insert(planned.name.clone(), shard.clone());
-                if is_float {
-                    nonzero_after += count_nonzero(&ckpt, info);
-                } else {
-                    nonzero_after += planned.shape.iter().product::<usize>() as u64;
-                }
-            }
-            Some((p, exact, layer_stats)) => {
-                // The dense values are built only when they are written;
-                // otherwise fidelity decodes chunk by chunk.
-                let dense = match (&p.values, req.format) {
-                    (Values::LowRank(_), _) | (_, OutputFormat::Dense) => {
-                        let mut d = p.values.reconstruct(&p.shape);
-                        round_to(dtype, &mut d);
-                        Some(d)
-                    }
-                    _ => None,
-                };
-                let f = match (&dense, &p.values) {
-                    (Some(d), _) => fidelity(exact, d),
-                    (None, Values::Raw(v)) => fidelity(exact, v),
-                    (None, Values::Coded(c)) => fidelity_with(exact, |start, out| {
-                        c.decode_range(start, out);
-                        round_to(dtype, out);
-                    }),
-                    (None, Values::LowRank(_)) => unreachable!("low-rank values are reconstructed"),
-                };
-                if let Some(ls) = &layer_stats {
-                    out_err = match &dense {
-                        Some(d) => output_error(exact, d, ls),
-                        None => {
-                            let mut d = p.values.reconstruct(&p.shape);
-                            round_to(dtype, &mut d);
-                            output_error(exact, &d, ls)
-                        }
-                    };
-                }
-                let elements = p.shape.iter().product::<usize>() as f64;
-                nonzero_after += (elements * (1.0 - f.sparsity)).round() as u64;
-                fid = Some(f);
-                for (i, secs) in &p.seconds {
-                    *seconds_per_stage
-                        .entry(pipeline.stages()[*i].kind().to_string())
-                        .or_default() += secs;
-                }
-                match req.format {
-                    OutputFormat::Dense => {
-                        let dense = dense.as_deref().unwrap_or_default();
-                        writer.append(
-                            &planned.name,
-                            dtype,
-                            &p.shape,
-                            &dtype_bytes(dtype, dense),
-                        )?;
-                        weight_map.insert(planned.name.clone(), shard.clone());
-                    }
-                    OutputFormat::Packed => {
-                        let (desc, pieces) = pack_tensor(&planned.name, dtype, &p, None);
-                        for piece in pieces {
-                            writer.append(&piece.name, piece.dtype, &piece.shape, &piece.bytes)?;
-                            weight_map.insert(piece.name, shard.clone());
-                        }
-                        descs.push(desc);
-                    }
-                    OutputFormat::CompressedTensors => {
-                        let pieces = ct_layers
-                            .pieces(&planned.name, dtype, &p, pipeline, &stage_idx)
-                            .map_err(RunError::CompressedTensors)?;
-                        for piece in pieces {
-                            writer.append(&piece.name, piece.dtype, &piece.shape, &piece.bytes)?;
-                            weight_map.insert(piece.name, shard.clone());
-                        }
-                    }
-                }
-            }
-        }
-        let after = writer.data_bytes() - before;
-        let elements: u64 = planned.shape.iter().map(|&d| d as u64).product();
-        let original_shape = ckpt.get(&planned.name).map(|t| t.shape.clone());
-        reports.push(TensorReport {
-            name: planned.name.clone(),
-            dtype: dtype.name().to_string(),
-            original_shape,
-            shape: planned.shape.clone(),
-            stages: stage_labels(pipeline, planned.changed, &stage_idx),
-            bytes_before: if ckpt.get(&planned.name).is_some() {
-                original_bytes
-            } else {
-                0
-            },
-            bytes_after: after,
-            bits_per_weight: if elements > 0 {
-                after as f64 * 8.0 / elements as f64
-            } else {
-                0.0
-            },
-            fidelity: fid,
-            output_error: out_err,
-        });
+        let before = sink.data_bytes();
+        let stages =
+            pipeline.stages_for(&planned.name, &planned.shape, info.dtype.is_float_weight());
+        let written = tensors.write(planned, info, &stages, &mut *sink, &mut report)?;
+        let after = sink.data_bytes() - before;
+        let line = tensor_report(&ckpt, pipeline, planned, info, &stages, after, &written);
+        report.tensor(line, written.nonzero);
         progress.tensor_done(&planned.name, k + 1, total);
     }
     check_canceled(cancel)?;
-    let sharded = shards.len() > 1 || ckpt.is_sharded();
-    for (name, w, descs) in shards {
-        finish_shard(&ckpt, req.format, name, w, descs)?;
+    if open_shard.is_some() {
+        sink.finish_shard()?;
     }
-    if sharded {
-        let total_size: u64 = reports.iter().map(|r| r.bytes_after).sum();
+    let finished = sink.finish(config).map_err(|e| match e {
+        SinkError::ConfigNotObject => RunError::Config {
+            path: req.config.map(Path::to_path_buf).unwrap_or_default(),
+            reason: e.to_string(),
+        },
+        e => e.into(),
+    })?;
+    if ckpt.is_sharded() {
         staging.write_json(
             "model.safetensors.index.json",
-            &serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map}),
+            &serde_json::json!({
+                "metadata": {"total_size": report.bytes_after()},
+                "weight_map": finished.weight_map,
+            }),
         )?;
     }
-    match (req.format, config) {
-        (OutputFormat::CompressedTensors, config) => {
-            let mut config = config.unwrap_or_else(|| serde_json::json!({}));
-            let qc = ct_layers.quantization_config_for(pipeline);
-            match config.as_object_mut() {
-                Some(obj) => {
-                    obj.insert("quantization_config".into(), qc);
-                }
-                None => {
-                    return Err(RunError::Config {
-                        path: req.config.map(Path::to_path_buf).unwrap_or_default(),
-                        reason: "config.json is not a JSON object".into(),
-                    })
-                }
-            }
-            staging.write_json("config.json", &config)?;
-        }
-        (_, Some(config)) => staging.write_json("config.json", &config)?,
-        (_, None) => {}
+    if let Some(config) = &finished.config {
+        staging.write_json("config.json", config)?;
     }
-
-    let planned: std::collections::HashSet<&str> =
-        plan.outputs.iter().map(|p| p.source.as_str()).collect();
-    let removed: Vec<&TensorInfo> = ckpt
-        .tensors()
+    let kept: HashSet<&str> = plan
+        .outputs
         .iter()
-        .filter(|t| {
-            !planned.contains(t.name.as_str()) && plan.outputs.iter().all(|p| p.name != t.name)
-        })
+        .flat_map(|p| [p.source.as_str(), p.name.as_str()])
         .collect();
-    let mut totals = Totals::from_tensors(&reports, nonzero_after);
-    for t in &removed {
-        totals.bytes_before += (t.end - t.start) as u64;
-        totals.parameters_before += t.shape.iter().map(|&d| d as u64).product::<u64>();
-        totals.removed_tensors.push(t.name.clone());
+    for t in ckpt.tensors() {
+        if !kept.contains(t.name.as_str()) {
+            report.removed(&t.name, (t.end - t.start) as u64, element_count(&t.shape));
+        }
     }
-    if totals.bytes_after > 0 {
-        totals.ratio = totals.bytes_before as f64 / totals.bytes_after as f64;
-    }
-    if totals.parameters_before > 0 {
-        totals.parameters_kept = nonzero_after as f64 / totals.parameters_before as f64;
-    }
-    totals.seconds_per_stage = seconds_per_stage;
-    totals.seconds_total = started.elapsed().as_secs_f64();
-    let report = Report {
-        report_version: REPORT_VERSION,
-        format: req.format.name().to_string(),
-        pipeline: pipeline.spec().clone(),
-        statistics_sha256: stats.map(|s| s.sha256().to_string()),
-        tensors: reports,
-        totals,
-    };
+    let report = report.finish(
+        req.format.name(),
+        pipeline.spec().clone(),
+        stats.map(|s| s.sha256().to_string()),
+        started.elapsed().as_secs_f64(),
+    );
     staging.write_json("report.json", &report)?;
     check_canceled(cancel)?;
     staging.commit()?;
     Ok(report)
+}
+
+fn element_count(shape: &[usize]) -> u64 {
+    shape.iter().map(|&d| d as u64).product()
+}
+
+/// The output tensors of shard `shard`, for its header reservation.
+fn shard_tensors<'p>(ckpt: &Checkpoint, plan: &'p Plan, shard: &str) -> Vec<OutputTensor<'p>> {
+    plan.outputs
+        .iter()
+        .filter_map(|p| {
+            let t = ckpt.get(&p.source)?;
+            (output_shard(ckpt, t) == shard).then_some(OutputTensor {
+                name: &p.name,
+                dtype: t.dtype,
+                shape: &p.shape,
+            })
+        })
+        .collect()
+}
+
+/// Runs the per-tensor stages and hands the result to the sink; keeps the
+/// buffers that are reused from tensor to tensor.
+struct TensorRunner<'a> {
+    ckpt: &'a Checkpoint,
+    plan: &'a Plan,
+    pipeline: &'a Pipeline,
+    cuts: &'a HashMap<String, TensorCut>,
+    stats: Option<&'a StatsFile>,
+    /// The input tensor in f32.
+    buffer: Vec<f32>,
+    /// Its copy that pruning changes.
+    work: Vec<f32>,
+}
+
+/// What writing one tensor measured.
+struct Written {
+    /// None when the tensor is stored untouched.
+    fidelity: Option<Fidelity>,
+    /// Error of the layer's output under the calibration statistics.
+    output_error: Option<f64>,
+    nonzero: u64,
+}
+
+impl TensorRunner<'_> {
+    /// Writes output tensor `planned` (from input tensor `info`).
+    fn write(
+        &mut self,
+        planned: &PlannedTensor,
+        info: &TensorInfo,
+        stages: &[usize],
+        sink: &mut dyn Sink,
+        report: &mut ReportBuilder,
+    ) -> Result<Written, RunError> {
+        let ckpt = self.ckpt;
+        let pipeline = self.pipeline;
+        let dtype = info.dtype;
+        let is_float = dtype.is_float_weight();
+        let out = OutputTensor {
+            name: &planned.name,
+            dtype,
+            shape: &planned.shape,
+        };
+        if !planned.changed && stages.is_empty() {
+            sink.write_untouched(out, ckpt.bytes(info))?;
+            let nonzero = if is_float {
+                count_nonzero(ckpt, info)
+            } else {
+                element_count(&planned.shape)
+            };
+            return Ok(Written {
+                fidelity: None,
+                output_error: None,
+                nonzero,
+            });
+        }
+        let owned: Vec<f32>;
+        let exact: &[f32] = if planned.changed {
+            owned = self.plan.materialize(&planned.name, &Source(ckpt))?;
+            &owned
+        } else {
+            // Untouched by structural stages: convert straight from the
+            // mapped input into a buffer reused from tensor to tensor.
+            let bytes = ckpt.bytes(info);
+            self.buffer.resize(bytes.len() * 8 / dtype.bitsize(), 0.0);
+            to_f32(dtype, bytes, &mut self.buffer);
+            &self.buffer
+        };
+        let round = |v: &mut [f32]| round_to(dtype, v);
+        let layer_stats = match self.stats {
+            Some(s) if !stages.is_empty() => s.get(&planned.name)?,
+            _ => None,
+        };
+        let p = process_with_stats(
+            &planned.name,
+            exact,
+            &planned.shape,
+            pipeline,
+            stages,
+            self.cuts.get(&planned.name).copied(),
+            &round,
+            &mut self.work,
+            layer_stats.as_ref(),
+        )?;
+        // The dense values are built only when they are written;
+        // otherwise fidelity decodes chunk by chunk.
+        let dense = match &p.values {
+            Values::LowRank(_) => true,
+            _ => sink.wants_dense(),
+        }
+        .then(|| {
+            let mut d = p.values.reconstruct(&p.shape);
+            round_to(dtype, &mut d);
+            d
+        });
+        let f = match (&dense, &p.values) {
+            (Some(d), _) => fidelity(exact, d),
+            (None, Values::Raw(v)) => fidelity(exact, v),
+            (None, Values::Coded(c)) => fidelity_with(exact, |start, out| {
+                c.decode_range(start, out);
+                round_to(dtype, out);
+            }),
+            (None, Values::LowRank(_)) => unreachable!("low-rank values are reconstructed"),
+        };
+        let output_error = layer_stats.as_ref().and_then(|ls| match &dense {
+            Some(d) => output_error(exact, d, ls),
+            None => {
+                let mut d = p.values.reconstruct(&p.shape);
+                round_to(dtype, &mut d);
+                output_error(exact, &d, ls)
+            }
+        });
+        let elements = p.shape.iter().product::<usize>() as f64;
+        let nonzero = (elements * (1.0 - f.sparsity)).round() as u64;
+        for (i, secs) in &p.seconds {
+            report.stage_seconds(pipeline.stages()[*i].kind(), *secs);
+        }
+        sink.write_processed(&ProcessedTensor {
+            tensor: out,
+            processed: &p,
+            dense: dense.as_deref(),
+            stages,
+        })?;
+        Ok(Written {
+            fidelity: Some(f),
+            output_error,
+            nonzero,
+        })
+    }
+}
+
+/// The report line of output tensor `planned` (from input tensor `info`),
+/// stored in `after` bytes.
+fn tensor_report(
+    ckpt: &Checkpoint,
+    pipeline: &Pipeline,
+    planned: &PlannedTensor,
+    info: &TensorInfo,
+    stages: &[usize],
+    after: u64,
+    written: &Written,
+) -> TensorReport {
+    let elements = element_count(&planned.shape);
+    // A tensor the structural stages created (a folded bias) has no input
+    // of its own; one they rewrote counts the input tensor it came from.
+    let original = ckpt.get(&planned.name);
+    TensorReport {
+        name: planned.name.clone(),
+        dtype: info.dtype.name().to_string(),
+        original_shape: original.map(|t| t.shape.clone()),
+        shape: planned.shape.clone(),
+        stages: stage_labels(pipeline, planned.changed, stages),
+        bytes_before: if original.is_some() {
+            (info.end - info.start) as u64
+        } else {
+            0
+        },
+        bytes_after: after,
+        bits_per_weight: if elements > 0 {
+            after as f64 * 8.0 / elements as f64
+        } else {
+            0.0
+        },
+        fidelity: written.fidelity,
+        output_error: written.output_error,
+    }
 }
 
 fn stage_labels(pipeline: &Pipeline, changed: bool, idx: &[usize]) -> Vec<String> {
@@ -664,33 +704,6 @@ fn read_config(path: &Path) -> Result<serde_json::Value, RunError> {
         path: path.to_path_buf(),
         reason: format!("not valid JSON: {e}"),
     })
-}
-
-fn finish_shard(
-    ckpt: &Checkpoint,
-    format: OutputFormat,
-    _name: String,
-    writer: SafetensorsWriter,
-    descs: Vec<PackedTensor>,
-) -> Result<u64, RunError> {
-    let mut meta = ckpt.metadata().clone();
-    if format == OutputFormat::Packed {
-        let source = serde_json::to_string(&meta).expect("a string map serializes");
-        meta = BTreeMap::new();
-        meta.insert(packed::META_FORMAT.into(), packed::FORMAT_NAME.into());
-        meta.insert(
-            packed::META_VERSION.into(),
-            packed::FORMAT_VERSION.to_string(),
-        );
-        meta.insert(
-            packed::META_TENSORS.into(),
-            serde_json::to_string(&descs).expect("descriptions serialize"),
-        );
-        meta.insert(packed::META_SOURCE.into(), source);
-    } else if format == OutputFormat::CompressedTensors {
-        meta.insert("format".into(), "pt".into());
-    }
-    Ok(writer.finish(&meta)?)
 }
 
 /// Global magnitude pruning needs one threshold over all the tensors it
@@ -829,12 +842,7 @@ pub fn decompress(
     for (i, shard) in shard_names.iter().enumerate() {
         let meta = ckpt.shard_metadata(i);
         let descs = packed_descriptions(meta)?;
-        let source: BTreeMap<String, String> = meta
-            .get(packed::META_SOURCE)
-            .map(|s| serde_json::from_str(s))
-            .transpose()
-            .map_err(|e| PackedError::Description(format!("source metadata: {e}")))?
-            .unwrap_or_default();
+        let source = source_metadata(meta)?;
         let out_name = if ckpt.is_sharded() {
             shard.clone()
         } else {
@@ -881,21 +889,4 @@ pub fn decompress(
         tensors: total,
         bytes,
     })
-}
-
-/// The tensor descriptions of a packed shard.
-pub fn packed_descriptions(
-    meta: &BTreeMap<String, String>,
-) -> Result<Vec<PackedTensor>, PackedError> {
-    if meta.get(packed::META_FORMAT).map(String::as_str) != Some(packed::FORMAT_NAME) {
-        return Err(PackedError::NotPacked);
-    }
-    let version = meta.get(packed::META_VERSION).cloned().unwrap_or_default();
-    if version != packed::FORMAT_VERSION.to_string() {
-        return Err(PackedError::Version(version));
-    }
-    let text = meta.get(packed::META_TENSORS).ok_or_else(|| {
-        PackedError::Description(format!("`{}` is missing", packed::META_TENSORS))
-    })?;
-    serde_json::from_str(text).map_err(|e| PackedError::Description(e.to_string()))
 }

@@ -23,6 +23,7 @@ use tracing::Instrument;
 use crate::blobs::{seal_file, Blobs, StorageFault, TmpDir};
 use crate::compress::report::Report;
 use crate::compress::spec::{Pipeline, PipelineSpec};
+use crate::format::writer::Durability;
 use crate::run::{self, CompressRequest, OutputFormat, Progress, RunError};
 use crate::store::{
     now_ms, FinishOutcome, JobRecord, LeaseState, NewArtifact, ProgressUpdate, Store, Summary,
@@ -468,18 +469,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-/// The client-facing code of an engine error about the input or request.
-fn failure_code(e: &RunError) -> &'static str {
-    match e {
-        RunError::Input(_) => "invalid_safetensors",
-        RunError::Spec(_) | RunError::Structural(_) => "invalid_pipeline",
-        RunError::CompressedTensors(_) => "unsupported_by_format",
-        RunError::Packed(_) => "invalid_packed_input",
-        RunError::Config { .. } => "invalid_config",
-        _ => "invalid_input",
-    }
-}
-
 async fn run_job(shared: &Arc<Shared>, job: JobRecord) {
     let id = job.id.clone();
     let stop = Arc::new(Stop::new());
@@ -569,10 +558,12 @@ async fn execute(
         let stop = stop.clone();
         let (input, output) = (input.clone(), output.clone());
         off_runtime(move || {
+            // Success is recorded only for output that is on the disk.
             let req = CompressRequest {
                 pipeline: &pipeline,
                 format,
                 config: None,
+                durability: Durability::Synced,
             };
             run::compress(&input, &output, &req, &*progress, &stop.flag)
         })
@@ -627,11 +618,13 @@ async fn execute(
             StopReason::None => StopReason::CancelRequested,
             r => r,
         }),
-        Ok(Err(e)) if e.is_bad_input() => Outcome::Failed(Failure {
-            code: failure_code(&e),
-            message: e.to_string().replace(&format!("{}/", input.display()), ""),
-        }),
-        Ok(Err(e)) => Outcome::Failed(Failure::of_server(&job.id, "the job failed", &e)),
+        Ok(Err(e)) => match e.code() {
+            Some(code) => Outcome::Failed(Failure {
+                code,
+                message: e.to_string().replace(&format!("{}/", input.display()), ""),
+            }),
+            None => Outcome::Failed(Failure::of_server(&job.id, "the job failed", &e)),
+        },
         // Finished despite a late stop: the work is kept unless the job
         // was canceled or is no longer ours, which recording it checks.
         Ok(Ok(report)) => return store_outcome(shared, job, dir, &output, &report).await,

@@ -381,15 +381,16 @@ async fn check_against_model(
     let deleted = || async { matches!(state.store.get_model(model_id).await, Ok(None)) };
     match checked {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e @ (RunError::Spec(_) | RunError::Structural(_)))) => {
-            Err(ApiError::unprocessable("invalid_pipeline", e.to_string()))
-        }
-        Ok(Err(e @ RunError::CompressedTensors(_))) => Err(ApiError::unprocessable(
-            "unsupported_by_format",
-            e.to_string(),
-        )),
+        // The stored model was checked when it was uploaded: an input error
+        // here is not the client's.
+        Ok(Err(e)) => match e.code() {
+            Some(code) if !matches!(e, RunError::Input(_)) => {
+                Err(ApiError::unprocessable(code, e.to_string()))
+            }
+            _ if deleted().await => Err(model_not_found()),
+            _ => Err(ApiError::internal("a stored model could not be checked", e)),
+        },
         _ if deleted().await => Err(model_not_found()),
-        Ok(Err(e)) => Err(ApiError::internal("a stored model could not be checked", e)),
         Err(e) => Err(ApiError::io("could not lay out a model", e)),
     }
 }

@@ -340,14 +340,8 @@ pub fn unpack_int32_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::testing::first_mismatch;
     use proptest::prelude::*;
-
-    fn first_difference<T: PartialEq>(a: &[T], b: &[T]) -> Option<usize> {
-        if a.len() != b.len() {
-            return Some(a.len().min(b.len()));
-        }
-        a.iter().zip(b).position(|(x, y)| x != y)
-    }
 
     #[test]
     fn symbols_are_packed_least_significant_bit_first() {
@@ -413,9 +407,17 @@ mod tests {
                 .collect();
             let packed = pack_lsb(&symbols, bits);
             let reference = pack_lsb_reference(&symbols, bits);
-            assert_eq!(first_difference(&packed, &reference), None, "bits {bits}");
+            assert_eq!(
+                first_mismatch(&packed, &reference, PartialEq::eq),
+                None,
+                "bits {bits}"
+            );
             let back = unpack_lsb(&packed, bits, n).unwrap();
-            assert_eq!(first_difference(&back, &symbols), None, "bits {bits}");
+            assert_eq!(
+                first_mismatch(&back, &symbols, PartialEq::eq),
+                None,
+                "bits {bits}"
+            );
         }
     }
 
@@ -517,11 +519,11 @@ mod tests {
         fn packing_matches_the_bitwise_reference((symbols, bits) in symbols_and_width()) {
             let fast = pack_lsb(&symbols, bits);
             let reference = pack_lsb_reference(&symbols, bits);
-            prop_assert_eq!(first_difference(&fast, &reference), None);
+            prop_assert_eq!(first_mismatch(&fast, &reference, PartialEq::eq), None);
             let back = unpack_lsb(&fast, bits, symbols.len()).unwrap();
-            prop_assert_eq!(first_difference(&back, &symbols), None);
+            prop_assert_eq!(first_mismatch(&back, &symbols, PartialEq::eq), None);
             let back_ref = unpack_lsb_reference(&fast, bits, symbols.len());
-            prop_assert_eq!(first_difference(&back_ref, &symbols), None);
+            prop_assert_eq!(first_mismatch(&back_ref, &symbols, PartialEq::eq), None);
         }
 
         #[test]
@@ -529,7 +531,7 @@ mod tests {
             let packed = pack_int32_rows(&q, bits, rows, cols).unwrap();
             prop_assert_eq!(packed.len(), rows * cols.div_ceil(32 / usize::from(bits)));
             let back = unpack_int32_rows(&packed, bits, rows, cols).unwrap();
-            prop_assert_eq!(first_difference(&back, &q), None);
+            prop_assert_eq!(first_mismatch(&back, &q, PartialEq::eq), None);
         }
 
         #[test]

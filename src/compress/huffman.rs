@@ -539,6 +539,7 @@ pub fn frequencies(symbols: &[u8]) -> [u64; 256] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::testing::first_mismatch;
     use proptest::prelude::*;
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
@@ -615,13 +616,6 @@ mod tests {
             .filter(|&&l| l > 0)
             .map(|&l| 0.5f64.powi(i32::from(l)))
             .sum()
-    }
-
-    fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-        a.iter()
-            .zip(b)
-            .position(|(x, y)| x != y)
-            .or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))
     }
 
     #[test]
@@ -788,10 +782,10 @@ mod tests {
         let code = Huffman::from_frequencies(&frequencies(&symbols));
         let parallel = code.encode(&symbols).unwrap();
         let sequential = code.encode_sequential(&symbols).unwrap();
-        assert_eq!(first_difference(&parallel, &sequential), None);
+        assert_eq!(first_mismatch(&parallel, &sequential, u8::eq), None);
         // Long enough to pass through the encoder's block many times.
         let bit_by_bit = encode_reference(&code, &symbols);
-        assert_eq!(first_difference(&sequential, &bit_by_bit), None);
+        assert_eq!(first_mismatch(&sequential, &bit_by_bit, u8::eq), None);
         assert_eq!(code.decode(&parallel, symbols.len()).unwrap(), symbols);
     }
 
@@ -837,11 +831,11 @@ mod tests {
             prop_assert!(code.lengths().iter().all(|&l| l <= MAX_CODE_LEN));
             let stream = code.encode(&symbols).unwrap();
             prop_assert_eq!(stream.len() as u64, code.encoded_bits(&f).div_ceil(8));
-            prop_assert_eq!(first_difference(&stream, &encode_reference(&code, &symbols)), None);
+            prop_assert_eq!(first_mismatch(&stream, &encode_reference(&code, &symbols), u8::eq), None);
             let decoded = code.decode(&stream, symbols.len()).unwrap();
-            prop_assert_eq!(first_difference(&decoded, &symbols), None);
+            prop_assert_eq!(first_mismatch(&decoded, &symbols, u8::eq), None);
             let reference = decode_reference(&code, &stream, symbols.len()).unwrap();
-            prop_assert_eq!(first_difference(&reference, &symbols), None);
+            prop_assert_eq!(first_mismatch(&reference, &symbols, u8::eq), None);
             let stored = Huffman::from_lengths(code.lengths()).unwrap();
             prop_assert_eq!(stored, code);
         }
@@ -855,7 +849,7 @@ mod tests {
             let code = Huffman::from_frequencies(&f);
             let chunked = code.encode_in_chunks(&symbols, chunk).unwrap();
             let sequential = code.encode_sequential(&symbols).unwrap();
-            prop_assert_eq!(first_difference(&chunked, &sequential), None);
+            prop_assert_eq!(first_mismatch(&chunked, &sequential, u8::eq), None);
             prop_assert_eq!(chunked.len(), sequential.len());
         }
 

@@ -118,3 +118,78 @@ impl Totals {
         }
     }
 }
+
+/// Gathers a [`Report`] while the tensors are written.
+#[derive(Debug, Default)]
+pub struct ReportBuilder {
+    tensors: Vec<TensorReport>,
+    nonzero_after: u64,
+    seconds_per_stage: BTreeMap<String, f64>,
+    removed: Vec<Removed>,
+}
+
+/// An input tensor the pipeline removed.
+#[derive(Debug)]
+struct Removed {
+    name: String,
+    bytes: u64,
+    parameters: u64,
+}
+
+impl ReportBuilder {
+    /// Adds one output tensor with its count of nonzero values.
+    pub fn tensor(&mut self, report: TensorReport, nonzero: u64) {
+        self.tensors.push(report);
+        self.nonzero_after += nonzero;
+    }
+
+    /// Adds time spent in a stage of kind `kind`.
+    pub fn stage_seconds(&mut self, kind: &str, seconds: f64) {
+        *self.seconds_per_stage.entry(kind.to_string()).or_default() += seconds;
+    }
+
+    /// Records an input tensor that has no output.
+    pub fn removed(&mut self, name: &str, bytes: u64, parameters: u64) {
+        self.removed.push(Removed {
+            name: name.to_string(),
+            bytes,
+            parameters,
+        });
+    }
+
+    /// Bytes of tensor data in the output so far.
+    pub fn bytes_after(&self) -> u64 {
+        self.tensors.iter().map(|r| r.bytes_after).sum()
+    }
+
+    pub fn finish(
+        self,
+        format: &str,
+        pipeline: PipelineSpec,
+        statistics_sha256: Option<String>,
+        seconds_total: f64,
+    ) -> Report {
+        let mut totals = Totals::from_tensors(&self.tensors, self.nonzero_after);
+        for r in self.removed {
+            totals.bytes_before += r.bytes;
+            totals.parameters_before += r.parameters;
+            totals.removed_tensors.push(r.name);
+        }
+        if totals.bytes_after > 0 {
+            totals.ratio = totals.bytes_before as f64 / totals.bytes_after as f64;
+        }
+        if totals.parameters_before > 0 {
+            totals.parameters_kept = self.nonzero_after as f64 / totals.parameters_before as f64;
+        }
+        totals.seconds_per_stage = self.seconds_per_stage;
+        totals.seconds_total = seconds_total;
+        Report {
+            report_version: REPORT_VERSION,
+            format: format.to_string(),
+            pipeline,
+            statistics_sha256,
+            tensors: self.tensors,
+            totals,
+        }
+    }
+}

@@ -53,6 +53,15 @@ pub fn first_difference(a: &Coded, b: &Coded) -> Option<String> {
     None
 }
 
+/// The first index where `a` and `b` differ under `same`; a length
+/// mismatch differs at the shorter length.
+pub fn first_mismatch<T>(a: &[T], b: &[T], same: impl Fn(&T, &T) -> bool) -> Option<usize> {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| !same(x, y))
+        .or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))
+}
+
 /// Panics at the first element whose bits differ.
 pub fn assert_same_bits(got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len());

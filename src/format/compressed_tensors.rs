@@ -23,14 +23,14 @@
 //! group per quantize stage. Which layers are quantized by default and how
 //! the config names them is [`super::ct_targets`]'s business.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
 use super::ct_targets::{self, Layout};
 use super::dtype::Dtype;
-use super::packed::Piece;
+use super::packed::{pieces_header_reserve, Piece};
+use super::sink::{Finished, OutputTensor, ProcessedTensor, ShardFiles, Sink, SinkError};
 use crate::compress::bitpack::pack_lsb;
 use crate::compress::coded::{Decode, Granularity, MatrixShape};
 use crate::compress::quantize::{IntQuant, ScaleSearch};
@@ -169,7 +169,7 @@ impl Layers {
         p: &Processed,
         pipeline: &Pipeline,
         stage_idx: &[usize],
-    ) -> Result<Vec<Piece<'static>>, String> {
+    ) -> Result<Vec<Piece>, String> {
         let value_stage = stage_idx
             .iter()
             .copied()
@@ -358,7 +358,7 @@ fn pack_zero_points(
     zero_points: &[i32],
     q: &IntQuant,
     scale_shape: Vec<usize>,
-) -> Result<Piece<'static>, String> {
+) -> Result<Piece, String> {
     let name = format!("{layer}.weight_zero_point");
     if scale_shape.len() == 1 {
         let zp: Vec<u8> = zero_points.iter().map(|&z| z as i8 as u8).collect();
@@ -386,11 +386,91 @@ fn pack_zero_points(
     Ok(piece(name, Dtype::I32, vec![words, groups], out))
 }
 
-fn piece(name: String, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) -> Piece<'static> {
+fn piece(name: String, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) -> Piece {
     Piece {
         name,
         dtype,
         shape,
-        bytes: Cow::Owned(bytes),
+        bytes,
+    }
+}
+
+/// The compressed-tensors output: quantized layers as compressed-tensors
+/// pieces, everything else as in the input, and `quantization_config` in
+/// `config.json`.
+pub struct CompressedTensorsSink<'p> {
+    files: ShardFiles,
+    /// The input's `__metadata__`, kept in every shard.
+    metadata: BTreeMap<String, String>,
+    pipeline: &'p Pipeline,
+    layers: Layers,
+}
+
+impl<'p> CompressedTensorsSink<'p> {
+    pub fn new(
+        files: ShardFiles,
+        metadata: BTreeMap<String, String>,
+        pipeline: &'p Pipeline,
+        layers: Layers,
+    ) -> Self {
+        Self {
+            files,
+            metadata,
+            pipeline,
+            layers,
+        }
+    }
+}
+
+impl Sink for CompressedTensorsSink<'_> {
+    fn begin_shard(&mut self, shard: &str, tensors: &[OutputTensor<'_>]) -> Result<(), SinkError> {
+        let reserve = pieces_header_reserve(tensors, &self.metadata);
+        Ok(self.files.begin(shard, reserve)?)
+    }
+
+    fn write_untouched(&mut self, t: OutputTensor<'_>, bytes: &[u8]) -> Result<(), SinkError> {
+        self.layers
+            .unquantized(t.name, t.shape, t.dtype.is_float_weight());
+        Ok(self.files.append(t.name, t.dtype, t.shape, bytes)?)
+    }
+
+    fn write_processed(&mut self, t: &ProcessedTensor<'_>) -> Result<(), SinkError> {
+        let pieces = self
+            .layers
+            .pieces(
+                t.tensor.name,
+                t.tensor.dtype,
+                t.processed,
+                self.pipeline,
+                t.stages,
+            )
+            .map_err(SinkError::Unexpressible)?;
+        for piece in pieces {
+            self.files
+                .append(&piece.name, piece.dtype, &piece.shape, &piece.bytes)?;
+        }
+        Ok(())
+    }
+
+    fn data_bytes(&self) -> u64 {
+        self.files.data_bytes()
+    }
+
+    fn finish_shard(&mut self) -> Result<(), SinkError> {
+        let mut meta = self.metadata.clone();
+        meta.insert("format".into(), "pt".into());
+        Ok(self.files.finish(&meta)?)
+    }
+
+    /// Adds `quantization_config` to `config` (an empty object when the
+    /// input has none).
+    fn finish(self: Box<Self>, config: Option<Value>) -> Result<Finished, SinkError> {
+        let mut config = config.unwrap_or_else(|| json!({}));
+        let qc = self.layers.quantization_config_for(self.pipeline);
+        config
+            .as_object_mut()
+            .ok_or(SinkError::ConfigNotObject)?
+            .insert("quantization_config".into(), qc);
+        Ok(self.files.into_finished(Some(config)))
     }
 }

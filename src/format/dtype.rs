@@ -162,6 +162,13 @@ pub fn from_f32(dtype: Dtype, values: &[f32], out: &mut [u8]) {
     }
 }
 
+/// `values` encoded as little-endian elements of `dtype` (see [`from_f32`]).
+pub fn from_f32_vec(dtype: Dtype, values: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; values.len() * dtype.bitsize() / 8];
+    from_f32(dtype, values, &mut out);
+    out
+}
+
 /// Reads one little-endian element of `N` bytes.
 #[inline(always)]
 fn le<const N: usize>(b: &[u8]) -> [u8; N] {
@@ -309,6 +316,7 @@ pub fn from_f32_reference(dtype: Dtype, values: &[f32], out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::testing::first_mismatch;
     use proptest::prelude::*;
 
     fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
@@ -323,13 +331,9 @@ mod tests {
         out
     }
 
-    /// Index of the first element whose bits differ (NaNs of any payload
-    /// count as equal).
-    fn first_difference(a: &[f32], b: &[f32]) -> Option<usize> {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .position(|(x, y)| x.to_bits() != y.to_bits() && !(x.is_nan() && y.is_nan()))
+    /// The same bits, or both NaN (of any payload).
+    fn same_value(x: &f32, y: &f32) -> bool {
+        x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
     }
 
     /// Deterministic bytes covering many bit patterns, NaNs and infinities
@@ -392,7 +396,7 @@ mod tests {
             bytes.extend(v.to_le_bytes());
         }
         let got = decode(Dtype::F32, &bytes[1..]);
-        assert_eq!(first_difference(&got, &values), None);
+        assert_eq!(first_mismatch(&got, &values, same_value), None);
         assert_eq!(encode(Dtype::F32, &values), bytes[1..]);
     }
 
@@ -497,7 +501,11 @@ mod tests {
             let mut slow = vec![0.0; n];
             to_f32(dtype, bytes, &mut fast);
             to_f32_reference(dtype, bytes, &mut slow);
-            assert_eq!(first_difference(&fast, &slow), None, "to_f32 {dtype}");
+            assert_eq!(
+                first_mismatch(&fast, &slow, same_value),
+                None,
+                "to_f32 {dtype}"
+            );
 
             let values: Vec<f32> = pattern(n * 4)
                 .chunks_exact(4)

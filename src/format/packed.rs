@@ -21,12 +21,15 @@
 //! with `N:positions_table`. A position that is not stored holds the group's
 //! zero symbol (the symbol that decodes to exactly 0.0).
 
-use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::dtype::{from_f32, to_f32, Dtype};
+use super::dtype::{from_f32_vec, to_f32, Dtype};
+use super::sink::{Finished, OutputTensor, ProcessedTensor, ShardFiles, Sink, SinkError};
+use super::writer::{header_bound, header_reserve};
 use crate::compress::bitpack::{pack_lsb, unpack_lsb};
 use crate::compress::coded::{Coded, Decode, MatrixShape};
 use crate::compress::huffman::{frequencies, Huffman};
@@ -129,20 +132,20 @@ impl SparseDesc {
 }
 
 /// One stored piece.
-pub struct Piece<'a> {
+pub struct Piece {
     pub name: String,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
-    pub bytes: Cow<'a, [u8]>,
+    pub bytes: Vec<u8>,
 }
 
-impl<'a> Piece<'a> {
-    fn new(name: String, dtype: Dtype, shape: Vec<usize>, bytes: impl Into<Cow<'a, [u8]>>) -> Self {
+impl Piece {
+    pub fn new(name: String, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) -> Self {
         Self {
             name,
             dtype,
             shape,
-            bytes: bytes.into(),
+            bytes,
         }
     }
 
@@ -221,7 +224,7 @@ fn store_stream(
     plan: StreamPlan,
     prefix: &str,
     piece: &str,
-    pieces: &mut Vec<Piece<'static>>,
+    pieces: &mut Vec<Piece>,
 ) -> Coding {
     if let Some(code) = plan.code {
         if let Ok(stream) = code.encode(symbols) {
@@ -245,7 +248,7 @@ fn store_symbols(
     bits: u8,
     plan: StreamPlan,
     prefix: &str,
-    pieces: &mut Vec<Piece<'static>>,
+    pieces: &mut Vec<Piece>,
 ) -> SymbolsDesc {
     SymbolsDesc {
         count: symbols.len(),
@@ -283,7 +286,7 @@ impl PositionsPlan {
         }
     }
 
-    fn store(self, prefix: &str, pieces: &mut Vec<Piece<'static>>) -> SparseDesc {
+    fn store(self, prefix: &str, pieces: &mut Vec<Piece>) -> SparseDesc {
         let nonzeros = self.nonzeros;
         match (self.positions, self.gaps) {
             (Positions::Relative { bits, gaps }, Some(plan)) => {
@@ -327,25 +330,16 @@ fn raw_sparse_plan(dtype: Dtype, v: &[f32], entropy: Option<Entropy>) -> Option<
     (plan.bytes() < zeros * dtype.bitsize() / 8).then_some(plan)
 }
 
-/// Splits a processed tensor into pieces. `original` is the tensor's bytes
-/// in the input, used when it passes through untouched.
-pub fn pack_tensor<'a>(
-    name: &str,
-    dtype: Dtype,
-    p: &Processed,
-    original: Option<&'a [u8]>,
-) -> (PackedTensor, Vec<Piece<'a>>) {
-    let mut pieces: Vec<Piece<'static>> = Vec::new();
+/// Splits a processed tensor into pieces.
+pub fn pack_tensor(name: &str, dtype: Dtype, p: &Processed) -> (PackedTensor, Vec<Piece>) {
+    let mut pieces: Vec<Piece> = Vec::new();
     let sparse_raw = match (&p.values, p.encode) {
         (Values::Raw(v), Some(entropy)) => raw_sparse_plan(dtype, v, Some(entropy)),
         _ => None,
     };
     let values = match (&p.values, sparse_raw) {
         (Values::Raw(v), None) => {
-            let bytes: Cow<'a, [u8]> = match original {
-                Some(b) if p.applied.is_empty() => Cow::Borrowed(b),
-                _ => Cow::Owned(dtype_bytes(dtype, v)),
-            };
+            let bytes = from_f32_vec(dtype, v);
             let desc = PackedTensor {
                 name: name.to_string(),
                 dtype,
@@ -365,7 +359,7 @@ pub fn pack_tensor<'a>(
                 format!("{name}:values"),
                 dtype,
                 vec![n],
-                dtype_bytes(dtype, &kept),
+                from_f32_vec(dtype, &kept),
             ));
             PackedValues::Raw {
                 sparse: Some(sparse),
@@ -377,13 +371,13 @@ pub fn pack_tensor<'a>(
                 format!("{name}:a"),
                 dtype,
                 vec![m.rows, lr.rank],
-                dtype_bytes(dtype, &lr.a),
+                from_f32_vec(dtype, &lr.a),
             ));
             pieces.push(Piece::new(
                 format!("{name}:b"),
                 dtype,
                 vec![lr.rank, m.cols],
-                dtype_bytes(dtype, &lr.b),
+                from_f32_vec(dtype, &lr.b),
             ));
             PackedValues::LowRank { rank: lr.rank }
         }
@@ -395,31 +389,14 @@ pub fn pack_tensor<'a>(
         shape: p.shape.clone(),
         values,
     };
-    (desc, pieces.into_iter().map(|p| p.into_static()).collect())
-}
-
-impl Piece<'_> {
-    fn into_static<'b>(self) -> Piece<'b> {
-        Piece {
-            name: self.name,
-            dtype: self.dtype,
-            shape: self.shape,
-            bytes: Cow::Owned(self.bytes.into_owned()),
-        }
-    }
-}
-
-fn dtype_bytes(dtype: Dtype, v: &[f32]) -> Vec<u8> {
-    let mut out = vec![0u8; v.len() * dtype.bitsize() / 8];
-    from_f32(dtype, v, &mut out);
-    out
+    (desc, pieces)
 }
 
 fn pack_coded(
     name: &str,
     c: &Coded,
     encode: Option<Entropy>,
-    pieces: &mut Vec<Piece<'static>>,
+    pieces: &mut Vec<Piece>,
 ) -> PackedValues {
     // Sparse storage drops elements that hold their group's zero symbol,
     // when that is smaller than storing every symbol.
@@ -556,7 +533,7 @@ fn finish_coded(
     c: &Coded,
     symbols: SymbolsDesc,
     sparse: Option<SparseDesc>,
-    pieces: &mut Vec<Piece<'static>>,
+    pieces: &mut Vec<Piece>,
 ) -> PackedValues {
     let gl = c.group_len.max(1);
     match &c.decode {
@@ -893,7 +870,7 @@ pub fn unpack_tensor(desc: &PackedTensor, src: &dyn Pieces) -> Result<Vec<u8>, P
             desc.dtype.name()
         )));
     }
-    Ok(dtype_bytes(desc.dtype, &values))
+    Ok(from_f32_vec(desc.dtype, &values))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -961,6 +938,129 @@ fn decode_coded(
         }
     };
     Ok(coded.decode())
+}
+
+/// The `__metadata__` of a packed shard holding `descs`; the input's own
+/// metadata `source` is kept as a JSON string to restore.
+pub fn shard_metadata(
+    source: &BTreeMap<String, String>,
+    descs: &[PackedTensor],
+) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (META_FORMAT.into(), FORMAT_NAME.into()),
+        (META_VERSION.into(), FORMAT_VERSION.to_string()),
+        (
+            META_TENSORS.into(),
+            serde_json::to_string(descs).expect("descriptions serialize"),
+        ),
+        (
+            META_SOURCE.into(),
+            serde_json::to_string(source).expect("a string map serializes"),
+        ),
+    ])
+}
+
+/// The tensor descriptions of a packed shard.
+pub fn packed_descriptions(
+    meta: &BTreeMap<String, String>,
+) -> Result<Vec<PackedTensor>, PackedError> {
+    if meta.get(META_FORMAT).map(String::as_str) != Some(FORMAT_NAME) {
+        return Err(PackedError::NotPacked);
+    }
+    let version = meta.get(META_VERSION).cloned().unwrap_or_default();
+    if version != FORMAT_VERSION.to_string() {
+        return Err(PackedError::Version(version));
+    }
+    let text = meta
+        .get(META_TENSORS)
+        .ok_or_else(|| PackedError::Description(format!("`{META_TENSORS}` is missing")))?;
+    serde_json::from_str(text).map_err(|e| PackedError::Description(e.to_string()))
+}
+
+/// The input metadata a packed shard keeps for restoring.
+pub fn source_metadata(
+    meta: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, PackedError> {
+    Ok(meta
+        .get(META_SOURCE)
+        .map(|s| serde_json::from_str(s))
+        .transpose()
+        .map_err(|e| PackedError::Description(format!("source metadata: {e}")))?
+        .unwrap_or_default())
+}
+
+/// The packed output: each tensor as its compact pieces, described in the
+/// shard's metadata.
+pub struct PackedSink {
+    files: ShardFiles,
+    source: BTreeMap<String, String>,
+    /// Descriptions of the open shard's tensors.
+    descs: Vec<PackedTensor>,
+}
+
+impl PackedSink {
+    /// `source` is the input's `__metadata__`.
+    pub fn new(files: ShardFiles, source: BTreeMap<String, String>) -> Self {
+        Self {
+            files,
+            source,
+            descs: Vec::new(),
+        }
+    }
+}
+
+/// Header room for pieces, which have longer names than their tensors, and
+/// for descriptions and metadata JSON-escaped inside metadata strings.
+pub(crate) fn pieces_header_reserve(
+    tensors: &[OutputTensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> u64 {
+    tensors
+        .iter()
+        .map(|t| header_bound(t.name, t.shape.len()) * 4 + 512)
+        .sum::<u64>()
+        + header_reserve([], metadata) * 2
+}
+
+impl Sink for PackedSink {
+    fn begin_shard(&mut self, shard: &str, tensors: &[OutputTensor<'_>]) -> Result<(), SinkError> {
+        let reserve = pieces_header_reserve(tensors, &self.source);
+        Ok(self.files.begin(shard, reserve)?)
+    }
+
+    fn write_untouched(&mut self, t: OutputTensor<'_>, bytes: &[u8]) -> Result<(), SinkError> {
+        self.descs.push(PackedTensor {
+            name: t.name.to_string(),
+            dtype: t.dtype,
+            shape: t.shape.to_vec(),
+            values: PackedValues::Raw { sparse: None },
+        });
+        Ok(self.files.append(t.name, t.dtype, t.shape, bytes)?)
+    }
+
+    fn write_processed(&mut self, t: &ProcessedTensor<'_>) -> Result<(), SinkError> {
+        let (desc, pieces) = pack_tensor(t.tensor.name, t.tensor.dtype, t.processed);
+        for piece in pieces {
+            self.files
+                .append(&piece.name, piece.dtype, &piece.shape, &piece.bytes)?;
+        }
+        self.descs.push(desc);
+        Ok(())
+    }
+
+    fn data_bytes(&self) -> u64 {
+        self.files.data_bytes()
+    }
+
+    fn finish_shard(&mut self) -> Result<(), SinkError> {
+        let meta = shard_metadata(&self.source, &self.descs);
+        self.descs.clear();
+        Ok(self.files.finish(&meta)?)
+    }
+
+    fn finish(self: Box<Self>, config: Option<Value>) -> Result<Finished, SinkError> {
+        Ok(self.files.into_finished(config))
+    }
 }
 
 #[cfg(test)]
@@ -1043,10 +1143,10 @@ mod tests {
                 applied: Vec::new(),
                 seconds: Vec::new(),
             };
-            let (desc, pieces) = pack_tensor("t", Dtype::F32, &p, None);
+            let (desc, pieces) = pack_tensor("t", Dtype::F32, &p);
             let stored: HashMap<_, _> = pieces
                 .into_iter()
-                .map(|piece| (piece.name, (piece.dtype, piece.shape, piece.bytes.into_owned())))
+                .map(|piece| (piece.name, (piece.dtype, piece.shape, piece.bytes)))
                 .collect();
             let bytes = unpack_tensor(&desc, &stored).unwrap();
             let mut values = vec![0.0f32; n];

@@ -26,8 +26,22 @@ struct Entry {
     end: u64,
 }
 
+/// Whether a finished file is on the disk or may still be in the page cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// [`SafetensorsWriter::finish`] waits until the file's data has reached
+    /// the disk (fsync) before renaming it into place: what a service must
+    /// do before it records the file as done.
+    #[default]
+    Synced,
+    /// The operating system writes the file back when it chooses, as `cp`
+    /// does; a crash soon after may lose it.
+    Cached,
+}
+
 pub struct SafetensorsWriter {
     out: Option<BufWriter<File>>,
+    durability: Durability,
     tmp: PathBuf,
     dest: PathBuf,
     reserved: u64,
@@ -72,9 +86,18 @@ pub fn header_reserve<'a>(
 }
 
 impl SafetensorsWriter {
-    /// Starts a file that will appear at `dest` when finished.
+    /// Starts a file that will appear at `dest` when finished, synced.
     /// `header_reserve` is the expected header size in bytes.
     pub fn create(dest: &Path, header_reserve: u64) -> Result<Self, WriteError> {
+        Self::create_with(dest, header_reserve, Durability::Synced)
+    }
+
+    /// [`create`](Self::create) with the given durability.
+    pub fn create_with(
+        dest: &Path,
+        header_reserve: u64,
+        durability: Durability,
+    ) -> Result<Self, WriteError> {
         let dir = dest.parent().unwrap_or(Path::new("."));
         let file_name = dest
             .file_name()
@@ -98,6 +121,7 @@ impl SafetensorsWriter {
         file.seek(SeekFrom::Start(reserved)).map_err(io_err)?;
         Ok(Self {
             out: Some(BufWriter::with_capacity(1 << 20, file)),
+            durability,
             tmp,
             dest: dest.to_path_buf(),
             reserved,
@@ -178,8 +202,9 @@ impl SafetensorsWriter {
         buf
     }
 
-    /// Writes the header and renames the file into place. Returns the
-    /// file's size in bytes.
+    /// Writes the header and renames the file into place (after waiting for
+    /// the disk when [`Durability::Synced`]). Returns the file's size in
+    /// bytes.
     pub fn finish(mut self, metadata: &BTreeMap<String, String>) -> Result<u64, WriteError> {
         let mut header = self.header(metadata);
         let out = self.out.take().expect("finish called once");
@@ -198,7 +223,9 @@ impl SafetensorsWriter {
         } else {
             file = self.rewrite_with_header(file, header)?;
         }
-        file.sync_all().map_err(|e| self.io(e))?;
+        if self.durability == Durability::Synced {
+            file.sync_all().map_err(|e| self.io(e))?;
+        }
         let size = file.metadata().map_err(|e| self.io(e))?.len();
         drop(file);
         fs::rename(&self.tmp, &self.dest).map_err(|e| self.io(e))?;

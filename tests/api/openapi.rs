@@ -9,8 +9,64 @@ fn the_committed_openapi_document_matches_the_code() {
     let committed = std::fs::read_to_string(path).unwrap_or_default();
     assert!(
         committed.trim_end() == generated.trim_end(),
-        "openapi/openapi.json is stale: run `cargo run -- openapi > openapi/openapi.json` and commit it"
+        "openapi/openapi.json is stale: run `cargo run -- openapi > openapi/openapi.json` and commit it\n{}",
+        line_diff(&committed, &generated)
     );
+}
+
+/// The lines around the first place `committed` and `generated` differ, as
+/// `-` (committed) and `+` (generated) lines with their line numbers.
+fn line_diff(committed: &str, generated: &str) -> String {
+    const CONTEXT: usize = 4;
+    let old: Vec<&str> = committed.trim_end().lines().collect();
+    let new: Vec<&str> = generated.trim_end().lines().collect();
+    let Some(first) = (0..old.len().max(new.len())).find(|&i| old.get(i) != new.get(i)) else {
+        return String::new();
+    };
+    // The end of the differing stretch, counted back from the end of both.
+    let common_tail = old[first..]
+        .iter()
+        .rev()
+        .zip(new[first..].iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let (old_end, new_end) = (old.len() - common_tail, new.len() - common_tail);
+    let mut out = String::new();
+    let before = first.saturating_sub(CONTEXT);
+    for (i, line) in old.iter().enumerate().take(first).skip(before) {
+        out += &format!("  {:>5} {line}\n", i + 1);
+    }
+    for (i, line) in old
+        .iter()
+        .enumerate()
+        .take(old_end.min(first + 40))
+        .skip(first)
+    {
+        out += &format!("- {:>5} {line}\n", i + 1);
+    }
+    for (i, line) in new
+        .iter()
+        .enumerate()
+        .take(new_end.min(first + 40))
+        .skip(first)
+    {
+        out += &format!("+ {:>5} {line}\n", i + 1);
+    }
+    for (i, line) in old.iter().enumerate().skip(old_end).take(CONTEXT) {
+        out += &format!("  {:>5} {line}\n", i + 1);
+    }
+    out
+}
+
+#[test]
+fn a_stale_document_is_shown_as_the_lines_that_differ() {
+    let committed = "{\n  \"a\": 1,\n  \"b\": 2,\n  \"c\": 3\n}\n";
+    let generated = "{\n  \"a\": 1,\n  \"b\": 20,\n  \"c\": 3\n}";
+    let diff = line_diff(committed, generated);
+    assert!(diff.contains("-     3   \"b\": 2,"), "{diff}");
+    assert!(diff.contains("+     3   \"b\": 20,"), "{diff}");
+    assert!(diff.contains("      4   \"c\": 3"), "{diff}");
+    assert_eq!(line_diff(committed, committed), "");
 }
 
 /// What other tools fetch: the binary's own `modelpress openapi` output is
@@ -30,7 +86,11 @@ fn modelpress_openapi_prints_the_committed_document() {
     let committed = std::fs::read(path).expect("openapi/openapi.json is committed");
     assert!(
         out.stdout == committed,
-        "openapi/openapi.json differs from `modelpress openapi`: run `cargo run -- openapi > openapi/openapi.json` and commit it"
+        "openapi/openapi.json differs from `modelpress openapi`: run `cargo run -- openapi > openapi/openapi.json` and commit it\n{}",
+        line_diff(
+            &String::from_utf8_lossy(&committed),
+            &String::from_utf8_lossy(&out.stdout)
+        )
     );
 }
 

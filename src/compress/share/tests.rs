@@ -1,4 +1,5 @@
 use super::*;
+use crate::compress::testing::first_mismatch;
 use proptest::prelude::*;
 
 fn params(clusters: usize, init: Init, per_channel: bool) -> ShareParams {
@@ -16,15 +17,9 @@ fn sorted(values: &[f32]) -> Vec<f32> {
     v
 }
 
-/// The first index where two centroid lists differ by more than `tol`
-/// relative to the data range.
-fn first_difference(a: &[f32], b: &[f32], tol: f64) -> Option<(usize, f32, f32)> {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .enumerate()
-        .find(|(_, (x, y))| (f64::from(**x) - f64::from(**y)).abs() > tol)
-        .map(|(i, (x, y))| (i, *x, *y))
+/// Centroids that agree within `tol` (relative to the data range).
+fn within(tol: f64) -> impl Fn(&f32, &f32) -> bool {
+    move |x, y| (f64::from(*x) - f64::from(*y)).abs() <= tol
 }
 
 fn assert_never_rises(objective: &[f64]) -> Result<(), TestCaseError> {
@@ -203,7 +198,7 @@ fn a_large_tensor_uses_the_parallel_path_and_matches_the_reference() {
         let fast = kmeans_1d(&s, 16, init, 15);
         let reference = kmeans_1d_reference(&nonzero, start, 15);
         assert_eq!(
-            first_difference(&fast.centroids, &reference.centroids, 1e-4),
+            first_mismatch(&fast.centroids, &reference.centroids, within(1e-4)),
             None,
             "{init:?}"
         );
@@ -673,7 +668,7 @@ proptest! {
         let reference = kmeans_1d_reference(&values, start.clone(), 20);
         let fast = lloyd_sorted(&s, start, 20);
         prop_assert_eq!(
-            first_difference(&fast.centroids, &reference.centroids, 1e-6),
+            first_mismatch(&fast.centroids, &reference.centroids, within(1e-6)),
             None
         );
         prop_assert_eq!(fast.objective.len(), reference.objective.len());

@@ -9,7 +9,7 @@ impl Model {
     pub(super) fn prune_channels(
         &mut self,
         stage: &ChannelPrune,
-        src: &dyn TensorSource,
+        rank_from: Option<&dyn TensorSource>,
     ) -> Result<(), StructuralError> {
         let groups = match &stage.groups {
             Some(groups) => groups.clone(),
@@ -24,7 +24,7 @@ impl Model {
             }
         }
         for g in &groups {
-            self.prune_group(g, stage, src)?;
+            self.prune_group(g, stage, rank_from)?;
         }
         Ok(())
     }
@@ -107,7 +107,7 @@ impl Model {
         &mut self,
         group: &ChannelGroup,
         stage: &ChannelPrune,
-        src: &dyn TensorSource,
+        rank_from: Option<&dyn TensorSource>,
     ) -> Result<(), StructuralError> {
         let producer = group.producer.as_str();
         let w = self.layer_weight(producer)?;
@@ -177,8 +177,13 @@ impl Model {
         if dropped == 0 {
             return Ok(());
         }
-        let strength = channel_norms(&self.entries[w].recipe.eval(src)?, out, stage.norm);
-        let keep: Arc<[usize]> = channels_kept(&strength, dropped).into();
+        let keep: Arc<[usize]> = match rank_from {
+            Some(src) => {
+                let strength = channel_norms(&self.entries[w].recipe.eval(src)?, out, stage.norm);
+                channels_kept(&strength, dropped).into()
+            }
+            None => (dropped..out).collect(),
+        };
 
         let kept = keep.len();
         for i in rows {

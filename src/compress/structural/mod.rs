@@ -38,7 +38,7 @@ mod tests;
 use batchnorm::*;
 use model::*;
 use plan::*;
-pub use plan::{plan, Plan, PlannedTensor};
+pub use plan::{plan, plan_shapes, Plan, PlannedTensor};
 
 /// How a batch norm's name points to its layer, for inferred pairs.
 const NAMING_RULES: &str = "`<p>.bnK` or `<p>.normK` after `<p>.convK`, `<p>.fcK` or `<p>.linearK`; `<p>.N` after `<p>.N-1`";

@@ -43,13 +43,7 @@ impl Plan {
 
 /// Plans `stages`, in order, over the checkpoint `src`.
 pub fn plan(stages: &[StructuralStage], src: &dyn TensorSource) -> Result<Plan, StructuralError> {
-    let mut model = Model::read(src)?;
-    for stage in stages {
-        match stage {
-            StructuralStage::Fold(fold) => model.fold_batch_norms(fold)?,
-            StructuralStage::Channel(prune) => model.prune_channels(prune, src)?,
-        }
-    }
+    let model = planned_model(stages, src, Some(src))?;
     let (outputs, recipes) = model
         .entries
         .into_iter()
@@ -64,6 +58,45 @@ pub fn plan(stages: &[StructuralStage], src: &dyn TensorSource) -> Result<Plan, 
         })
         .unzip();
     Ok(Plan { outputs, recipes })
+}
+
+/// The output tensors [`plan`] gives, without reading any tensor: channel
+/// pruning ranks channels by their weights to choose which go, but the
+/// shapes depend only on how many go. For checking a pipeline against a
+/// checkpoint before running it.
+pub fn plan_shapes(
+    stages: &[StructuralStage],
+    src: &dyn TensorSource,
+) -> Result<Vec<PlannedTensor>, StructuralError> {
+    let model = planned_model(stages, src, None)?;
+    Ok(model
+        .entries
+        .into_iter()
+        .map(|e| PlannedTensor {
+            name: e.name,
+            source: e.source,
+            shape: e.recipe.shape,
+            changed: e.changed,
+        })
+        .collect())
+}
+
+/// Runs the stages over the model read from `src`; channel pruning ranks
+/// channels with the weights of `rank_from`, or keeps the last ones without
+/// reading anything when it is `None`.
+fn planned_model(
+    stages: &[StructuralStage],
+    src: &dyn TensorSource,
+    rank_from: Option<&dyn TensorSource>,
+) -> Result<Model, StructuralError> {
+    let mut model = Model::read(src)?;
+    for stage in stages {
+        match stage {
+            StructuralStage::Fold(fold) => model.fold_batch_norms(fold)?,
+            StructuralStage::Channel(prune) => model.prune_channels(prune, rank_from)?,
+        }
+    }
+    Ok(model)
 }
 
 /// How an output tensor is computed from input tensors.

@@ -735,3 +735,34 @@ fn no_stages_copy_everything_through() {
         Err(StructuralError::MissingTensor(_))
     ));
 }
+
+/// A checkpoint that answers shapes but refuses to load any tensor.
+struct ShapesOnly(Mem);
+
+impl TensorSource for ShapesOnly {
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.0.shape(name)
+    }
+    fn names(&self) -> Vec<String> {
+        self.0.names()
+    }
+    fn is_float(&self, name: &str) -> bool {
+        self.0.is_float(name)
+    }
+    fn load_f32(&self, name: &str) -> Result<Vec<f32>, StructuralError> {
+        panic!("planning shapes loaded `{name}`")
+    }
+}
+
+#[test]
+fn planning_shapes_reads_no_tensor_and_gives_the_outputs_of_the_full_plan() {
+    for (m, stages) in [
+        (mlp(), vec![prune_stage(0.25)]),
+        (convnet(), vec![fold_stage(), prune_stage(0.5)]),
+        (convnet(), vec![prune_stage(0.5), fold_stage()]),
+    ] {
+        let full = plan(&stages, &m).unwrap();
+        let shapes = plan_shapes(&stages, &ShapesOnly(m)).unwrap();
+        assert_eq!(shapes, full.outputs);
+    }
+}

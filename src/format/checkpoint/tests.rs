@@ -3,41 +3,6 @@ use crate::format::dtype::Dtype;
 use crate::format::header::tests::{file, st_dtype, TWO};
 use std::collections::HashMap as StdHashMap;
 
-#[test]
-fn read_header_matches_parse_header_and_reads_only_the_header() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m.safetensors");
-    let bytes = file(TWO, 11);
-    fs::write(&path, &bytes).unwrap();
-    assert_eq!(
-        read_header(&path).unwrap(),
-        parse_header(&bytes, bytes.len() as u64).unwrap()
-    );
-
-    let mut hostile = u64::MAX.to_le_bytes().to_vec();
-    hostile.extend(b"{}");
-    fs::write(&path, &hostile).unwrap();
-    match read_header(&path) {
-        Err(FormatError::Header {
-            source: HeaderError::HeaderTooLarge { .. },
-            ..
-        }) => {}
-        other => panic!("{other:?}"),
-    }
-    fs::write(&path, [1, 2]).unwrap();
-    let e = read_header(&path).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            FormatError::Header {
-                source: HeaderError::TooShort { file_len: 2 },
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-}
-
 // ---- files on disk ----
 
 type Spec<'a> = (&'a str, Dtype, Vec<usize>, Vec<u8>);
