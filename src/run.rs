@@ -21,7 +21,7 @@ use crate::compress::prune::GlobalThreshold;
 use crate::compress::report::{Report, TensorReport, Totals, REPORT_VERSION};
 use crate::compress::spec::{Pipeline, PruneKind, SpecError, Stage, TensorShape};
 use crate::compress::structural::{self, Plan, StructuralError, TensorSource};
-use crate::compress::tensor::{process, process_with_stats, TensorCut, TensorError, Values};
+use crate::compress::tensor::{process_with_stats, TensorCut, TensorError, Values};
 use crate::format::checkpoint::{Checkpoint, FormatError};
 use crate::format::compressed_tensors as ct;
 use crate::format::dtype::{from_f32, to_f32, Dtype};
@@ -351,7 +351,7 @@ pub fn compress_with_stats(
             .unwrap_or_else(|| (req.pipeline.clone(), ct::Layers::default()));
     let pipeline = &pipeline;
     check_stats(&ckpt, &plan, pipeline, stats)?;
-    let cuts = global_cuts(&ckpt, &plan, pipeline, progress, cancel)?;
+    let cuts = global_cuts(&ckpt, &plan, pipeline, stats, progress, cancel)?;
 
     let staging = Staging::new(out_dir)?;
     let mut reports = Vec::with_capacity(plan.outputs.len());
@@ -699,6 +699,7 @@ fn global_cuts(
     ckpt: &Checkpoint,
     plan: &Plan,
     pipeline: &Pipeline,
+    stats: Option<&StatsFile>,
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<HashMap<String, TensorCut>, RunError> {
@@ -747,7 +748,11 @@ fn global_cuts(
             return Ok(values);
         }
         let mut work = Vec::new();
-        let p = process(
+        let layer_stats = match stats {
+            Some(s) => s.get(name)?,
+            None => None,
+        };
+        let p = process_with_stats(
             name,
             &values,
             shape,
@@ -756,6 +761,7 @@ fn global_cuts(
             None,
             &|_| {},
             &mut work,
+            layer_stats.as_ref(),
         )?;
         Ok(match p.values {
             Values::Raw(v) => v,
