@@ -299,6 +299,21 @@ pub fn check(input: &Path, pipeline: &Pipeline, format: OutputFormat) -> Result<
     check_stats(&ckpt, &outputs, pipeline, None)
 }
 
+/// The tensors as the per-tensor stages will see them: after the
+/// structural stages, with whether each is a floating-point weight.
+fn planned_shapes<'a>(ckpt: &Checkpoint, outputs: &'a [PlannedTensor]) -> Vec<TensorShape<'a>> {
+    outputs
+        .iter()
+        .map(|p| TensorShape {
+            name: &p.name,
+            shape: &p.shape,
+            is_float: ckpt
+                .get(&p.source)
+                .is_some_and(|t| t.dtype.is_float_weight()),
+        })
+        .collect()
+}
+
 /// Holds the statistics to the model as the pipeline will see it (after
 /// structural stages) and refuses stages that need statistics a tensor
 /// does not have.
@@ -315,16 +330,7 @@ fn check_stats(
                 .map(|p| (p.name.as_str(), p.shape.as_slice())),
         )?;
     }
-    let shapes: Vec<TensorShape<'_>> = outputs
-        .iter()
-        .map(|p| TensorShape {
-            name: &p.name,
-            shape: &p.shape,
-            is_float: ckpt
-                .get(&p.source)
-                .is_some_and(|t| t.dtype.is_float_weight()),
-        })
-        .collect();
+    let shapes = planned_shapes(ckpt, outputs);
     pipeline.check_statistics(
         &shapes,
         stats.map(|s| s as &dyn crate::compress::spec::StatsCatalog),
@@ -341,16 +347,7 @@ fn check_plan(
     format: OutputFormat,
     config: Option<&serde_json::Value>,
 ) -> Result<Option<(Pipeline, ct::Layers)>, RunError> {
-    let shapes: Vec<TensorShape<'_>> = outputs
-        .iter()
-        .map(|p| TensorShape {
-            name: &p.name,
-            shape: &p.shape,
-            is_float: ckpt
-                .get(&p.source)
-                .is_some_and(|t| t.dtype.is_float_weight()),
-        })
-        .collect();
+    let shapes = planned_shapes(ckpt, outputs);
     pipeline.check_against(&shapes)?;
     if format == OutputFormat::CompressedTensors {
         return ct::prepare(pipeline, &shapes, config)
