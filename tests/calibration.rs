@@ -383,6 +383,28 @@ fn calibrated_presets_run_and_packed_restores_to_dense_bit_for_bit() {
     for win in w.chunks(4) {
         assert!(win.iter().filter(|&&x| x != 0.0).count() <= 2, "{win:?}");
     }
+    // The compressed-tensors config records the 2:4 structure the joint
+    // sweep left, as it does for magnitude n:m pruning.
+    let ct = st.dir.path().join("sparse-2of4-int8-gptq-ct");
+    let o = run(&[
+        "compress",
+        s(&st.model),
+        "-o",
+        s(&ct),
+        "--preset",
+        "sparse-2of4-int8-gptq",
+        "--format",
+        "compressed-tensors",
+        "--stats",
+        s(&st.stats),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ct.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["quantization_config"]["sparsity_config"]["sparsity_structure"], "2:4",
+        "{config}"
+    );
 }
 
 /// Runs `compress` with a statistics file and expects exit 2, a message

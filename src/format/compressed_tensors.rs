@@ -175,7 +175,12 @@ impl Layers {
             .copied()
             .find(|&i| matches!(pipeline.stages()[i], Stage::Value(..)));
         for &i in stage_idx {
-            if let Stage::Prune(PruneKind::NM { n, m }, _) = pipeline.stages()[i] {
+            // Whatever picked the weights (magnitude, wanda, sparsegpt), an
+            // n:m pattern is what the format records.
+            if let Some((n, m)) = match &pipeline.stages()[i] {
+                Stage::Prune(kind, _) => kind.n_m(),
+                _ => None,
+            } {
                 self.structured = Some((n, m));
                 self.sparse_layers.push(layer_of(name).to_string());
             }
