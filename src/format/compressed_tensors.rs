@@ -34,7 +34,7 @@ use super::sink::{Finished, OutputTensor, ProcessedTensor, ShardFiles, Sink, Sin
 use crate::compress::bitpack::pack_lsb;
 use crate::compress::coded::{Decode, Granularity, MatrixShape};
 use crate::compress::quantize::{IntQuant, ScaleSearch};
-use crate::compress::spec::{Pipeline, PruneKind, Stage, TensorShape, ValueStage};
+use crate::compress::spec::{Pipeline, Stage, TensorShape, ValueStage};
 use crate::compress::tensor::{Processed, Values};
 
 /// The pipeline this format runs (stages without `targets` narrowed to
