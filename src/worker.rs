@@ -1,7 +1,8 @@
 //! The worker pool: N tasks that take jobs from the queue and run them.
 //!
 //! Only workers run jobs; request handlers only enqueue and cancel. A worker
-//! claims a job with a lease, runs [`run::compress`] on the blocking pool
+//! claims a job with a lease, runs [`run::compress_with_stats`] (with the
+//! job's statistics, if any) on the blocking pool
 //! (never on the async runtime's threads), renews the lease and writes the
 //! job's progress while it runs, and writes the outcome — artifacts, summary
 //! and status together — only if it still holds the lease. Cancellation is a
@@ -23,8 +24,10 @@ use tracing::Instrument;
 use crate::blobs::{seal_file, Blobs, StorageFault, TmpDir};
 use crate::compress::report::Report;
 use crate::compress::spec::{Pipeline, PipelineSpec};
+use crate::format::stats::StatsFile;
 use crate::format::writer::Durability;
 use crate::run::{self, CompressRequest, OutputFormat, Progress, RunError};
+use crate::service::jobs::STATISTICS_FILE;
 use crate::store::{
     now_ms, FinishOutcome, JobRecord, LeaseState, NewArtifact, ProgressUpdate, Store, Summary,
 };
@@ -391,6 +394,8 @@ struct Prepared {
     output: PathBuf,
     pipeline: Pipeline,
     format: OutputFormat,
+    /// The statistics file, when the job runs with statistics.
+    statistics: Option<PathBuf>,
 }
 
 async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> {
@@ -439,12 +444,38 @@ async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> 
             &e,
         ));
     }
+    let statistics = match &job.statistics_id {
+        None => None,
+        Some(id) => {
+            let record = shared
+                .store
+                .get_statistics(&job.model_id, id)
+                .await
+                .map_err(|e| {
+                    tracing::error!(job = %job.id, error = %e, "could not read the job's statistics");
+                    e.storage_fault()
+                        .map_or_else(Failure::internal, Failure::storage)
+                })?
+                .ok_or_else(|| Failure {
+                    code: "statistics_not_found",
+                    message: format!("Statistics {id} of model {} no longer exist.", job.model_id),
+                })?;
+            shared
+                .blobs
+                .checkout([(STATISTICS_FILE, record.sha256.as_str())], dir.path())
+                .map_err(|e| {
+                    Failure::of_server(&job.id, "could not lay out the job's statistics", &e)
+                })?;
+            Some(dir.path().join(STATISTICS_FILE))
+        }
+    };
     Ok(Prepared {
         dir,
         input,
         output,
         pipeline,
         format,
+        statistics,
     })
 }
 
@@ -552,6 +583,7 @@ async fn execute(
         output,
         pipeline,
         format,
+        statistics,
     } = prepared;
     let engine = {
         let progress = progress.clone();
@@ -565,7 +597,15 @@ async fn execute(
                 config: None,
                 durability: Durability::Synced,
             };
-            run::compress(&input, &output, &req, &*progress, &stop.flag)
+            let stats = statistics.as_deref().map(StatsFile::open).transpose()?;
+            run::compress_with_stats(
+                &input,
+                &output,
+                &req,
+                stats.as_ref(),
+                &*progress,
+                &stop.flag,
+            )
         })
     };
     tokio::pin!(engine);
@@ -621,7 +661,10 @@ async fn execute(
         Ok(Err(e)) => match e.code() {
             Some(code) => Outcome::Failed(Failure {
                 code,
-                message: e.to_string().replace(&format!("{}/", input.display()), ""),
+                message: e
+                    .to_string()
+                    .replace(&format!("{}/", input.display()), "")
+                    .replace(&format!("{}/", dir.path().display()), ""),
             }),
             None => Outcome::Failed(Failure::of_server(&job.id, "the job failed", &e)),
         },

@@ -88,6 +88,8 @@ pub struct JobRecord {
     pub updated_at: i64,
     /// The `x-request-id` of the request that created the job.
     pub request_id: Option<String>,
+    /// The statistics it runs with.
+    pub statistics_id: Option<String>,
 }
 
 /// A job to enqueue.
@@ -105,6 +107,8 @@ pub struct NewJob {
     pub idempotency: Option<(String, String)>,
     /// The `x-request-id` of the request that creates it.
     pub request_id: Option<String>,
+    /// Statistics of the same model it runs with.
+    pub statistics_id: Option<String>,
 }
 
 #[derive(Debug)]
@@ -117,6 +121,9 @@ pub enum InsertOutcome {
     /// The model does not exist (any more): deleting a model and queuing
     /// a job on it are serialized, so one of them sees the other.
     ModelNotFound,
+    /// The statistics do not exist (any more) for this model: deleting
+    /// them and queuing a job that uses them are serialized the same way.
+    StatisticsNotFound,
 }
 
 /// Filters of a job listing; `cursor` is the id of the last job of the
@@ -215,13 +222,24 @@ impl Store {
         if model.is_none() {
             return Ok(InsertOutcome::ModelNotFound);
         }
+        if let Some(statistics) = &job.statistics_id {
+            let found: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM statistics WHERE id = ? AND model_id = ?")
+                    .bind(statistics)
+                    .bind(&job.model_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if found.is_none() {
+                return Ok(InsertOutcome::StatisticsNotFound);
+            }
+        }
         let now = now_ms();
         let (key, hash) = job.idempotency.unzip();
         let record: JobRecord = sqlx::query_as(
             "INSERT INTO jobs (id, model_id, status, priority, preset, pipeline, output_format,
                                webhook_url, labels, idempotency_key, request_hash,
-                               created_at, updated_at, request_id)
-             VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                               created_at, updated_at, request_id, statistics_id)
+             VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
         )
         .bind(uuid::Uuid::now_v7().to_string())
         .bind(job.model_id)
@@ -236,6 +254,7 @@ impl Store {
         .bind(now)
         .bind(now)
         .bind(job.request_id)
+        .bind(job.statistics_id)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;

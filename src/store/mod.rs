@@ -15,6 +15,7 @@
 
 mod jobs;
 mod models;
+mod statistics;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -30,6 +31,7 @@ pub use jobs::{
     NewArtifact, NewJob, ProgressUpdate, Requeued, Summary,
 };
 pub use models::{ModelFile, ModelRecord, NewModel};
+pub use statistics::{NewStatistics, StatisticsRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -152,22 +154,21 @@ impl Store {
         Ok(())
     }
 
-    /// Whether any model file or artifact still refers to the blob.
+    /// Whether any model file, artifact or statistics still refers to the
+    /// blob.
     pub async fn blob_is_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT (SELECT COUNT(*) FROM model_files WHERE sha256 = ?1)
-                  + (SELECT COUNT(*) FROM job_artifacts WHERE sha256 = ?1)",
-        )
-        .bind(sha256)
-        .fetch_one(&self.pool)
-        .await?;
+        let n: i64 = sqlx::query_scalar(REFERENCES_OF_BLOB)
+            .bind(sha256)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(n > 0)
     }
 
     /// Every blob the database refers to.
     pub async fn referenced_blobs(&self) -> Result<Vec<String>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT sha256 FROM model_files UNION SELECT sha256 FROM job_artifacts",
+            "SELECT sha256 FROM model_files UNION SELECT sha256 FROM job_artifacts
+             UNION SELECT sha256 FROM statistics",
         )
         .fetch_all(&self.pool)
         .await?)
@@ -185,6 +186,12 @@ impl Store {
     }
 }
 
+/// How many rows refer to the blob `?1`: model files, artifacts and
+/// statistics.
+const REFERENCES_OF_BLOB: &str = "SELECT (SELECT COUNT(*) FROM model_files WHERE sha256 = ?1)
+      + (SELECT COUNT(*) FROM job_artifacts WHERE sha256 = ?1)
+      + (SELECT COUNT(*) FROM statistics WHERE sha256 = ?1)";
+
 /// Of `candidates`, those that nothing in the database refers to any more.
 async fn unreferenced(
     conn: &mut sqlx::SqliteConnection,
@@ -192,13 +199,10 @@ async fn unreferenced(
 ) -> Result<Vec<String>, StoreError> {
     let mut out = Vec::new();
     for sha in candidates {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT (SELECT COUNT(*) FROM model_files WHERE sha256 = ?1)
-                  + (SELECT COUNT(*) FROM job_artifacts WHERE sha256 = ?1)",
-        )
-        .bind(&sha)
-        .fetch_one(&mut *conn)
-        .await?;
+        let n: i64 = sqlx::query_scalar(REFERENCES_OF_BLOB)
+            .bind(&sha)
+            .fetch_one(&mut *conn)
+            .await?;
         if n == 0 && !out.contains(&sha) {
             out.push(sha);
         }
@@ -235,6 +239,7 @@ mod tests {
             labels: "{}".into(),
             idempotency: None,
             request_id: None,
+            statistics_id: None,
         }
     }
 
