@@ -79,6 +79,27 @@ impl OutputFormat {
     }
 }
 
+/// A name that is not an output format.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown output format `{0}`: use `dense`, `packed` or `compressed-tensors`")]
+pub struct UnknownOutputFormat(pub String);
+
+impl std::str::FromStr for OutputFormat {
+    type Err = UnknownOutputFormat;
+
+    /// Reads the name [`OutputFormat::name`] gives.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            OutputFormat::Dense,
+            OutputFormat::Packed,
+            OutputFormat::CompressedTensors,
+        ]
+        .into_iter()
+        .find(|f| f.name() == s)
+        .ok_or_else(|| UnknownOutputFormat(s.to_string()))
+    }
+}
+
 /// Receives progress; called from the thread running the job.
 pub trait Progress: Sync {
     /// A new phase begins (`plan`, `threshold`, `compress`, `decompress`).

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::blobs::{seal_file, Blobs, StorageFault, TmpDir};
 use crate::compress::report::Report;
-use crate::compress::spec::{Pipeline, PipelineSpec};
+use crate::compress::spec::Pipeline;
 use crate::format::stats::StatsFile;
 use crate::format::writer::Durability;
 use crate::run::{self, CompressRequest, OutputFormat, Progress, RunError};
@@ -399,21 +399,7 @@ struct Prepared {
 }
 
 async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> {
-    let spec: PipelineSpec = serde_json::from_str(&job.pipeline).map_err(|e| Failure {
-        code: "invalid_pipeline",
-        message: format!("The stored pipeline cannot be read: {e}"),
-    })?;
-    let pipeline = Pipeline::parse(spec).map_err(|e| Failure {
-        code: "invalid_pipeline",
-        message: e.to_string(),
-    })?;
-    let format: OutputFormat = serde_json::from_value(serde_json::Value::String(
-        job.output_format.clone(),
-    ))
-    .map_err(|_| Failure {
-        code: "invalid_output_format",
-        message: format!("Unknown output format `{}`.", job.output_format),
-    })?;
+    let (pipeline, format) = (job.pipeline.clone(), job.output_format);
     let files = shared.store.model_files(&job.model_id).await.map_err(|e| {
         tracing::error!(job = %job.id, error = %e, "could not read the model's files");
         e.storage_fault()

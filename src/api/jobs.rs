@@ -215,11 +215,11 @@ pub fn render_job(j: JobRecord, artifacts: Vec<NewArtifact>) -> JobView {
         priority: j.priority,
         preset: j.preset,
         statistics: j.statistics_id,
-        pipeline: serde_json::from_str(&j.pipeline).unwrap_or_default(),
+        pipeline: serde_json::to_value(j.pipeline.spec()).expect("a pipeline spec serializes"),
         output: OutputView {
-            format: j.output_format,
+            format: j.output_format.name().to_string(),
         },
-        labels: serde_json::from_str(&j.labels).unwrap_or_else(|_| serde_json::json!({})),
+        labels: serde_json::Value::Object(j.labels),
         webhook_url: j.webhook_url,
         cancel_requested: j.cancel_requested && !j.status.is_finished(),
         progress: ProgressView {

@@ -3,7 +3,7 @@
 
 pub mod error;
 pub mod jobs;
-mod models;
+pub mod models;
 mod statistics;
 mod system;
 pub mod telemetry;

@@ -48,7 +48,7 @@ pub fn request_hash(req: &CreateJob) -> String {
 }
 
 fn parse_format(name: &str) -> Result<OutputFormat, ApiError> {
-    serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|_| {
+    name.parse().map_err(|_| {
         ApiError::unprocessable(
             "invalid_output_format",
             format!(
@@ -252,7 +252,6 @@ pub async fn create(
         check_webhook_url(outbound, url).await?;
     }
     let (preset_name, pipeline) = requested_pipeline(req)?;
-    let pipeline_json = serde_json::to_string(pipeline.spec()).expect("a pipeline spec serializes");
     let hash = request_hash(req);
     if let Some(key) = &key {
         // A repeated request is answered without checking the model again.
@@ -261,17 +260,24 @@ pub async fn create(
         }
     }
     let statistics = req.statistics.as_deref();
-    check_against_model(store, blobs, &req.model_id, statistics, pipeline, format).await?;
-    let labels = serde_json::Value::Object(req.labels.clone().unwrap_or_default()).to_string();
+    check_against_model(
+        store,
+        blobs,
+        &req.model_id,
+        statistics,
+        pipeline.clone(),
+        format,
+    )
+    .await?;
     let outcome = store
         .insert_job(NewJob {
             model_id: req.model_id.clone(),
             priority,
             preset: preset_name,
-            pipeline: pipeline_json,
-            output_format: format.name().to_string(),
+            pipeline,
+            output_format: format,
             webhook_url: req.webhook_url.clone(),
-            labels,
+            labels: req.labels.clone().unwrap_or_default(),
             idempotency: key.map(|k| (k, hash)),
             request_id,
             statistics_id: req.statistics.clone(),

@@ -9,7 +9,7 @@
 //! an answer.
 
 pub mod jobs;
-
+pub mod models;
 pub mod statistics;
 pub mod upload;
 

@@ -27,8 +27,8 @@ use sqlx::{Connection, SqlitePool};
 use crate::blobs::StorageFault;
 
 pub use jobs::{
-    CancelOutcome, FinishOutcome, InsertOutcome, JobFilter, JobRecord, JobStatus, LeaseState,
-    NewArtifact, NewJob, ProgressUpdate, Requeued, Summary,
+    CancelOutcome, CorruptJob, FinishOutcome, InsertOutcome, JobFilter, JobRecord, JobStatus,
+    LeaseState, NewArtifact, NewJob, ProgressUpdate, Requeued, Summary,
 };
 pub use models::{ModelFile, ModelRecord, NewModel};
 pub use statistics::{NewStatistics, StatisticsRecord};
@@ -213,6 +213,10 @@ async fn unreferenced(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::spec::Pipeline;
+    use crate::run::OutputFormat;
+
+    const INT8: &str = r#"{"stages":[{"stage":"quantize","bits":8}]}"#;
 
     async fn store() -> (Store, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -233,10 +237,10 @@ mod tests {
             model_id: "m".into(),
             priority,
             preset: None,
-            pipeline: r#"{"stages":[]}"#.into(),
-            output_format: "packed".into(),
+            pipeline: Pipeline::parse(serde_json::from_str(INT8).unwrap()).unwrap(),
+            output_format: OutputFormat::Packed,
             webhook_url: None,
-            labels: "{}".into(),
+            labels: Default::default(),
             idempotency: None,
             request_id: None,
             statistics_id: None,
@@ -248,6 +252,59 @@ mod tests {
             InsertOutcome::Created(j) => j.id,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_job_row_is_an_error_naming_the_job_not_a_default() {
+        let (store, _dir) = store().await;
+        let id = enqueue(&store, 0).await;
+        assert_eq!(
+            store.get_job(&id).await.unwrap().unwrap().output_format,
+            OutputFormat::Packed
+        );
+        for (column, value) in [
+            ("pipeline", r#"{"stages":[{"stage":"nope"}]}"#),
+            ("output_format", "zip"),
+            ("labels", "[1]"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE jobs SET pipeline = ?3, output_format = 'packed', labels = '{{}}',
+                                 {column} = ?1 WHERE id = ?2"
+            )))
+            .bind(value)
+            .bind(&id)
+            .bind(INT8)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+            let e = store.get_job(&id).await.unwrap_err().to_string();
+            assert!(e.contains(&id) && e.contains(column), "{column}: {e}");
+            let e = store
+                .list_jobs(&JobFilter {
+                    limit: 10,
+                    ..Default::default()
+                })
+                .await;
+            assert!(e.is_err(), "{column}: a listing does not skip it");
+        }
+        // A worker that claims it fails it, so the queue moves past it.
+        let e = store
+            .claim_next_job("w", now_ms() + 60_000)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&id), "{e}");
+        let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+            .bind(&id)
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(status, "failed");
+        assert!(store
+            .claim_next_job("w", now_ms() + 60_000)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]
