@@ -2,12 +2,12 @@
 //!
 //! Only workers run jobs; request handlers only enqueue and cancel. A worker
 //! claims a job with a lease, runs [`run::compress_with_stats`] (with the
-//! job's statistics, if any) on the blocking pool
-//! (never on the async runtime's threads), renews the lease and writes the
-//! job's progress while it runs, and writes the outcome — artifacts, summary
-//! and status together — only if it still holds the lease. Cancellation is a
-//! flag the engine polls between tensors; it is raised by a cancel request,
-//! by a shutdown that outlasts its grace period, and by a lost lease.
+//! job's statistics, if any) on the blocking pool (never on the async
+//! runtime's threads), renews the lease and writes the job's progress while
+//! it runs, and writes the outcome — artifacts, summary and status together
+//! — only if it still holds the lease. Cancellation is a flag the engine
+//! polls between tensors; it is raised by a cancel request, by a shutdown
+//! that outlasts its grace period, and by a lost lease.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
