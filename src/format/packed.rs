@@ -1175,7 +1175,7 @@ mod tests {
             let (desc, pieces) = pack_tensor("t", Dtype::F32, &p);
             let stored: HashMap<_, _> = pieces
                 .into_iter()
-                .map(|piece| (piece.name, (piece.dtype, piece.shape, piece.bytes)))
+                .map(|piece| (piece.name, (piece.dtype, piece.shape, piece.bytes.into_owned())))
                 .collect();
             let bytes = unpack_tensor(&desc, &stored).unwrap();
             let mut values = vec![0.0f32; n];
