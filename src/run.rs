@@ -527,7 +527,7 @@ enum Step<'a> {
         shard: String,
         tensors: Vec<OutputTensor<'a>>,
     },
-    Tensor(Done<'a>),
+    Tensor(Box<Done<'a>>),
     FinishShard,
 }
 
@@ -601,7 +601,7 @@ fn compute_all<'a>(
             body,
             written,
         };
-        if tx.send(Step::Tensor(done)).is_err() {
+        if tx.send(Step::Tensor(Box::new(done))).is_err() {
             return Ok(());
         }
     }
@@ -641,7 +641,7 @@ impl<'a> OutputWriter<'a> {
 
     fn write(
         &self,
-        done: Done<'a>,
+        done: Box<Done<'a>>,
         sink: &mut dyn Sink,
         report: &mut ReportBuilder,
     ) -> Result<(), RunError> {
