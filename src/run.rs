@@ -3,7 +3,9 @@
 //!
 //! Tensors are processed one at a time from the memory-mapped input (kernels
 //! parallelize within a tensor), so memory stays bounded by a few copies of
-//! the largest tensor whatever the model's size. Output goes to a staging
+//! the largest tensor whatever the model's size. A second thread writes each
+//! finished tensor while the next one is computed (one tensor handed over
+//! at a time). Output goes to a staging
 //! directory inside the destination and is moved into place only when
 //! everything is written; on error or cancellation nothing is left behind.
 
