@@ -3,7 +3,9 @@
 //!
 //! Tensors are processed one at a time from the memory-mapped input (kernels
 //! parallelize within a tensor), so memory stays bounded by a few copies of
-//! the largest tensor whatever the model's size. Output goes to a staging
+//! the largest tensor whatever the model's size. A second thread writes each
+//! finished tensor while the next one is computed (one tensor handed over
+//! at a time). Output goes to a staging
 //! directory inside the destination and is moved into place only when
 //! everything is written; on error or cancellation nothing is left behind.
 
@@ -11,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -21,7 +24,7 @@ use crate::compress::prune::GlobalThreshold;
 use crate::compress::report::{Report, ReportBuilder, TensorReport};
 use crate::compress::spec::{Pipeline, PruneKind, SpecError, Stage, TensorShape};
 use crate::compress::structural::{self, Plan, PlannedTensor, StructuralError, TensorSource};
-use crate::compress::tensor::{process_with_stats, TensorCut, TensorError, Values};
+use crate::compress::tensor::{process_with_stats, Processed, TensorCut, TensorError, Values};
 use crate::format::checkpoint::{Checkpoint, FormatError};
 use crate::format::compressed_tensors::{self as ct, CompressedTensorsSink};
 use crate::format::dense::DenseSink;
@@ -65,7 +68,7 @@ impl OutputFormat {
         metadata: BTreeMap<String, String>,
         pipeline: &'p Pipeline,
         ct_layers: Option<ct::Layers>,
-    ) -> Box<dyn Sink + 'p> {
+    ) -> Box<dyn Sink + Send + 'p> {
         match self {
             OutputFormat::Dense => Box::new(DenseSink::new(files, metadata)),
             OutputFormat::Packed => Box::new(PackedSink::new(files, metadata)),
@@ -419,6 +422,7 @@ pub fn compress_with_stats(
     cancel: &AtomicBool,
 ) -> Result<Report, RunError> {
     let started = Instant::now();
+    recycle_large_buffers();
     let ckpt = Checkpoint::open(input)?;
     let config = match req.config {
         Some(path) => Some(read_config(path)?),
@@ -443,7 +447,7 @@ pub fn compress_with_stats(
 
     let staging = Staging::new(out_dir)?;
     let files = ShardFiles::new(staging.dir.clone(), req.durability);
-    let mut sink = req
+    let sink = req
         .format
         .sink(files, ckpt.metadata().clone(), pipeline, ct_layers);
     let mut tensors = TensorRunner {
@@ -452,42 +456,40 @@ pub fn compress_with_stats(
         pipeline,
         cuts: &cuts,
         stats,
+        wants_dense: sink.wants_dense(),
         buffer: Vec::new(),
         work: Vec::new(),
     };
-    let mut report = ReportBuilder::default();
     let total = plan.outputs.len();
     progress.phase("compress", total);
-    let mut open_shard: Option<String> = None;
-    for (k, planned) in plan.outputs.iter().enumerate() {
-        check_canceled(cancel)?;
-        let info = ckpt
-            .get(&planned.source)
-            .ok_or_else(|| StructuralError::MissingTensor(planned.source.clone()))?;
-        if let Some(next) = plan.outputs.get(k + 1).and_then(|n| ckpt.get(&n.source)) {
-            ckpt.advise_willneed(next);
-        }
-        let shard = output_shard(&ckpt, info);
-        if open_shard.as_ref() != Some(&shard) {
-            if open_shard.is_some() {
-                sink.finish_shard()?;
-            }
-            sink.begin_shard(&shard, &shard_tensors(&ckpt, &plan, &shard))?;
-            open_shard = Some(shard);
-        }
-        let before = sink.data_bytes();
-        let stages =
-            pipeline.stages_for(&planned.name, &planned.shape, info.dtype.is_float_weight());
-        let written = tensors.write(planned, info, &stages, &mut *sink, &mut report)?;
-        let after = sink.data_bytes() - before;
-        let line = tensor_report(&ckpt, pipeline, planned, info, &stages, after, &written);
-        report.tensor(line, written.nonzero);
-        progress.tensor_done(&planned.name, k + 1, total);
-    }
-    check_canceled(cancel)?;
-    if open_shard.is_some() {
-        sink.finish_shard()?;
-    }
+    // The tensors are computed here and written by a second thread, so a
+    // finished tensor goes to disk while the next one is computed. The
+    // channel holds none: a finished tensor waits until the writer has
+    // written the one before, so at most two are held at once.
+    let (sink, mut report) = std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel::<Step<'_>>(0);
+        let writer = OutputWriter {
+            ckpt: &ckpt,
+            pipeline,
+            progress,
+            total,
+        };
+        let writing = scope.spawn(move || {
+            let mut sink = sink;
+            let mut report = ReportBuilder::default();
+            let written = writer.run(rx, &mut *sink, &mut report);
+            (sink, report, written)
+        });
+        let computed = compute_all(&ckpt, &plan, &mut tensors, &tx, cancel);
+        drop(tx);
+        let (sink, report, written) = writing
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // A write error stops the computing side too: it comes first.
+        written?;
+        computed?;
+        Ok::<_, RunError>((sink, report))
+    })?;
     let finished = sink.finish(config).map_err(|e| match e {
         SinkError::ConfigNotObject => RunError::Config {
             path: req.config.map(Path::to_path_buf).unwrap_or_default(),
@@ -526,7 +528,202 @@ pub fn compress_with_stats(
     staging.write_json("report.json", &report)?;
     check_canceled(cancel)?;
     staging.commit()?;
+    release_free_memory();
     Ok(report)
+}
+
+/// Every tensor allocates and frees buffers the size of the tensor (its
+/// symbols, its dense values). glibc maps each such buffer fresh and unmaps
+/// it when freed, so each tensor pays a page fault per 4 KiB of memory the
+/// previous tensor just gave back. Served from the heap and not trimmed
+/// while tensors are processed, the same pages are used again. Set once
+/// per process; [`release_free_memory`] returns the memory after a run.
+fn recycle_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        // SAFETY: mallopt only changes allocator parameters; glibc still
+        // maps memory when the heap cannot grow.
+        ONCE.call_once(|| unsafe {
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        });
+    }
+}
+
+/// Gives the heap's free memory back to the system: the buffers
+/// [`recycle_large_buffers`] keeps are not held after the run.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory that no allocation uses.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// One step of the output, in checkpoint order, from the computing thread
+/// to the writing one.
+enum Step<'a> {
+    BeginShard {
+        shard: String,
+        tensors: Vec<OutputTensor<'a>>,
+    },
+    Tensor(Box<Done<'a>>),
+    FinishShard,
+}
+
+/// A computed output tensor and what its report line needs.
+struct Done<'a> {
+    /// Its position among the output tensors.
+    k: usize,
+    planned: &'a PlannedTensor,
+    info: &'a TensorInfo,
+    stages: Vec<usize>,
+    body: Body<'a>,
+    written: Written,
+}
+
+enum Body<'a> {
+    /// Stored as in the input: the mapped bytes.
+    Untouched(&'a [u8]),
+    Processed {
+        processed: Processed,
+        /// The dense values, when the sink wants them or the values are
+        /// low-rank factors.
+        dense: Option<Vec<f32>>,
+    },
+}
+
+/// Computes every output tensor in order and hands it to the writer over
+/// `tx`. Stops early, without an error of its own, when the writer has
+/// stopped (its error is the one to report).
+fn compute_all<'a>(
+    ckpt: &'a Checkpoint,
+    plan: &'a Plan,
+    tensors: &mut TensorRunner<'a>,
+    tx: &mpsc::SyncSender<Step<'a>>,
+    cancel: &AtomicBool,
+) -> Result<(), RunError> {
+    let mut open_shard: Option<String> = None;
+    for (k, planned) in plan.outputs.iter().enumerate() {
+        check_canceled(cancel)?;
+        let info = ckpt
+            .get(&planned.source)
+            .ok_or_else(|| StructuralError::MissingTensor(planned.source.clone()))?;
+        if let Some(next) = plan.outputs.get(k + 1).and_then(|n| ckpt.get(&n.source)) {
+            ckpt.advise_willneed(next);
+        }
+        let shard = output_shard(ckpt, info);
+        if open_shard.as_ref() != Some(&shard) {
+            if open_shard.is_some() && tx.send(Step::FinishShard).is_err() {
+                return Ok(());
+            }
+            let tensors = shard_tensors(ckpt, plan, &shard);
+            let begin = Step::BeginShard {
+                shard: shard.clone(),
+                tensors,
+            };
+            if tx.send(begin).is_err() {
+                return Ok(());
+            }
+            open_shard = Some(shard);
+        }
+        let stages = tensors.pipeline.stages_for(
+            &planned.name,
+            &planned.shape,
+            info.dtype.is_float_weight(),
+        );
+        let (body, written) = tensors.compute(planned, info, &stages)?;
+        let done = Done {
+            k,
+            planned,
+            info,
+            stages,
+            body,
+            written,
+        };
+        if tx.send(Step::Tensor(Box::new(done))).is_err() {
+            return Ok(());
+        }
+    }
+    check_canceled(cancel)?;
+    if open_shard.is_some() {
+        let _ = tx.send(Step::FinishShard);
+    }
+    Ok(())
+}
+
+/// The writing side: hands each step to the sink and adds the tensor's
+/// report line once its bytes are written.
+struct OutputWriter<'a> {
+    ckpt: &'a Checkpoint,
+    pipeline: &'a Pipeline,
+    progress: &'a dyn Progress,
+    total: usize,
+}
+
+impl<'a> OutputWriter<'a> {
+    /// Writes steps until the computing side is done or a write fails.
+    fn run(
+        &self,
+        rx: mpsc::Receiver<Step<'a>>,
+        sink: &mut dyn Sink,
+        report: &mut ReportBuilder,
+    ) -> Result<(), RunError> {
+        for step in rx {
+            match step {
+                Step::BeginShard { shard, tensors } => sink.begin_shard(&shard, &tensors)?,
+                Step::FinishShard => sink.finish_shard()?,
+                Step::Tensor(done) => self.write(done, sink, report)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        done: Box<Done<'a>>,
+        sink: &mut dyn Sink,
+        report: &mut ReportBuilder,
+    ) -> Result<(), RunError> {
+        let planned = done.planned;
+        let out = OutputTensor {
+            name: &planned.name,
+            dtype: done.info.dtype,
+            shape: &planned.shape,
+        };
+        let before = sink.data_bytes();
+        match &done.body {
+            Body::Untouched(bytes) => sink.write_untouched(out, bytes)?,
+            Body::Processed { processed, dense } => {
+                for (i, secs) in &processed.seconds {
+                    report.stage_seconds(self.pipeline.stages()[*i].kind(), *secs);
+                }
+                sink.write_processed(&ProcessedTensor {
+                    tensor: out,
+                    processed,
+                    dense: dense.as_deref(),
+                    stages: &done.stages,
+                })?;
+            }
+        }
+        let after = sink.data_bytes() - before;
+        // The values are no longer needed: free them before the report.
+        drop(done.body);
+        let line = tensor_report(
+            self.ckpt,
+            self.pipeline,
+            planned,
+            done.info,
+            &done.stages,
+            after,
+            &done.written,
+        );
+        report.tensor(line, done.written.nonzero);
+        self.progress
+            .tensor_done(&planned.name, done.k + 1, self.total);
+        Ok(())
+    }
 }
 
 fn element_count(shape: &[usize]) -> u64 {
@@ -548,21 +745,23 @@ fn shard_tensors<'p>(ckpt: &Checkpoint, plan: &'p Plan, shard: &str) -> Vec<Outp
         .collect()
 }
 
-/// Runs the per-tensor stages and hands the result to the sink; keeps the
-/// buffers that are reused from tensor to tensor.
+/// Runs the per-tensor stages; keeps the buffers that are reused from
+/// tensor to tensor.
 struct TensorRunner<'a> {
     ckpt: &'a Checkpoint,
     plan: &'a Plan,
     pipeline: &'a Pipeline,
     cuts: &'a HashMap<String, TensorCut>,
     stats: Option<&'a StatsFile>,
-    /// The input tensor in f32.
+    /// Whether the sink writes dense values.
+    wants_dense: bool,
+    /// The input tensor in f32, when it cannot be read in place.
     buffer: Vec<f32>,
     /// Its copy that pruning changes.
     work: Vec<f32>,
 }
 
-/// What writing one tensor measured.
+/// What computing one tensor measured.
 struct Written {
     /// None when the tensor is stored untouched.
     fidelity: Option<Fidelity>,
@@ -571,42 +770,50 @@ struct Written {
     nonzero: u64,
 }
 
-impl TensorRunner<'_> {
-    /// Writes output tensor `planned` (from input tensor `info`).
-    fn write(
+/// The mapped bytes of an F32 tensor as its values, without a copy, when
+/// the machine is little-endian and they are 4-byte aligned (the format
+/// does not promise it).
+fn f32_in_place(dtype: Dtype, bytes: &[u8]) -> Option<&[f32]> {
+    if dtype != Dtype::F32 || cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid f32; `align_to` only puts
+    // properly aligned whole elements in the middle slice.
+    let (head, values, tail) = unsafe { bytes.align_to::<f32>() };
+    (head.is_empty() && tail.is_empty()).then_some(values)
+}
+
+impl<'a> TensorRunner<'a> {
+    /// Computes output tensor `planned` (from input tensor `info`).
+    fn compute(
         &mut self,
         planned: &PlannedTensor,
-        info: &TensorInfo,
+        info: &'a TensorInfo,
         stages: &[usize],
-        sink: &mut dyn Sink,
-        report: &mut ReportBuilder,
-    ) -> Result<Written, RunError> {
+    ) -> Result<(Body<'a>, Written), RunError> {
         let ckpt = self.ckpt;
         let pipeline = self.pipeline;
         let dtype = info.dtype;
         let is_float = dtype.is_float_weight();
-        let out = OutputTensor {
-            name: &planned.name,
-            dtype,
-            shape: &planned.shape,
-        };
         if !planned.changed && stages.is_empty() {
-            sink.write_untouched(out, ckpt.bytes(info))?;
             let nonzero = if is_float {
                 count_nonzero(ckpt, info)
             } else {
                 element_count(&planned.shape)
             };
-            return Ok(Written {
+            let written = Written {
                 fidelity: None,
                 output_error: None,
                 nonzero,
-            });
+            };
+            return Ok((Body::Untouched(ckpt.bytes(info)), written));
         }
         let owned: Vec<f32>;
         let exact: &[f32] = if planned.changed {
             owned = self.plan.materialize(&planned.name, &Source(ckpt))?;
             &owned
+        } else if let Some(values) = f32_in_place(dtype, ckpt.bytes(info)) {
+            values
         } else {
             // Untouched by structural stages: convert straight from the
             // mapped input into a buffer reused from tensor to tensor.
@@ -635,7 +842,7 @@ impl TensorRunner<'_> {
         // otherwise fidelity decodes chunk by chunk.
         let dense = match &p.values {
             Values::LowRank(_) => true,
-            _ => sink.wants_dense(),
+            _ => self.wants_dense,
         }
         .then(|| {
             let mut d = p.values.reconstruct(&p.shape);
@@ -661,20 +868,16 @@ impl TensorRunner<'_> {
         });
         let elements = p.shape.iter().product::<usize>() as f64;
         let nonzero = (elements * (1.0 - f.sparsity)).round() as u64;
-        for (i, secs) in &p.seconds {
-            report.stage_seconds(pipeline.stages()[*i].kind(), *secs);
-        }
-        sink.write_processed(&ProcessedTensor {
-            tensor: out,
-            processed: &p,
-            dense: dense.as_deref(),
-            stages,
-        })?;
-        Ok(Written {
+        let written = Written {
             fidelity: Some(f),
             output_error,
             nonzero,
-        })
+        };
+        let body = Body::Processed {
+            processed: p,
+            dense,
+        };
+        Ok((body, written))
     }
 }
 
@@ -730,8 +933,26 @@ fn stage_labels(pipeline: &Pipeline, changed: bool, idx: &[usize]) -> Vec<String
     labels
 }
 
+/// Elements converted at a time by [`count_nonzero`].
+const COUNT_CHUNK: usize = 1 << 16;
+
 fn count_nonzero(ckpt: &Checkpoint, info: &TensorInfo) -> u64 {
-    ckpt.to_f32(info).iter().filter(|&&x| x != 0.0).count() as u64
+    let bytes = ckpt.bytes(info);
+    let nonzero = |v: &[f32]| v.iter().filter(|&&x| x != 0.0).count() as u64;
+    if let Some(values) = f32_in_place(info.dtype, bytes) {
+        return nonzero(values);
+    }
+    // A small buffer converted chunk by chunk, not a copy of the tensor.
+    let width = info.dtype.bitsize() / 8;
+    let mut buf = vec![0f32; COUNT_CHUNK.min(bytes.len() / width.max(1))];
+    bytes
+        .chunks(COUNT_CHUNK * width)
+        .map(|b| {
+            let out = &mut buf[..b.len() / width];
+            to_f32(info.dtype, b, out);
+            nonzero(out)
+        })
+        .sum()
 }
 
 fn read_config(path: &Path) -> Result<serde_json::Value, RunError> {

@@ -23,6 +23,7 @@
 //! group per quantize stage. Which layers are quantized by default and how
 //! the config names them is [`super::ct_targets`]'s business.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
@@ -30,7 +31,9 @@ use serde_json::{json, Value};
 use super::ct_targets::{self, Layout};
 use super::dtype::Dtype;
 use super::packed::{pieces_header_reserve, Piece};
-use super::sink::{Finished, OutputTensor, ProcessedTensor, ShardFiles, Sink, SinkError};
+use super::sink::{
+    encode_f32, Finished, OutputTensor, ProcessedTensor, ShardFiles, Sink, SinkError,
+};
 use crate::compress::bitpack::pack_lsb;
 use crate::compress::coded::{Decode, Granularity, MatrixShape};
 use crate::compress::quantize::{IntQuant, ScaleSearch};
@@ -142,15 +145,24 @@ fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u
 }
 
 /// Packs each row of symbols densely into whole little-endian 32-bit words.
-fn pack_rows(symbols: &[u8], bits: u8, rows: usize, cols: usize) -> (Vec<u8>, usize) {
+fn pack_rows(symbols: &[u8], bits: u8, rows: usize, cols: usize) -> (Cow<'_, [u8]>, usize) {
     let words = (cols * usize::from(bits)).div_ceil(32);
+    if (cols * usize::from(bits)).is_multiple_of(32) {
+        // Rows fill whole words: the rows' streams are one stream, which
+        // at 8 bits is the symbols themselves.
+        let all = &symbols[..rows * cols];
+        return match bits {
+            8 => (Cow::Borrowed(all), words),
+            _ => (Cow::Owned(pack_lsb(all, bits)), words),
+        };
+    }
     let mut out = Vec::with_capacity(rows * words * 4);
     for r in 0..rows {
         let mut row = pack_lsb(&symbols[r * cols..(r + 1) * cols], bits);
         row.resize(words * 4, 0);
         out.extend_from_slice(&row);
     }
-    (out, words)
+    (Cow::Owned(out), words)
 }
 
 impl Layers {
@@ -162,14 +174,14 @@ impl Layers {
     }
 
     /// The stored pieces of one processed tensor.
-    pub fn pieces(
+    pub fn pieces<'a>(
         &mut self,
         name: &str,
         dtype: Dtype,
-        p: &Processed,
+        p: &'a Processed,
         pipeline: &Pipeline,
         stage_idx: &[usize],
-    ) -> Result<Vec<Piece>, String> {
+    ) -> Result<Vec<Piece<'a>>, String> {
         let value_stage = stage_idx
             .iter()
             .copied()
@@ -192,8 +204,7 @@ impl Layers {
                     "`{name}`: this stage has no compressed-tensors form"
                 ));
             };
-            let mut bytes = vec![0u8; values.len() * dtype.bitsize() / 8];
-            super::dtype::from_f32(dtype, values, &mut bytes);
+            let bytes = encode_f32(dtype, values);
             return Ok(vec![piece(name.to_string(), dtype, p.shape.clone(), bytes)]);
         };
         let m = MatrixShape::of(&p.shape).ok_or_else(|| format!("`{name}`: shape overflows"))?;
@@ -262,7 +273,7 @@ impl Layers {
                     name.to_string(),
                     Dtype::F8_E4M3,
                     p.shape.clone(),
-                    c.symbols.clone(),
+                    &c.symbols[..],
                 ));
                 out.push(piece(
                     format!("{layer}.weight_scale"),
@@ -363,7 +374,7 @@ fn pack_zero_points(
     zero_points: &[i32],
     q: &IntQuant,
     scale_shape: Vec<usize>,
-) -> Result<Piece, String> {
+) -> Result<Piece<'static>, String> {
     let name = format!("{layer}.weight_zero_point");
     if scale_shape.len() == 1 {
         let zp: Vec<u8> = zero_points.iter().map(|&z| z as i8 as u8).collect();
@@ -391,13 +402,13 @@ fn pack_zero_points(
     Ok(piece(name, Dtype::I32, vec![words, groups], out))
 }
 
-fn piece(name: String, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) -> Piece {
-    Piece {
-        name,
-        dtype,
-        shape,
-        bytes,
-    }
+fn piece<'a>(
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: impl Into<Cow<'a, [u8]>>,
+) -> Piece<'a> {
+    Piece::new(name, dtype, shape, bytes)
 }
 
 /// The compressed-tensors output: quantized layers as compressed-tensors

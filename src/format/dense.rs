@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::dtype::from_f32_vec;
-use super::sink::{Finished, OutputTensor, ProcessedTensor, ShardFiles, Sink, SinkError};
+use super::sink::{
+    encode_f32, Finished, OutputTensor, ProcessedTensor, ShardFiles, Sink, SinkError,
+};
 use super::writer::header_reserve;
 
 pub struct DenseSink {
@@ -40,7 +41,7 @@ impl Sink for DenseSink {
 
     fn write_processed(&mut self, t: &ProcessedTensor<'_>) -> Result<(), SinkError> {
         let dense = t.dense.unwrap_or_default();
-        let bytes = from_f32_vec(t.tensor.dtype, dense);
+        let bytes = encode_f32(t.tensor.dtype, dense);
         Ok(self
             .files
             .append(t.tensor.name, t.tensor.dtype, &t.processed.shape, &bytes)?)

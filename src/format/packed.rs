@@ -21,6 +21,7 @@
 //! with `N:positions_table`. A position that is not stored holds the group's
 //! zero symbol (the symbol that decodes to exactly 0.0).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use rayon::prelude::*;
@@ -28,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::dtype::{from_f32_vec, to_f32, Dtype};
-use super::sink::{Finished, OutputTensor, ProcessedTensor, ShardFiles, Sink, SinkError};
+use super::sink::{
+    encode_f32, Finished, OutputTensor, ProcessedTensor, ShardFiles, Sink, SinkError,
+};
 use super::writer::{header_bound, header_reserve};
 use crate::compress::bitpack::{pack_lsb, unpack_lsb};
 use crate::compress::coded::{Coded, Decode, MatrixShape};
@@ -131,27 +134,43 @@ impl SparseDesc {
     }
 }
 
-/// One stored piece.
-pub struct Piece {
+/// One stored piece; its bytes are borrowed from the processed tensor when
+/// they are stored as they are (8-bit symbols, F32 values).
+pub struct Piece<'a> {
     pub name: String,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
-    pub bytes: Vec<u8>,
+    pub bytes: Cow<'a, [u8]>,
 }
 
-impl Piece {
-    pub fn new(name: String, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) -> Self {
+impl<'a> Piece<'a> {
+    pub fn new(
+        name: String,
+        dtype: Dtype,
+        shape: Vec<usize>,
+        bytes: impl Into<Cow<'a, [u8]>>,
+    ) -> Self {
         Self {
             name,
             dtype,
             shape,
-            bytes,
+            bytes: bytes.into(),
         }
     }
 
-    fn bytes1d(name: String, bytes: Vec<u8>) -> Self {
+    fn bytes1d(name: String, bytes: impl Into<Cow<'a, [u8]>>) -> Self {
+        let bytes = bytes.into();
         let n = bytes.len();
         Self::new(name, Dtype::U8, vec![n], bytes)
+    }
+}
+
+/// `symbols` bit-packed in `bits` bits: themselves at 8 bits.
+fn packed_stream(symbols: Cow<'_, [u8]>, bits: u8) -> Cow<'_, [u8]> {
+    if bits == 8 {
+        symbols
+    } else {
+        Cow::Owned(pack_lsb(&symbols, bits))
     }
 }
 
@@ -218,16 +237,16 @@ fn plan_counted_stream(len: usize, freqs: Option<[u64; 256]>, bits: u8) -> Strea
 
 /// Stores a stream as piece `{prefix}:{piece}` (and `{prefix}:{piece}_table`
 /// for the Huffman code lengths).
-fn store_stream(
-    symbols: &[u8],
+fn store_stream<'a>(
+    symbols: Cow<'a, [u8]>,
     bits: u8,
     plan: StreamPlan,
     prefix: &str,
     piece: &str,
-    pieces: &mut Vec<Piece>,
+    pieces: &mut Vec<Piece<'a>>,
 ) -> Coding {
     if let Some(code) = plan.code {
-        if let Ok(stream) = code.encode(symbols) {
+        if let Ok(stream) = code.encode(&symbols) {
             pieces.push(Piece::bytes1d(format!("{prefix}:{piece}"), stream));
             pieces.push(Piece::bytes1d(
                 format!("{prefix}:{piece}_table"),
@@ -238,17 +257,17 @@ fn store_stream(
     }
     pieces.push(Piece::bytes1d(
         format!("{prefix}:{piece}"),
-        pack_lsb(symbols, bits),
+        packed_stream(symbols, bits),
     ));
     Coding::Bitpacked
 }
 
-fn store_symbols(
-    symbols: &[u8],
+fn store_symbols<'a>(
+    symbols: Cow<'a, [u8]>,
     bits: u8,
     plan: StreamPlan,
     prefix: &str,
-    pieces: &mut Vec<Piece>,
+    pieces: &mut Vec<Piece<'a>>,
 ) -> SymbolsDesc {
     SymbolsDesc {
         count: symbols.len(),
@@ -286,27 +305,29 @@ impl PositionsPlan {
         }
     }
 
-    fn store(self, prefix: &str, pieces: &mut Vec<Piece>) -> SparseDesc {
+    fn store(self, prefix: &str, pieces: &mut Vec<Piece<'_>>) -> SparseDesc {
         let nonzeros = self.nonzeros;
         match (self.positions, self.gaps) {
             (Positions::Relative { bits, gaps }, Some(plan)) => {
-                let coding = store_stream(&gaps, bits, plan, prefix, "positions", pieces);
+                let count = gaps.len();
+                let coding = store_stream(gaps.into(), bits, plan, prefix, "positions", pieces);
                 SparseDesc::Relative {
                     nonzeros,
                     bits,
-                    gaps: gaps.len(),
+                    gaps: count,
                     coding,
                 }
             }
             (Positions::Relative { bits, gaps }, None) => {
+                let count = gaps.len();
                 pieces.push(Piece::bytes1d(
                     format!("{prefix}:positions"),
-                    pack_lsb(&gaps, bits),
+                    packed_stream(gaps.into(), bits),
                 ));
                 SparseDesc::Relative {
                     nonzeros,
                     bits,
-                    gaps: gaps.len(),
+                    gaps: count,
                     coding: Coding::Bitpacked,
                 }
             }
@@ -331,15 +352,19 @@ fn raw_sparse_plan(dtype: Dtype, v: &[f32], entropy: Option<Entropy>) -> Option<
 }
 
 /// Splits a processed tensor into pieces.
-pub fn pack_tensor(name: &str, dtype: Dtype, p: &Processed) -> (PackedTensor, Vec<Piece>) {
-    let mut pieces: Vec<Piece> = Vec::new();
+pub fn pack_tensor<'a>(
+    name: &str,
+    dtype: Dtype,
+    p: &'a Processed,
+) -> (PackedTensor, Vec<Piece<'a>>) {
+    let mut pieces: Vec<Piece<'a>> = Vec::new();
     let sparse_raw = match (&p.values, p.encode) {
         (Values::Raw(v), Some(entropy)) => raw_sparse_plan(dtype, v, Some(entropy)),
         _ => None,
     };
     let values = match (&p.values, sparse_raw) {
         (Values::Raw(v), None) => {
-            let bytes = from_f32_vec(dtype, v);
+            let bytes = encode_f32(dtype, v);
             let desc = PackedTensor {
                 name: name.to_string(),
                 dtype,
@@ -392,11 +417,11 @@ pub fn pack_tensor(name: &str, dtype: Dtype, p: &Processed) -> (PackedTensor, Ve
     (desc, pieces)
 }
 
-fn pack_coded(
+fn pack_coded<'a>(
     name: &str,
-    c: &Coded,
+    c: &'a Coded,
     encode: Option<Entropy>,
-    pieces: &mut Vec<Piece>,
+    pieces: &mut Vec<Piece<'a>>,
 ) -> PackedValues {
     // Sparse storage drops elements that hold their group's zero symbol,
     // when that is smaller than storing every symbol.
@@ -415,7 +440,7 @@ fn pack_coded(
             let positions = PositionsPlan::new(mask, kept.len(), encode);
             let sparse_symbols = plan_counted_stream(kept.len(), kept_freqs, c.bits);
             if sparse_symbols.bytes + positions.bytes() >= dense.bytes {
-                let symbols = store_symbols(&c.symbols, c.bits, dense, name, pieces);
+                let symbols = store_symbols(c.symbols[..].into(), c.bits, dense, name, pieces);
                 return finish_coded(name, c, symbols, None, pieces);
             }
             let desc = positions.store(name, pieces);
@@ -423,10 +448,14 @@ fn pack_coded(
         }
     }
     let (symbols, sparse) = match sparse {
-        Some((desc, kept, plan)) => (store_symbols(&kept, c.bits, plan, name, pieces), Some(desc)),
+        Some((desc, kept, plan)) => (
+            store_symbols(kept.into(), c.bits, plan, name, pieces),
+            Some(desc),
+        ),
         None => {
             let plan = plan_stream(&c.symbols, c.bits, encode);
-            (store_symbols(&c.symbols, c.bits, plan, name, pieces), None)
+            let symbols = store_symbols(c.symbols[..].into(), c.bits, plan, name, pieces);
+            (symbols, None)
         }
     };
     finish_coded(name, c, symbols, sparse, pieces)
@@ -533,7 +562,7 @@ fn finish_coded(
     c: &Coded,
     symbols: SymbolsDesc,
     sparse: Option<SparseDesc>,
-    pieces: &mut Vec<Piece>,
+    pieces: &mut Vec<Piece<'_>>,
 ) -> PackedValues {
     let gl = c.group_len.max(1);
     match &c.decode {
@@ -1146,7 +1175,7 @@ mod tests {
             let (desc, pieces) = pack_tensor("t", Dtype::F32, &p);
             let stored: HashMap<_, _> = pieces
                 .into_iter()
-                .map(|piece| (piece.name, (piece.dtype, piece.shape, piece.bytes)))
+                .map(|piece| (piece.name, (piece.dtype, piece.shape, piece.bytes.into_owned())))
                 .collect();
             let bytes = unpack_tensor(&desc, &stored).unwrap();
             let mut values = vec![0.0f32; n];

@@ -14,12 +14,13 @@
 //! - [`CompressedTensorsSink`](super::compressed_tensors::CompressedTensorsSink):
 //!   the layout vLLM and llm-compressor load.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::Value;
 
-use super::dtype::Dtype;
+use super::dtype::{from_f32_vec, Dtype};
 use super::writer::{Durability, SafetensorsWriter, WriteError};
 use crate::compress::tensor::Processed;
 
@@ -150,4 +151,17 @@ impl ShardFiles {
             config,
         }
     }
+}
+
+/// `values` encoded in `dtype` (see [`from_f32_vec`]); F32 on a
+/// little-endian machine is the values' own bytes, not a copy.
+pub fn encode_f32(dtype: Dtype, values: &[f32]) -> Cow<'_, [u8]> {
+    if dtype == Dtype::F32 && cfg!(target_endian = "little") {
+        // SAFETY: any initialized memory can be read as bytes, and u8 has
+        // no alignment requirement, so the whole slice is the middle part.
+        let (head, bytes, tail) = unsafe { values.align_to::<u8>() };
+        debug_assert!(head.is_empty() && tail.is_empty());
+        return Cow::Borrowed(bytes);
+    }
+    Cow::Owned(from_f32_vec(dtype, values))
 }
