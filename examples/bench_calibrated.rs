@@ -15,8 +15,9 @@
 //! (`stage_seconds`: the factor of the Hessian, the sweep, for gptq the
 //! per-row choice between GPTQ and round to nearest, the decoded values and
 //! the report's output error), the same for a second tensor with the same
-//! statistics (`stage_shared_seconds`: the factor is reused), and the
-//! relative output error.
+//! statistics (`stage_shared_seconds`: the factor is reused), the CPU
+//! seconds of each (all threads: on a busy machine they show the work
+//! where wall time shows the load), and the relative output error.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -120,6 +121,22 @@ fn generate(rows: usize, cols: usize, dir: &Path) {
     }
 }
 
+/// CPU seconds (user + system, all threads) this process has used, from
+/// `/proc/self/stat` (clock ticks of 1/100 s); 0 where there is none.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is the
+    // 3rd field, utime and stime the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+}
+
 fn run(method: &str, rows: usize, cols: usize, dir: &Path) {
     let (wp, hp) = paths(dir, rows, cols);
     let w = read_f32(&wp);
@@ -158,9 +175,10 @@ fn run(method: &str, rows: usize, cols: usize, dir: &Path) {
         other => panic!("unknown method {other}"),
     };
     let params = SweepParams::default();
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), cpu_seconds());
     sweep_plain(&w, shape, xtx, prune, grid, &params).expect("sweep");
     let sweep_seconds = started.elapsed().as_secs_f64();
+    let sweep_cpu = cpu_seconds() - cpu;
 
     // The whole stage as `modelpress compress --stats` runs it on one
     // tensor: the stage (factor, sweep, for gptq the per-row choice against
@@ -172,10 +190,10 @@ fn run(method: &str, rows: usize, cols: usize, dir: &Path) {
     let stages = pipeline.stages_for("layer.weight", &shape_v, true);
     let factors = FactorCache::new();
     let mut work = Vec::new();
-    let mut stage_seconds = Vec::new();
+    let (mut stage_seconds, mut stage_cpu) = (Vec::new(), Vec::new());
     let mut err = None;
     for _ in 0..2 {
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), cpu_seconds());
         let p = process_with_stats(
             "layer.weight",
             &w,
@@ -195,6 +213,7 @@ fn run(method: &str, rows: usize, cols: usize, dir: &Path) {
             None => output_error_with(&w, &dense, &stats, &factors),
         };
         stage_seconds.push(started.elapsed().as_secs_f64());
+        stage_cpu.push(cpu_seconds() - cpu);
         if let Values::Raw(v) = p.values {
             work = v;
         }
@@ -209,6 +228,9 @@ fn run(method: &str, rows: usize, cols: usize, dir: &Path) {
             "seconds": sweep_seconds,
             "stage_seconds": stage_seconds[0],
             "stage_shared_seconds": stage_seconds[1],
+            "cpu_seconds": sweep_cpu,
+            "stage_cpu_seconds": stage_cpu[0],
+            "stage_shared_cpu_seconds": stage_cpu[1],
             "output_error": err,
         })
     );
