@@ -618,16 +618,20 @@ impl TensorRunner<'_> {
         };
         // Computed by the stage when it could (the same sums), else from
         // the stage's Hessian factor when it made one.
-        let computed = p.output_error.map(|(num, den)| (den > 0.0).then(|| num.max(0.0) / den));
-        let output_error = layer_stats.as_ref().and_then(|ls| match (computed, &dense) {
-            (Some(e), _) => e,
-            (None, Some(d)) => output_error_with(exact, d, ls, &self.factors),
-            (None, None) => {
-                let mut d = p.values.reconstruct(&p.shape);
-                round_to(dtype, &mut d);
-                output_error_with(exact, &d, ls, &self.factors)
-            }
-        });
+        let computed = p
+            .output_error
+            .map(|(num, den)| (den > 0.0).then(|| num.max(0.0) / den));
+        let output_error = layer_stats
+            .as_ref()
+            .and_then(|ls| match (computed, &dense) {
+                (Some(e), _) => e,
+                (None, Some(d)) => output_error_with(exact, d, ls, &self.factors),
+                (None, None) => {
+                    let mut d = p.values.reconstruct(&p.shape);
+                    round_to(dtype, &mut d);
+                    output_error_with(exact, &d, ls, &self.factors)
+                }
+            });
         let elements = p.shape.iter().product::<usize>() as f64;
         let nonzero = (elements * (1.0 - f.sparsity)).round() as u64;
         for (i, secs) in &p.seconds {

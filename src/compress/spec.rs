@@ -1382,13 +1382,31 @@ mod tests {
             })
         );
         let d = parse(r#"{"stages":[{"stage":"share","clusters":16,"compensate":true}]}"#).unwrap();
-        assert_eq!(d.calibration(0), Calibration::Compensate(SweepParams::default()));
+        assert_eq!(
+            d.calibration(0),
+            Calibration::Compensate(SweepParams::default())
+        );
         for (bad, needle) in [
-            (r#"{"stages":[{"stage":"share","clusters":16,"damp":0.05}]}"#, "go with compensate"),
-            (r#"{"stages":[{"stage":"share","clusters":16,"block_size":8}]}"#, "go with compensate"),
-            (r#"{"stages":[{"stage":"share","clusters":16,"compensate":true,"damp":-1}]}"#, "damp must be"),
-            (r#"{"stages":[{"stage":"share","clusters":16,"compensate":true,"damp":11}]}"#, "damp must be"),
-            (r#"{"stages":[{"stage":"share","clusters":16,"compensate":true,"block_size":0}]}"#, "block_size must be"),
+            (
+                r#"{"stages":[{"stage":"share","clusters":16,"damp":0.05}]}"#,
+                "go with compensate",
+            ),
+            (
+                r#"{"stages":[{"stage":"share","clusters":16,"block_size":8}]}"#,
+                "go with compensate",
+            ),
+            (
+                r#"{"stages":[{"stage":"share","clusters":16,"compensate":true,"damp":-1}]}"#,
+                "damp must be",
+            ),
+            (
+                r#"{"stages":[{"stage":"share","clusters":16,"compensate":true,"damp":11}]}"#,
+                "damp must be",
+            ),
+            (
+                r#"{"stages":[{"stage":"share","clusters":16,"compensate":true,"block_size":0}]}"#,
+                "block_size must be",
+            ),
         ] {
             let e = parse(bad).unwrap_err();
             assert!(e.to_string().contains(needle), "{bad}: {e}");

@@ -150,17 +150,11 @@ pub(crate) fn quadratic_rows_factored(
         // Row-major (k·n) × cols is column-major cols × (k·n): the
         // right-hand sides of L₂ Z = Mᵀ.
         let rhs = faer::MatMut::from_column_major_slice_mut(&mut stacked, cols, k * n);
-        faer::linalg::triangular_solve::solve_lower_triangular_in_place(
-            u.l2(),
-            rhs,
-            Par::rayon(0),
-        );
+        faer::linalg::triangular_solve::solve_lower_triangular_in_place(u.l2(), rhs, Par::rayon(0));
         let dots: Vec<f64> = stacked
             .par_chunks(cols)
             .zip(shifts.par_iter())
-            .map(|(z, &shift)| {
-                z.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() - shift
-            })
+            .map(|(z, &shift)| z.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() - shift)
             .collect();
         for (o, d) in out.iter_mut().zip(dots.chunks(n)) {
             o.extend_from_slice(d);
@@ -327,9 +321,7 @@ mod tests {
         // Nothing held: the products with xtx.
         let plain = output_error_with(&exact, &approx, &stats, &factors).unwrap();
         assert!((plain - r).abs() <= 1e-4 * r, "{plain} vs {r}");
-        factors
-            .factor(Some("w"), &xtx, cols, 0.01, false)
-            .unwrap();
+        factors.factor(Some("w"), &xtx, cols, 0.01, false).unwrap();
         let (num, den) = output_error_factored(&exact, &approx, &factors.any(Some("w")).unwrap());
         let f = output_error_with(&exact, &approx, &stats, &factors).unwrap();
         assert_eq!(f, num / den);

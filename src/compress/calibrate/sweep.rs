@@ -527,7 +527,15 @@ pub fn sweep(
     p: &SweepParams,
 ) -> Result<Swept, CalibError> {
     let unrounded: RoundToStorage<'_> = &|_: &mut [f32]| {};
-    sweep_inner(data, shape, Hessian::Xtx(xtx), prune, grid, p, Some(unrounded))
+    sweep_inner(
+        data,
+        shape,
+        Hessian::Xtx(xtx),
+        prune,
+        grid,
+        p,
+        Some(unrounded),
+    )
 }
 
 /// Stored values: the dtype a tensor's values are rounded to when written.
@@ -550,7 +558,15 @@ pub fn sweep_factored(
     if factor.dim() != shape.cols || factor.act_order() != p.act_order {
         return Err(CalibError::Shape);
     }
-    sweep_inner(data, shape, Hessian::Factor(factor), prune, grid, p, Some(round))
+    sweep_inner(
+        data,
+        shape,
+        Hessian::Factor(factor),
+        prune,
+        grid,
+        p,
+        Some(round),
+    )
 }
 
 /// The sweep alone, as the reference algorithm runs it: without keeping
@@ -714,9 +730,9 @@ fn sweep_inner(
         None => w,
     };
     let (mut error, mut rows_rounded) = (None, 0);
-    if let Some(round) = keep_better.filter(|_| {
-        prune == SweepPrune::None && !matches!(grid, SweepGrid::Keep)
-    }) {
+    if let Some(round) =
+        keep_better.filter(|_| prune == SweepPrune::None && !matches!(grid, SweepGrid::Keep))
+    {
         let fallback = keep_better_rows(
             data,
             shape,
