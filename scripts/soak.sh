@@ -5,12 +5,15 @@
 # server half-way. At the end: every job finished, `PRAGMA integrity_check`,
 # every blob referenced (and every referenced blob present), nothing left in
 # tmp/, and the server's memory and open file descriptors against their
-# level at the start.
+# level at the start (taken idle after a warm-up under the same load, so
+# the database pool has grown to its working size; the end is taken idle
+# too, in the restarted server, which has run under the same load).
 #
 #   scripts/soak.sh [DURATION_SECONDS]        (default 600)
 #
 # BIN picks the binary (default: target/release/modelpress, built if absent);
-# WORKERS, CLIENTS set the server's workers and the load's concurrency.
+# WORKERS, CLIENTS set the server's workers and the load's concurrency;
+# WARMUP (default 30) the seconds of load before the start level is taken.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +25,7 @@ if [[ ! -x "$bin" ]]; then
 fi
 workers=${WORKERS:-2}
 clients=${CLIENTS:-6}
+warmup=${WARMUP:-30}
 data=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 log="$data/server.log"
@@ -40,12 +44,12 @@ start_server() {
 
 start_server
 echo "server pid $server on port $port, data in $data"
-python3 - "$port" "$duration" "$clients" "$data" "$bin" "$workers" <<'PY'
+python3 - "$port" "$duration" "$clients" "$data" "$bin" "$workers" "$warmup" <<'PY'
 import hashlib, json, os, random, signal, sqlite3, struct, subprocess, sys, threading, time
 import urllib.request, urllib.error
 from collections import Counter
 
-port, duration, clients, data, binary, workers = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+port, duration, clients, data, binary, workers, warmup = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6], float(sys.argv[7])
 base = f"http://127.0.0.1:{port}"
 lock = threading.Lock()
 statuses = Counter()
@@ -53,6 +57,7 @@ ops = Counter()
 errors = Counter()
 models, jobs = [], []
 stop = threading.Event()
+paused = threading.Event()
 pid_file = os.path.join(data, "pid")
 
 def server_pid():
@@ -180,22 +185,38 @@ weighted = [a for a, w in actions for _ in range(w)]
 def client(seed):
     rng = random.Random(seed)
     while not stop.is_set():
+        if paused.is_set():
+            time.sleep(0.1)
+            continue
         action = rng.choice(weighted)
         action(rng)
         with lock: ops[action.__name__] += 1
 
-# Start level: after a short warm-up of every kind of request.
-warm = random.Random(0)
-for f in [upload, upload, submit, poll, download]:
-    f(warm)
-time.sleep(2)
+def wait_idle(limit):
+    """Until no job is queued or running (or `limit` seconds passed)."""
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        s, p = request("GET", "/v1/jobs?status=queued&limit=1")
+        s2, p2 = request("GET", "/v1/jobs?status=running&limit=1")
+        if s == 200 and s2 == 200 and not json.loads(p)["items"] and not json.loads(p2)["items"]:
+            return True
+        time.sleep(1)
+    return False
+
+# Start level: after a warm-up under the full concurrent load (the database
+# pool grows to its working size, every kind of request has run), with the
+# load paused and every job finished — the same state the end is measured in.
+threads = [threading.Thread(target=client, args=(i + 1,)) for i in range(clients)]
+for t in threads: t.start()
+time.sleep(warmup)
+paused.set()
+wait_idle(300)
+time.sleep(3)
 pid = server_pid()
 start = rss_and_fds(pid)
-print(f"start: pid {pid}, RSS {start[0]/1024:.1f} MiB, {start[1]} fds", flush=True)
-
-threads = [threading.Thread(target=client, args=(i + 1,)) for i in range(clients)]
+print(f"start (after {warmup:.0f}s warm-up, idle): pid {pid}, RSS {start[0]/1024:.1f} MiB, {start[1]} fds", flush=True)
+paused.clear()
 t0 = time.time()
-for t in threads: t.start()
 restarted = None
 while time.time() - t0 < duration:
     time.sleep(1)
@@ -221,15 +242,8 @@ for t in threads: t.join()
 print(f"load stopped after {time.time()-t0:.0f}s", flush=True)
 
 # Every job finishes.
-deadline = time.time() + 600
-while True:
-    s, p = request("GET", "/v1/jobs?status=queued&limit=1")
-    s2, p2 = request("GET", "/v1/jobs?status=running&limit=1")
-    if s == 200 and s2 == 200 and not json.loads(p)["items"] and not json.loads(p2)["items"]:
-        break
-    if time.time() > deadline:
-        print("jobs still unfinished after 10 minutes", flush=True); break
-    time.sleep(1)
+if not wait_idle(600):
+    print("jobs still unfinished after 10 minutes", flush=True)
 time.sleep(3)
 pid = server_pid()
 end = rss_and_fds(pid)

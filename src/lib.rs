@@ -8,15 +8,23 @@
 //! (content-addressed files), [`worker`] (the pool that runs jobs),
 //! [`webhook`] with the [`outbound`] policy every outgoing request obeys,
 //! [`api`] (HTTP routes and the OpenAPI document), [`config`]
-//! and [`startup`].
+//! and [`startup`] — built with the `service` feature (on by default).
+#[cfg(feature = "service")]
 pub mod api;
+#[cfg(feature = "service")]
 pub mod blobs;
 pub mod compress;
+#[cfg(feature = "service")]
 pub mod config;
 pub mod format;
+#[cfg(feature = "service")]
 pub mod outbound;
 pub mod run;
+#[cfg(feature = "service")]
 pub mod startup;
+#[cfg(feature = "service")]
 pub mod store;
+#[cfg(feature = "service")]
 pub mod webhook;
+#[cfg(feature = "service")]
 pub mod worker;

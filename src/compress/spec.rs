@@ -3,8 +3,9 @@
 //!
 //! A [`PipelineSpec`] is parsed from JSON exactly as written; [`Pipeline::parse`]
 //! checks every parameter and the order of the stages and is the only way to
-//! get a [`Pipeline`]. [`Pipeline::plan_for`] then checks the pipeline
-//! against a model's tensors and says which stages touch which tensor.
+//! get a [`Pipeline`]. [`Pipeline::check_against`] then checks the pipeline
+//! against a model's tensors, and [`Pipeline::stages_for`] says which
+//! stages touch a tensor.
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
