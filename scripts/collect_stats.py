@@ -21,10 +21,17 @@ same input) are stored once, the others listed as aliases. Sums are taken in
 float64 and written as float32. Grouped convolutions (groups > 1) are
 skipped: their groups see different inputs.
 
+Statistics are named as the checkpoint in MODEL_DIR names its weights: a
+module path that differs only by the model's base prefix (a checkpoint of
+the base model loaded into a class with a head, or the other way round) is
+mapped to the checkpoint's name, and a weight the checkpoint does not hold
+(an output layer tied to the embedding) is left out and reported.
+
 Needs torch, transformers and safetensors; modelpress's CI does not run it.
 """
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -45,6 +52,32 @@ def load_model(path, dtype, device):
         sys.exit(f"cannot load a model from {path}")
     tok = transformers.AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tok
+
+
+def checkpoint_names(path):
+    """The tensor names of the checkpoint in a model directory, or None."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return set(json.load(f)["weight_map"])
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, "np") as f:
+            return set(f.keys())
+    return None
+
+
+def checkpoint_name(weight, names, prefix):
+    """`weight` (a module path + ".weight") as the checkpoint names it."""
+    if names is None or weight in names:
+        return weight
+    if prefix and weight.startswith(prefix + ".") and weight[len(prefix) + 1:] in names:
+        return weight[len(prefix) + 1:]
+    if prefix and f"{prefix}.{weight}" in names:
+        return f"{prefix}.{weight}"
+    return None
 
 
 class Stats:
@@ -109,9 +142,14 @@ def main():
     for h in hooks:
         h.remove()
 
-    tensors, aliases, kept = {}, {}, []
+    names = checkpoint_names(args.model)
+    prefix = getattr(model, "base_model_prefix", "")
+    tensors, aliases, kept, missing = {}, {}, [], []
     for name, s in stats.items():
-        weight = f"{name}.weight"
+        weight = checkpoint_name(f"{name}.weight", names, prefix)
+        if weight is None:
+            missing.append(f"{name}.weight")
+            continue
         twin = next((k for k, t in kept if t.count == s.count and torch.equal(t.in_sum2, s.in_sum2)
                      and (t.xtx is None or torch.equal(t.xtx, s.xtx))), None)
         if twin is not None:
@@ -127,6 +165,8 @@ def main():
     if aliases:
         meta["modelpress.stats.aliases"] = json.dumps(aliases)
     save_file(tensors, args.output, metadata=meta)
+    if missing:
+        print(f"left out, not in the checkpoint (tied or not saved): {', '.join(missing)}")
     print(f"{len(kept)} weights ({len(aliases)} aliases), {len(samples)} samples -> {args.output}")
 
 

@@ -218,8 +218,17 @@ print(f"start (after {warmup:.0f}s warm-up, idle): pid {pid}, RSS {start[0]/1024
 paused.clear()
 t0 = time.time()
 restarted = None
+samples = []  # (seconds, RSS MiB, fds) every 30 s: a leak grows, a pool or an allocator levels off
 while time.time() - t0 < duration:
     time.sleep(1)
+    if int(time.time() - t0) % 30 == 0 and (not samples or time.time() - t0 - samples[-1][0] > 5):
+        p = server_pid()
+        if p:
+            try:
+                r, n = rss_and_fds(p)
+                samples.append((time.time() - t0, r / 1024, n))
+            except OSError:
+                pass
     if restarted is None and time.time() - t0 > duration / 2:
         pid = server_pid()
         os.kill(pid, signal.SIGKILL)
@@ -270,6 +279,7 @@ print("client-side errors:", dict(errors) or "none")
 print("jobs by status:", by_status, "failures by code:", failed_codes)
 print(f"integrity_check: {integrity}; blobs stored {len(stored)}, referenced {len(referenced)}, "
       f"unreferenced {len(stored - referenced)}, missing {len(referenced - stored)}; tmp/ entries {len(tmp_left)}")
+print("under load (s, RSS MiB, fds):", ", ".join(f"{t:.0f}s {r:.1f} {n}" for t, r, n in samples))
 print(f"memory: start {start[0]/1024:.1f} MiB -> end {end[0]/1024:.1f} MiB; fds: start {start[1]} -> end {end[1]}")
 five_xx = sum(n for s, n in statuses.items() if s >= 500)
 ok = (integrity == "ok" and not (stored - referenced) and not (referenced - stored) and not tmp_left

@@ -4,8 +4,9 @@
 //! reads and writes checkpoints, [`run`] runs a pipeline over a checkpoint
 //! on disk: the one entry point of the command line and the service.
 //!
-//! The service: [`store`] (the database and the job queue), [`blobs`]
-//! (content-addressed files), [`worker`] (the pool that runs jobs),
+//! The service: [`service`] (what requests do, below HTTP), [`store`] (the
+//! database and the job queue), [`blobs`] (content-addressed files),
+//! [`worker`] (the pool that runs jobs),
 //! [`webhook`] with the [`outbound`] policy every outgoing request obeys,
 //! [`api`] (HTTP routes and the OpenAPI document), [`config`]
 //! and [`startup`] — built with the `service` feature (on by default).
@@ -20,6 +21,8 @@ pub mod format;
 #[cfg(feature = "service")]
 pub mod outbound;
 pub mod run;
+#[cfg(feature = "service")]
+pub mod service;
 #[cfg(feature = "service")]
 pub mod startup;
 #[cfg(feature = "service")]

@@ -79,6 +79,27 @@ impl OutputFormat {
     }
 }
 
+/// A name that is not an output format.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown output format `{0}`: use `dense`, `packed` or `compressed-tensors`")]
+pub struct UnknownOutputFormat(pub String);
+
+impl std::str::FromStr for OutputFormat {
+    type Err = UnknownOutputFormat;
+
+    /// Reads the name [`OutputFormat::name`] gives.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            OutputFormat::Dense,
+            OutputFormat::Packed,
+            OutputFormat::CompressedTensors,
+        ]
+        .into_iter()
+        .find(|f| f.name() == s)
+        .ok_or_else(|| UnknownOutputFormat(s.to_string()))
+    }
+}
+
 /// Receives progress; called from the thread running the job.
 pub trait Progress: Sync {
     /// A new phase begins (`plan`, `threshold`, `compress`, `decompress`).
@@ -135,7 +156,13 @@ impl RunError {
             RunError::CompressedTensors(_) => Some("unsupported_by_format"),
             RunError::Packed(_) => Some("invalid_packed_input"),
             RunError::Config { .. } => Some("invalid_config"),
-            RunError::Tensor(_) | RunError::Stats(_) => Some("invalid_input"),
+            // A statistics file that cannot be read is this machine's
+            // failure; one that is not safetensors, or does not fit the
+            // model, is the client's.
+            RunError::Stats(StatsFileError::Io { .. }) => None,
+            RunError::Stats(StatsFileError::Format(_)) => Some("invalid_safetensors"),
+            RunError::Stats(_) => Some("invalid_statistics"),
+            RunError::Tensor(_) => Some("invalid_input"),
             RunError::Write(_) | RunError::Io { .. } | RunError::Canceled => None,
         }
     }
@@ -290,13 +317,25 @@ fn output_shard(ckpt: &Checkpoint, info: &TensorInfo) -> String {
 /// service does when a job is submitted. Channel pruning is planned by
 /// shape only: which channels go needs the weights, how many does not.
 pub fn check(input: &Path, pipeline: &Pipeline, format: OutputFormat) -> Result<(), RunError> {
+    check_with_stats(input, pipeline, format, None)
+}
+
+/// [`check`] with calibration statistics: they are held to the model as
+/// the pipeline will see it, and every stage that needs statistics must
+/// find them.
+pub fn check_with_stats(
+    input: &Path,
+    pipeline: &Pipeline,
+    format: OutputFormat,
+    stats: Option<&StatsFile>,
+) -> Result<(), RunError> {
     let ckpt = Checkpoint::open(input)?;
     let outputs = structural::plan_shapes(&pipeline.structural(), &Source(&ckpt))?;
     // The compressed-tensors format narrows the pipeline to linear layers:
     // statistics are checked against what will run.
     let narrowed = check_plan(&ckpt, &outputs, pipeline, format, ckpt.config_json())?;
     let pipeline = narrowed.as_ref().map_or(pipeline, |(p, _)| p);
-    check_stats(&ckpt, &outputs, pipeline, None)
+    check_stats(&ckpt, &outputs, pipeline, stats)
 }
 
 /// The tensors as the per-tensor stages will see them: after the

@@ -1,12 +1,13 @@
 //! The worker pool: N tasks that take jobs from the queue and run them.
 //!
 //! Only workers run jobs; request handlers only enqueue and cancel. A worker
-//! claims a job with a lease, runs [`run::compress`] on the blocking pool
-//! (never on the async runtime's threads), renews the lease and writes the
-//! job's progress while it runs, and writes the outcome — artifacts, summary
-//! and status together — only if it still holds the lease. Cancellation is a
-//! flag the engine polls between tensors; it is raised by a cancel request,
-//! by a shutdown that outlasts its grace period, and by a lost lease.
+//! claims a job with a lease, runs [`run::compress_with_stats`] (with the
+//! job's statistics, if any) on the blocking pool (never on the async
+//! runtime's threads), renews the lease and writes the job's progress while
+//! it runs, and writes the outcome — artifacts, summary and status together
+//! — only if it still holds the lease. Cancellation is a flag the engine
+//! polls between tensors; it is raised by a cancel request, by a shutdown
+//! that outlasts its grace period, and by a lost lease.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -22,9 +23,11 @@ use tracing::Instrument;
 
 use crate::blobs::{seal_file, Blobs, StorageFault, TmpDir};
 use crate::compress::report::Report;
-use crate::compress::spec::{Pipeline, PipelineSpec};
+use crate::compress::spec::Pipeline;
+use crate::format::stats::StatsFile;
 use crate::format::writer::Durability;
 use crate::run::{self, CompressRequest, OutputFormat, Progress, RunError};
+use crate::service::jobs::STATISTICS_FILE;
 use crate::store::{
     now_ms, FinishOutcome, JobRecord, LeaseState, NewArtifact, ProgressUpdate, Store, Summary,
 };
@@ -391,24 +394,12 @@ struct Prepared {
     output: PathBuf,
     pipeline: Pipeline,
     format: OutputFormat,
+    /// The statistics file, when the job runs with statistics.
+    statistics: Option<PathBuf>,
 }
 
 async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> {
-    let spec: PipelineSpec = serde_json::from_str(&job.pipeline).map_err(|e| Failure {
-        code: "invalid_pipeline",
-        message: format!("The stored pipeline cannot be read: {e}"),
-    })?;
-    let pipeline = Pipeline::parse(spec).map_err(|e| Failure {
-        code: "invalid_pipeline",
-        message: e.to_string(),
-    })?;
-    let format: OutputFormat = serde_json::from_value(serde_json::Value::String(
-        job.output_format.clone(),
-    ))
-    .map_err(|_| Failure {
-        code: "invalid_output_format",
-        message: format!("Unknown output format `{}`.", job.output_format),
-    })?;
+    let (pipeline, format) = (job.pipeline.clone(), job.output_format);
     let files = shared.store.model_files(&job.model_id).await.map_err(|e| {
         tracing::error!(job = %job.id, error = %e, "could not read the model's files");
         e.storage_fault()
@@ -439,12 +430,38 @@ async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> 
             &e,
         ));
     }
+    let statistics = match &job.statistics_id {
+        None => None,
+        Some(id) => {
+            let record = shared
+                .store
+                .get_statistics(&job.model_id, id)
+                .await
+                .map_err(|e| {
+                    tracing::error!(job = %job.id, error = %e, "could not read the job's statistics");
+                    e.storage_fault()
+                        .map_or_else(Failure::internal, Failure::storage)
+                })?
+                .ok_or_else(|| Failure {
+                    code: "statistics_not_found",
+                    message: format!("Statistics {id} of model {} no longer exist.", job.model_id),
+                })?;
+            shared
+                .blobs
+                .checkout([(STATISTICS_FILE, record.sha256.as_str())], dir.path())
+                .map_err(|e| {
+                    Failure::of_server(&job.id, "could not lay out the job's statistics", &e)
+                })?;
+            Some(dir.path().join(STATISTICS_FILE))
+        }
+    };
     Ok(Prepared {
         dir,
         input,
         output,
         pipeline,
         format,
+        statistics,
     })
 }
 
@@ -552,6 +569,7 @@ async fn execute(
         output,
         pipeline,
         format,
+        statistics,
     } = prepared;
     let engine = {
         let progress = progress.clone();
@@ -565,7 +583,15 @@ async fn execute(
                 config: None,
                 durability: Durability::Synced,
             };
-            run::compress(&input, &output, &req, &*progress, &stop.flag)
+            let stats = statistics.as_deref().map(StatsFile::open).transpose()?;
+            run::compress_with_stats(
+                &input,
+                &output,
+                &req,
+                stats.as_ref(),
+                &*progress,
+                &stop.flag,
+            )
         })
     };
     tokio::pin!(engine);
@@ -621,7 +647,10 @@ async fn execute(
         Ok(Err(e)) => match e.code() {
             Some(code) => Outcome::Failed(Failure {
                 code,
-                message: e.to_string().replace(&format!("{}/", input.display()), ""),
+                message: e
+                    .to_string()
+                    .replace(&format!("{}/", input.display()), "")
+                    .replace(&format!("{}/", dir.path().display()), ""),
             }),
             None => Outcome::Failed(Failure::of_server(&job.id, "the job failed", &e)),
         },

@@ -2,14 +2,12 @@
 //! what they produced.
 
 use std::path::Path as FsPath;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::RefOr;
@@ -19,12 +17,9 @@ use super::error::{ApiError, ErrorBody, ErrorDetail, Json, Path, Query};
 use super::models::{page_cursor, page_limit, split_page};
 use super::time::rfc3339;
 use super::AppState;
-use crate::compress::spec::{preset, Pipeline, PipelineSpec, PRESETS};
-use crate::outbound::{OutboundPolicy, Refusal};
-use crate::run::{self, OutputFormat, RunError};
+use crate::service::{self, jobs::Created};
 use crate::store::{
-    CancelOutcome, DeleteOutcome, InsertOutcome, JobFilter, JobRecord, JobStatus, NewArtifact,
-    NewJob, Store, StoreError,
+    CancelOutcome, DeleteOutcome, JobFilter, JobRecord, JobStatus, NewArtifact, Store, StoreError,
 };
 
 impl PartialSchema for JobStatus {
@@ -60,6 +55,11 @@ pub struct CreateJob {
     pub webhook_url: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub labels: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Calibration statistics of the same model to run with (the `id` of
+    /// `POST /v1/models/{id}/statistics`): needed by `gptq`, `sparsegpt`,
+    /// `wanda` and `compensate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statistics: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -118,6 +118,8 @@ pub struct JobView {
     pub priority: i64,
     /// The preset the pipeline came from, if any.
     pub preset: Option<String>,
+    /// The calibration statistics it runs with, if any.
+    pub statistics: Option<String>,
     #[schema(value_type = Object)]
     pub pipeline: serde_json::Value,
     pub output: OutputView,
@@ -212,11 +214,12 @@ pub fn render_job(j: JobRecord, artifacts: Vec<NewArtifact>) -> JobView {
         status: j.status,
         priority: j.priority,
         preset: j.preset,
-        pipeline: serde_json::from_str(&j.pipeline).unwrap_or_default(),
+        statistics: j.statistics_id,
+        pipeline: serde_json::to_value(j.pipeline.spec()).expect("a pipeline spec serializes"),
         output: OutputView {
-            format: j.output_format,
+            format: j.output_format.name().to_string(),
         },
-        labels: serde_json::from_str(&j.labels).unwrap_or_else(|_| serde_json::json!({})),
+        labels: serde_json::Value::Object(j.labels),
         webhook_url: j.webhook_url,
         cancel_requested: j.cancel_requested && !j.status.is_finished(),
         progress: ProgressView {
@@ -249,152 +252,6 @@ impl JobView {
     }
 }
 
-/// A JSON value with every object's keys sorted, so that two requests that
-/// differ only in key order hash the same.
-fn canonical(v: serde_json::Value) -> serde_json::Value {
-    match v {
-        serde_json::Value::Object(map) => {
-            let mut entries: Vec<_> = map.into_iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            serde_json::Value::Object(
-                entries
-                    .into_iter()
-                    .map(|(k, v)| (k, canonical(v)))
-                    .collect(),
-            )
-        }
-        serde_json::Value::Array(items) => {
-            serde_json::Value::Array(items.into_iter().map(canonical).collect())
-        }
-        other => other,
-    }
-}
-
-fn request_hash(req: &CreateJob) -> String {
-    let value = canonical(serde_json::to_value(req).expect("a request serializes"));
-    hex::encode(Sha256::digest(value.to_string().as_bytes()))
-}
-
-fn parse_format(name: &str) -> Result<OutputFormat, ApiError> {
-    serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|_| {
-        ApiError::unprocessable(
-            "invalid_output_format",
-            format!(
-                "Unknown output format `{name}`: use `dense`, `packed` or `compressed-tensors`."
-            ),
-        )
-    })
-}
-
-/// The pipeline a request asks for, checked on its own.
-fn requested_pipeline(req: &CreateJob) -> Result<(Option<String>, Pipeline), ApiError> {
-    match (&req.preset, &req.pipeline) {
-        (Some(name), None) => match preset(name) {
-            Some(p) => Ok((Some(name.clone()), p.pipeline())),
-            None => {
-                let names: Vec<_> = PRESETS.iter().map(|p| p.name).collect();
-                Err(ApiError::unprocessable(
-                    "unknown_preset",
-                    format!(
-                        "There is no preset `{name}`; the presets are {}.",
-                        names.join(", ")
-                    ),
-                ))
-            }
-        },
-        (None, Some(value)) => {
-            let spec: PipelineSpec = serde_json::from_value(value.clone()).map_err(|e| {
-                ApiError::unprocessable(
-                    "invalid_pipeline",
-                    format!("The pipeline is not of the expected form: {e}"),
-                )
-            })?;
-            let pipeline = Pipeline::parse(spec)
-                .map_err(|e| ApiError::unprocessable("invalid_pipeline", e.to_string()))?;
-            Ok((None, pipeline))
-        }
-        (Some(_), Some(_)) => Err(ApiError::unprocessable(
-            "invalid_pipeline",
-            "Give either `preset` or `pipeline`, not both.",
-        )),
-        (None, None) => Err(ApiError::unprocessable(
-            "invalid_pipeline",
-            "Give a `preset` name or a `pipeline`.",
-        )),
-    }
-}
-
-/// Checks a webhook URL against the outbound policy as far as it can be
-/// decided now: the scheme, an address given as the host, and the
-/// addresses a name resolves to. A name that does not resolve now is
-/// accepted; every delivery checks again.
-async fn check_webhook_url(policy: &OutboundPolicy, url: &str) -> Result<(), ApiError> {
-    match policy.resolve(url, Duration::from_secs(2)).await {
-        Ok(_) => Ok(()),
-        Err(Refusal::NotHttp(_)) => Err(ApiError::unprocessable(
-            "invalid_webhook_url",
-            format!("`webhook_url` must be an absolute http or https URL, not `{url}`."),
-        )),
-        Err(e) if e.is_transient() => Ok(()),
-        Err(e) => Err(ApiError::unprocessable(
-            "outbound_refused",
-            format!("`webhook_url` is refused by the outbound policy: {e}."),
-        )),
-    }
-}
-
-/// Checks the pipeline against the model's tensors, as the worker would.
-async fn check_against_model(
-    state: &AppState,
-    model_id: &str,
-    pipeline: Pipeline,
-    format: OutputFormat,
-) -> Result<(), ApiError> {
-    let model_not_found = || {
-        ApiError::unprocessable(
-            "model_not_found",
-            format!("No model has the id `{model_id}`."),
-        )
-    };
-    let files = state.store.model_files(model_id).await?;
-    if files.is_empty() {
-        return Err(model_not_found());
-    }
-    let blobs = state.blobs.clone();
-    let checked =
-        tokio::task::spawn_blocking(move || -> Result<Result<(), RunError>, std::io::Error> {
-            // A job needs room for its output: refused now rather than
-            // failing once it runs.
-            blobs.check_space()?;
-            let dir = blobs.tmp_dir("check")?;
-            let input = dir.path();
-            blobs.checkout(
-                files.iter().map(|f| (f.name.as_str(), f.sha256.as_str())),
-                input,
-            )?;
-            Ok(run::check(input, &pipeline, format))
-        })
-        .await
-        .map_err(|e| ApiError::internal("checking a job panicked", e))?;
-    // A model deleted while it was being checked loses its files under the
-    // check: that is the model missing, not a failure of the server.
-    let deleted = || async { matches!(state.store.get_model(model_id).await, Ok(None)) };
-    match checked {
-        Ok(Ok(())) => Ok(()),
-        // The stored model was checked when it was uploaded: an input error
-        // here is not the client's.
-        Ok(Err(e)) => match e.code() {
-            Some(code) if !matches!(e, RunError::Input(_)) => {
-                Err(ApiError::unprocessable(code, e.to_string()))
-            }
-            _ if deleted().await => Err(model_not_found()),
-            _ => Err(ApiError::internal("a stored model could not be checked", e)),
-        },
-        _ if deleted().await => Err(model_not_found()),
-        Err(e) => Err(ApiError::io("could not lay out a model", e)),
-    }
-}
-
 fn created(view: JobView) -> Response {
     let location = format!("/v1/jobs/{}", view.id);
     let mut headers = HeaderMap::new();
@@ -424,7 +281,7 @@ fn created(view: JobView) -> Response {
         (status = 409, description = "The idempotency key was used with another request", body = ErrorBody),
         (status = 413, description = "The body is larger than the server accepts for JSON", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
-        (status = 422, description = "The pipeline does not fit the model, the model does not exist, a field is invalid, or the `webhook_url` is refused by the outbound policy (`outbound_refused`)", body = ErrorBody),
+        (status = 422, description = "The pipeline does not fit the model (`invalid_pipeline`, e.g. a calibrated stage without the statistics it needs), the model or the statistics do not exist (`model_not_found`, `statistics_not_found`), a field is invalid, or the `webhook_url` is refused by the outbound policy (`outbound_refused`)", body = ErrorBody),
         (status = 507, description = "Not enough free space to run the job (`insufficient_storage`)", body = ErrorBody),
     )
 )]
@@ -445,80 +302,24 @@ pub async fn create_job(
             }
         },
     };
-    let format_name = req
-        .output
-        .as_ref()
-        .and_then(|o| o.format.clone())
-        .unwrap_or_else(|| OutputFormat::default().name().to_string());
-    let format = parse_format(&format_name)?;
-    let priority = req.priority.unwrap_or(0);
-    if !(-1000..=1000).contains(&priority) {
-        return Err(ApiError::unprocessable(
-            "invalid_priority",
-            "`priority` must be between -1000 and 1000.",
-        ));
-    }
-    if let Some(url) = &req.webhook_url {
-        check_webhook_url(&state.outbound, url).await?;
-    }
-    let (preset_name, pipeline) = requested_pipeline(&req)?;
-    let pipeline_json = serde_json::to_string(pipeline.spec()).expect("a pipeline spec serializes");
-    let hash = request_hash(&req);
-    if let Some(key) = &key {
-        // A repeated request is answered without checking the model again.
-        if let Some(job) = probe_key(&state.store, key, &hash).await? {
-            return Ok(created(JobView::load(&state.store, job).await?));
-        }
-    }
-    check_against_model(&state, &req.model_id, pipeline, format).await?;
-    let labels = serde_json::Value::Object(req.labels.clone().unwrap_or_default()).to_string();
-    let outcome = state
-        .store
-        .insert_job(NewJob {
-            model_id: req.model_id.clone(),
-            priority,
-            preset: preset_name,
-            pipeline: pipeline_json,
-            output_format: format.name().to_string(),
-            webhook_url: req.webhook_url.clone(),
-            labels,
-            idempotency: key.map(|k| (k, hash)),
-            request_id: headers
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-        })
-        .await?;
-    match outcome {
-        InsertOutcome::Created(job) => {
-            state.workers.wake();
-            tracing::info!(job = %job.id, model = %job.model_id, "job queued");
-            Ok(created(JobView::load(&state.store, job).await?))
-        }
-        InsertOutcome::Existing(job) => Ok(created(JobView::load(&state.store, job).await?)),
-        InsertOutcome::KeyConflict => Err(key_conflict()),
-        InsertOutcome::ModelNotFound => Err(ApiError::unprocessable(
-            "model_not_found",
-            format!("No model has the id `{}`.", req.model_id),
-        )),
-    }
-}
-
-fn key_conflict() -> ApiError {
-    ApiError::conflict(
-        "idempotency_key_reused",
-        "This Idempotency-Key was already used with a different request; use a new key for a new job.",
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let job = match service::jobs::create(
+        &state.store,
+        &state.blobs,
+        &state.outbound,
+        &state.workers,
+        &req,
+        key,
+        request_id,
     )
-}
-
-/// The job an idempotency key made, when it was used with the same request;
-/// a conflict when it was used with another.
-async fn probe_key(store: &Store, key: &str, hash: &str) -> Result<Option<JobRecord>, ApiError> {
-    match store.job_by_idempotency_key(key).await? {
-        Some(job) if job.request_hash.as_deref() == Some(hash) => Ok(Some(job)),
-        Some(_) => Err(key_conflict()),
-        None => Ok(None),
-    }
+    .await?
+    {
+        Created::New(job) | Created::Repeated(job) => job,
+    };
+    Ok(created(JobView::load(&state.store, job).await?))
 }
 
 /// List jobs, newest first.
@@ -956,18 +757,5 @@ mod tests {
             content_disposition("modèle\t\"x\".json"),
             "attachment; filename=\"mod_le__x_.json\"; filename*=UTF-8''mod%C3%A8le%09%22x%22.json"
         );
-    }
-
-    #[test]
-    fn key_order_does_not_change_the_request_hash() {
-        let a: CreateJob = serde_json::from_str(
-            r#"{"model_id":"m","pipeline":{"stages":[{"stage":"quantize","bits":8}]}}"#,
-        )
-        .unwrap();
-        let b: CreateJob = serde_json::from_str(
-            r#"{"pipeline":{"stages":[{"bits":8,"stage":"quantize"}]},"model_id":"m"}"#,
-        )
-        .unwrap();
-        assert_eq!(request_hash(&a), request_hash(&b));
     }
 }

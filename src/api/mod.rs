@@ -2,8 +2,9 @@
 //! schema), errors, authentication and the documentation page.
 
 pub mod error;
-mod jobs;
-mod models;
+pub mod jobs;
+pub mod models;
+mod statistics;
 mod system;
 pub mod telemetry;
 mod time;
@@ -59,6 +60,7 @@ pub struct AppState {
     info(title = "modelpress"),
     tags(
         (name = "models", description = "Uploaded checkpoints"),
+        (name = "statistics", description = "Calibration statistics of a model, for the calibrated stages"),
         (name = "jobs", description = "Compression jobs, their progress and artifacts"),
         (name = "service", description = "Presets, health and metrics"),
     ),
@@ -174,6 +176,14 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         )
         .routes(routes!(models::get_model, models::delete_model))
         .routes(routes!(models::model_tensors))
+        .routes(
+            routes!(statistics::upload_statistics, statistics::list_statistics)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .routes(routes!(
+            statistics::get_statistics,
+            statistics::delete_statistics
+        ))
         .routes(routes!(jobs::create_job, jobs::list_jobs))
         .routes(routes!(jobs::get_job, jobs::delete_job))
         .routes(routes!(jobs::cancel_job))

@@ -6,7 +6,7 @@
 //! moved into the blob store and the model recorded. On any failure the
 //! directory is removed, so nothing of a refused upload remains.
 
-use std::path::{Path as FsPath, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -21,9 +21,11 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiError, ErrorBody, Path, Query};
 use super::time::rfc3339;
 use super::AppState;
-use crate::blobs::{SealingWriter, TmpDir};
-use crate::format::checkpoint::{read_header, Checkpoint, FormatError, CONFIG_FILE};
-use crate::store::{DeleteOutcome, ModelFile, ModelRecord, NewModel};
+use crate::blobs::TmpDir;
+use crate::format::checkpoint::CONFIG_FILE;
+use crate::service::models::{self, check_text, parse_labels, UploadMeta, MAX_TEXT_BYTES};
+use crate::service::upload::{receive, Received, UploadError};
+use crate::store::{DeleteOutcome, ModelFile, ModelRecord};
 
 /// Page size when none is asked for, and the largest allowed.
 pub const DEFAULT_LIMIT: u32 = 50;
@@ -151,9 +153,20 @@ pub fn split_page<T>(records: &mut Vec<T>, limit: u32, id: impl Fn(&T) -> &str) 
     }
 }
 
-fn model_view(m: ModelRecord, files: Vec<ModelFile>) -> ModelView {
-    ModelView {
-        labels: serde_json::from_str(&m.labels).unwrap_or_else(|_| serde_json::json!({})),
+/// The JSON of a model; a stored value that does not read back is an
+/// error naming the model, never a default.
+fn model_view(m: ModelRecord, files: Vec<ModelFile>) -> Result<ModelView, ApiError> {
+    let labels = match serde_json::from_str(&m.labels) {
+        Ok(v @ serde_json::Value::Object(_)) => v,
+        _ => {
+            return Err(ApiError::internal(
+                "a stored model cannot be read",
+                format!("model {}: its labels are not a JSON object", m.id),
+            ))
+        }
+    };
+    Ok(ModelView {
+        labels,
         files: files
             .into_iter()
             .map(|f| ModelFileView {
@@ -169,11 +182,9 @@ fn model_view(m: ModelRecord, files: Vec<ModelFile>) -> ModelView {
         tensor_count: m.tensor_count,
         parameter_count: m.parameter_count,
         created_at: rfc3339(m.created_at),
-    }
+    })
 }
 
-/// Bytes a `name` or `version` may hold.
-const MAX_TEXT_BYTES: usize = 256;
 /// Bytes the `labels` JSON may hold.
 const MAX_LABELS_BYTES: usize = 64 * 1024;
 /// Parts a multipart upload may have.
@@ -290,90 +301,6 @@ where
     }
 }
 
-/// Why an upload was refused.
-enum UploadError {
-    TooLarge,
-    Api(ApiError),
-}
-
-impl From<ApiError> for UploadError {
-    fn from(e: ApiError) -> Self {
-        UploadError::Api(e)
-    }
-}
-
-/// A file received into the upload directory.
-struct Received {
-    name: String,
-    sha256: String,
-    bytes: u64,
-}
-
-/// Writes a body stream to `path`, hashing it, and refuses it as soon as it
-/// would take the upload past `limit` (with `used` bytes already taken).
-///
-/// Hashing and writing happen on a blocking thread fed through a short
-/// queue, so the next chunks arrive from the network while earlier ones are
-/// hashed and written, and the final flush to disk never holds up the async
-/// runtime.
-async fn receive<S>(
-    stream: S,
-    path: &FsPath,
-    used: u64,
-    limit: u64,
-) -> Result<(String, u64), UploadError>
-where
-    S: Stream<Item = Result<Bytes, UploadError>>,
-{
-    // `None` marks the end of a complete body; a queue closed without it
-    // means the upload is refused, and the file is not worth flushing.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(16);
-    let path = path.to_path_buf();
-    let writer = tokio::task::spawn_blocking(move || {
-        let mut out = SealingWriter::create(&path)?;
-        while let Some(message) = rx.blocking_recv() {
-            match message {
-                Some(chunk) => out.write(&chunk)?,
-                None => return out.finish().map(Some),
-            }
-        }
-        Ok(None)
-    });
-    let fed = async {
-        let mut stream = std::pin::pin!(stream);
-        let mut len = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            len += chunk.len() as u64;
-            if used + len > limit {
-                return Err(UploadError::TooLarge);
-            }
-            if tx.send(Some(chunk)).await.is_err() {
-                // The writer stopped on an error, reported below.
-                return Ok(());
-            }
-        }
-        let _ = tx.send(None).await;
-        Ok(())
-    }
-    .await;
-    // The writer finishes (or stops) before the caller may remove the file.
-    drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| ApiError::internal("writing an upload file panicked", e))?
-        .map_err(|e| ApiError::io("could not write an upload file", e));
-    fed?;
-    match written? {
-        Some(sealed) => Ok(sealed),
-        None => Err(ApiError::internal(
-            "an upload file was not finished",
-            "the writer saw the queue close early",
-        )
-        .into()),
-    }
-}
-
 /// Whether `name` may be a file of a model: a bare file name of a
 /// safetensors file, an index, or the config.
 fn check_file_name(name: &str) -> Result<(), ApiError> {
@@ -392,98 +319,6 @@ fn check_file_name(name: &str) -> Result<(), ApiError> {
             format!("The file `{name}` is not accepted: send `.safetensors` files, `model.safetensors.index.json` and `config.json`, each under its bare file name."),
         ))
     }
-}
-
-fn parse_labels(text: Option<&str>) -> Result<String, ApiError> {
-    let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
-        return Ok("{}".into());
-    };
-    match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(v @ serde_json::Value::Object(_)) => Ok(v.to_string()),
-        _ => Err(ApiError::bad_request(
-            "invalid_labels",
-            "`labels` must be a JSON object, e.g. {\"team\": \"vision\"}.",
-        )),
-    }
-}
-
-fn check_text(field: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
-    match value {
-        Some(v) if v.len() > MAX_TEXT_BYTES => Err(ApiError::bad_request(
-            "invalid_field",
-            format!("`{field}` must be at most {MAX_TEXT_BYTES} bytes long."),
-        )),
-        Some(v) if v.is_empty() => Ok(None),
-        v => Ok(v),
-    }
-}
-
-/// The facts of a checked upload.
-struct Checked {
-    tensors: Vec<TensorView>,
-    parameter_count: i64,
-}
-
-/// Opens the uploaded files as a checkpoint: every header, the index
-/// against the shards, and config.json are checked. The index and the
-/// uploaded shards must agree exactly: a shard the index does not use
-/// would be stored and silently left out of every output.
-fn check_checkpoint(dir: &FsPath, files: &[String]) -> Result<Checked, ApiError> {
-    let invalid = |e: FormatError| {
-        let text = e.to_string().replace(&format!("{}/", dir.display()), "");
-        let text = text.replace(&dir.display().to_string(), "the upload");
-        ApiError::bad_request("invalid_safetensors", text)
-    };
-    let ckpt = Checkpoint::open(dir).map_err(invalid)?;
-    let shard_names = ckpt.shard_names();
-    for name in files.iter().filter(|f| f.ends_with(".safetensors")) {
-        if shard_names.contains(name) {
-            continue;
-        }
-        let header = read_header(&dir.join(name)).map_err(invalid)?;
-        return Err(ApiError::bad_request(
-            "invalid_safetensors",
-            match header.tensors.first() {
-                Some(t) => format!(
-                    "shard `{name}` holds tensor `{}`, which the index does not list",
-                    t.name
-                ),
-                None => format!("shard `{name}` is not named by the index"),
-            },
-        ));
-    }
-    if ckpt.config_json().is_some_and(|c| !c.is_object()) {
-        return Err(ApiError::bad_request(
-            "invalid_config",
-            format!("`{CONFIG_FILE}` must be a JSON object."),
-        ));
-    }
-    let mut parameters = 0i64;
-    let tensors = ckpt
-        .tensors()
-        .iter()
-        .map(|t| {
-            parameters =
-                parameters.saturating_add(t.shape.iter().map(|&d| d as i64).product::<i64>());
-            TensorView {
-                name: t.name.clone(),
-                dtype: t.dtype.name().to_string(),
-                shape: t.shape.clone(),
-                bytes: (t.end - t.start) as u64,
-                file: shard_names.get(t.shard).cloned().unwrap_or_default(),
-            }
-        })
-        .collect();
-    Ok(Checked {
-        tensors,
-        parameter_count: parameters,
-    })
-}
-
-struct UploadMeta {
-    name: Option<String>,
-    version: Option<String>,
-    labels: Option<String>,
 }
 
 /// Upload a checkpoint.
@@ -542,22 +377,10 @@ pub async fn upload_model(
     let total: u64 = files.iter().map(|f| f.bytes).sum();
     metrics::counter!("modelpress_bytes_uploaded_total").increment(total);
 
-    // Checked and stored on a task of its own: a client that goes away now
-    // cannot leave blobs stored but unrecorded.
-    let task_state = state.clone();
-    let record = tokio::spawn(async move {
-        let dir = tmp.path().to_path_buf();
-        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
-        let checked = tokio::task::spawn_blocking(move || check_checkpoint(&dir, &names))
-            .await
-            .map_err(|e| ApiError::internal("checking an upload panicked", e))??;
-        commit_upload(&task_state, &tmp, files, meta, checked, total).await
-    })
-    .await
-    .map_err(|e| ApiError::internal("storing an upload panicked", e))??;
+    let record = models::ingest(&state.store, &state.blobs, tmp, files, meta, total).await?;
     let files = state.store.model_files(&record.id).await?;
     let location = format!("/v1/models/{}", record.id);
-    let view = model_view(record, files);
+    let view = model_view(record, files)?;
     let mut headers = HeaderMap::new();
     headers.insert(
         header::LOCATION,
@@ -733,66 +556,6 @@ async fn receive_upload(
     Ok((files, meta))
 }
 
-/// Moves the checked files into the blob store and records the model.
-async fn commit_upload(
-    state: &AppState,
-    tmp: &TmpDir,
-    files: Vec<Received>,
-    meta: UploadMeta,
-    checked: Checked,
-    total: u64,
-) -> Result<ModelRecord, ApiError> {
-    let labels = parse_labels(meta.labels.as_deref())?;
-    let name = check_text("name", meta.name)?;
-    let version = check_text("version", meta.version)?;
-    let new = NewModel {
-        name,
-        version,
-        labels,
-        total_bytes: total as i64,
-        tensor_count: checked.tensors.len() as i64,
-        parameter_count: checked.parameter_count,
-        tensors: serde_json::to_string(&checked.tensors).expect("tensor views serialize"),
-        files: files
-            .iter()
-            .map(|f| ModelFile {
-                name: f.name.clone(),
-                sha256: f.sha256.clone(),
-                bytes: f.bytes as i64,
-            })
-            .collect(),
-    };
-    let _guard = state.blobs.lock().await;
-    let mut added = Vec::new();
-    for f in &files {
-        match state.blobs.commit(&tmp.path().join(&f.name), &f.sha256) {
-            Ok(true) => added.push(f.sha256.clone()),
-            Ok(false) => {}
-            Err(e) => {
-                forget(state, &added).await;
-                return Err(ApiError::io("could not store an uploaded file", e));
-            }
-        }
-    }
-    match state.store.insert_model(new).await {
-        Ok(record) => Ok(record),
-        Err(e) => {
-            forget(state, &added).await;
-            Err(e.into())
-        }
-    }
-}
-
-/// Removes blobs an upload added before it failed. Called under the blob
-/// lock.
-async fn forget(state: &AppState, added: &[String]) {
-    for sha in added {
-        if let Ok(false) = state.store.blob_is_referenced(sha).await {
-            state.blobs.remove(sha);
-        }
-    }
-}
-
 /// List models, newest first.
 #[utoipa::path(
     get,
@@ -823,7 +586,7 @@ pub async fn list_models(
             let f = files.remove(&m.id).unwrap_or_default();
             model_view(m, f)
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     Ok(axum::Json(ModelList { items, next_cursor }))
 }
 
@@ -852,7 +615,7 @@ pub async fn get_model(
 ) -> Result<axum::Json<ModelView>, ApiError> {
     let m = find_model(&state, &id).await?;
     let files = state.store.model_files(&id).await?;
-    Ok(axum::Json(model_view(m, files)))
+    Ok(axum::Json(model_view(m, files)?))
 }
 
 /// List a model's tensors.

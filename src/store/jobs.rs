@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::compress::spec::{Pipeline, PipelineSpec};
+use crate::run::OutputFormat;
+
 use super::{now_ms, unreferenced, DeleteOutcome, Store, StoreError};
 
 /// Where a job is in its life. `succeeded`, `failed` and `canceled` are final.
@@ -43,29 +46,36 @@ impl JobStatus {
     }
 }
 
+/// A name that is not a job status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown job status `{0}`: use queued, running, succeeded, failed or canceled")]
+pub struct UnknownStatus(pub String);
+
 impl std::str::FromStr for JobStatus {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
+    type Err = UnknownStatus;
+    fn from_str(s: &str) -> Result<Self, UnknownStatus> {
         JobStatus::ALL
             .into_iter()
             .find(|v| v.as_str() == s)
-            .ok_or(())
+            .ok_or_else(|| UnknownStatus(s.to_string()))
     }
 }
 
-/// A job as stored.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A job as stored, its pipeline, output format and labels read back into
+/// their types. A row whose values do not read is an error naming the job
+/// ([`CorruptJob`]), never a default.
+#[derive(Debug, Clone)]
 pub struct JobRecord {
     pub id: String,
     pub model_id: String,
     pub status: JobStatus,
     pub priority: i64,
     pub preset: Option<String>,
-    /// The pipeline as JSON (`{"stages": [...]}`), presets expanded.
-    pub pipeline: String,
-    pub output_format: String,
+    /// The pipeline, presets expanded.
+    pub pipeline: Pipeline,
+    pub output_format: OutputFormat,
     pub webhook_url: Option<String>,
-    pub labels: String,
+    pub labels: serde_json::Map<String, serde_json::Value>,
     pub idempotency_key: Option<String>,
     pub request_hash: Option<String>,
     pub attempts: i64,
@@ -88,6 +98,122 @@ pub struct JobRecord {
     pub updated_at: i64,
     /// The `x-request-id` of the request that created the job.
     pub request_id: Option<String>,
+    /// The statistics it runs with.
+    pub statistics_id: Option<String>,
+}
+
+/// A row of `jobs` as SQL has it.
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    id: String,
+    model_id: String,
+    status: JobStatus,
+    priority: i64,
+    preset: Option<String>,
+    pipeline: String,
+    output_format: String,
+    webhook_url: Option<String>,
+    labels: String,
+    idempotency_key: Option<String>,
+    request_hash: Option<String>,
+    attempts: i64,
+    lease_owner: Option<String>,
+    lease_expires_at: Option<i64>,
+    cancel_requested: bool,
+    progress_stage: Option<String>,
+    tensors_done: i64,
+    tensors_total: i64,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    bytes_before: Option<i64>,
+    bytes_after: Option<i64>,
+    ratio: Option<f64>,
+    parameters_kept: Option<f64>,
+    duration_seconds: Option<f64>,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    updated_at: i64,
+    request_id: Option<String>,
+    statistics_id: Option<String>,
+}
+
+/// A stored job whose values do not read back.
+#[derive(Debug, thiserror::Error)]
+#[error("job {id}: the stored {column} cannot be read: {reason}")]
+pub struct CorruptJob {
+    pub id: String,
+    pub column: &'static str,
+    pub reason: String,
+}
+
+impl TryFrom<JobRow> for JobRecord {
+    type Error = CorruptJob;
+
+    fn try_from(r: JobRow) -> Result<Self, CorruptJob> {
+        let corrupt = |column, reason: String| CorruptJob {
+            id: r.id.clone(),
+            column,
+            reason,
+        };
+        let pipeline = serde_json::from_str::<PipelineSpec>(&r.pipeline)
+            .map_err(|e| e.to_string())
+            .and_then(|spec| Pipeline::parse(spec).map_err(|e| e.to_string()))
+            .map_err(|e| corrupt("pipeline", e))?;
+        let output_format = r
+            .output_format
+            .parse::<OutputFormat>()
+            .map_err(|e| corrupt("output_format", e.to_string()))?;
+        let labels = match serde_json::from_str(&r.labels) {
+            Ok(serde_json::Value::Object(map)) => map,
+            Ok(other) => return Err(corrupt("labels", format!("not a JSON object: {other}"))),
+            Err(e) => return Err(corrupt("labels", e.to_string())),
+        };
+        Ok(JobRecord {
+            id: r.id,
+            model_id: r.model_id,
+            status: r.status,
+            priority: r.priority,
+            preset: r.preset,
+            pipeline,
+            output_format,
+            webhook_url: r.webhook_url,
+            labels,
+            idempotency_key: r.idempotency_key,
+            request_hash: r.request_hash,
+            attempts: r.attempts,
+            lease_owner: r.lease_owner,
+            lease_expires_at: r.lease_expires_at,
+            cancel_requested: r.cancel_requested,
+            progress_stage: r.progress_stage,
+            tensors_done: r.tensors_done,
+            tensors_total: r.tensors_total,
+            error_code: r.error_code,
+            error_message: r.error_message,
+            bytes_before: r.bytes_before,
+            bytes_after: r.bytes_after,
+            ratio: r.ratio,
+            parameters_kept: r.parameters_kept,
+            duration_seconds: r.duration_seconds,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            updated_at: r.updated_at,
+            request_id: r.request_id,
+            statistics_id: r.statistics_id,
+        })
+    }
+}
+
+/// Rows are read through [`JobRow`], so every query that returns jobs
+/// checks their values; a corrupt one fails the query with a
+/// [`CorruptJob`] naming it.
+impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for JobRecord {
+    fn from_row(row: &'r sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+        JobRow::from_row(row)?
+            .try_into()
+            .map_err(|e: CorruptJob| sqlx::Error::Decode(Box::new(e)))
+    }
 }
 
 /// A job to enqueue.
@@ -96,15 +222,17 @@ pub struct NewJob {
     pub model_id: String,
     pub priority: i64,
     pub preset: Option<String>,
-    pub pipeline: String,
-    pub output_format: String,
+    pub pipeline: Pipeline,
+    pub output_format: OutputFormat,
     pub webhook_url: Option<String>,
-    pub labels: String,
+    pub labels: serde_json::Map<String, serde_json::Value>,
     /// With the hash of the request it came with: the same key with another
     /// request is a conflict.
     pub idempotency: Option<(String, String)>,
     /// The `x-request-id` of the request that creates it.
     pub request_id: Option<String>,
+    /// Statistics of the same model it runs with.
+    pub statistics_id: Option<String>,
 }
 
 #[derive(Debug)]
@@ -117,6 +245,9 @@ pub enum InsertOutcome {
     /// The model does not exist (any more): deleting a model and queuing
     /// a job on it are serialized, so one of them sees the other.
     ModelNotFound,
+    /// The statistics do not exist (any more) for this model: deleting
+    /// them and queuing a job that uses them are serialized the same way.
+    StatisticsNotFound,
 }
 
 /// Filters of a job listing; `cursor` is the id of the last job of the
@@ -215,27 +346,39 @@ impl Store {
         if model.is_none() {
             return Ok(InsertOutcome::ModelNotFound);
         }
+        if let Some(statistics) = &job.statistics_id {
+            let found: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM statistics WHERE id = ? AND model_id = ?")
+                    .bind(statistics)
+                    .bind(&job.model_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if found.is_none() {
+                return Ok(InsertOutcome::StatisticsNotFound);
+            }
+        }
         let now = now_ms();
         let (key, hash) = job.idempotency.unzip();
         let record: JobRecord = sqlx::query_as(
             "INSERT INTO jobs (id, model_id, status, priority, preset, pipeline, output_format,
                                webhook_url, labels, idempotency_key, request_hash,
-                               created_at, updated_at, request_id)
-             VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                               created_at, updated_at, request_id, statistics_id)
+             VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
         )
         .bind(uuid::Uuid::now_v7().to_string())
         .bind(job.model_id)
         .bind(job.priority)
         .bind(job.preset)
-        .bind(job.pipeline)
-        .bind(job.output_format)
+        .bind(serde_json::to_string(job.pipeline.spec()).expect("a pipeline spec serializes"))
+        .bind(job.output_format.name())
         .bind(job.webhook_url)
-        .bind(job.labels)
+        .bind(serde_json::Value::Object(job.labels).to_string())
         .bind(key)
         .bind(hash)
         .bind(now)
         .bind(now)
         .bind(job.request_id)
+        .bind(job.statistics_id)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -315,7 +458,7 @@ impl Store {
         owner: &str,
         lease_until: i64,
     ) -> Result<Option<JobRecord>, StoreError> {
-        Ok(sqlx::query_as(
+        let row: Option<JobRow> = sqlx::query_as(
             "UPDATE jobs
              SET status = 'running', attempts = attempts + 1, lease_owner = ?1,
                  lease_expires_at = ?2, started_at = COALESCE(started_at, ?3), updated_at = ?3,
@@ -328,7 +471,29 @@ impl Store {
         .bind(lease_until)
         .bind(now_ms())
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let id = row.id.clone();
+        match JobRecord::try_from(row) {
+            Ok(job) => Ok(Some(job)),
+            Err(corrupt) => {
+                // Failed at once, so the queue moves past it rather than
+                // claiming it again and again.
+                sqlx::query(
+                    "UPDATE jobs
+                     SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,
+                         finished_at = ?3, updated_at = ?3, error_code = 'internal_error',
+                         error_message = 'The stored job cannot be read; the server log has the details.'
+                     WHERE id = ?1 AND lease_owner = ?2",
+                )
+                .bind(&id)
+                .bind(owner)
+                .bind(now_ms())
+                .execute(&self.pool)
+                .await?;
+                Err(StoreError::Database(sqlx::Error::Decode(Box::new(corrupt))))
+            }
+        }
     }
 
     /// Extends the lease of a running job and records its progress.

@@ -15,6 +15,7 @@
 
 mod jobs;
 mod models;
+mod statistics;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -26,10 +27,11 @@ use sqlx::{Connection, SqlitePool};
 use crate::blobs::StorageFault;
 
 pub use jobs::{
-    CancelOutcome, FinishOutcome, InsertOutcome, JobFilter, JobRecord, JobStatus, LeaseState,
-    NewArtifact, NewJob, ProgressUpdate, Requeued, Summary,
+    CancelOutcome, CorruptJob, FinishOutcome, InsertOutcome, JobFilter, JobRecord, JobStatus,
+    LeaseState, NewArtifact, NewJob, ProgressUpdate, Requeued, Summary,
 };
 pub use models::{ModelFile, ModelRecord, NewModel};
+pub use statistics::{NewStatistics, StatisticsRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -152,22 +154,21 @@ impl Store {
         Ok(())
     }
 
-    /// Whether any model file or artifact still refers to the blob.
+    /// Whether any model file, artifact or statistics still refers to the
+    /// blob.
     pub async fn blob_is_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT (SELECT COUNT(*) FROM model_files WHERE sha256 = ?1)
-                  + (SELECT COUNT(*) FROM job_artifacts WHERE sha256 = ?1)",
-        )
-        .bind(sha256)
-        .fetch_one(&self.pool)
-        .await?;
+        let n: i64 = sqlx::query_scalar(REFERENCES_OF_BLOB)
+            .bind(sha256)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(n > 0)
     }
 
     /// Every blob the database refers to.
     pub async fn referenced_blobs(&self) -> Result<Vec<String>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT sha256 FROM model_files UNION SELECT sha256 FROM job_artifacts",
+            "SELECT sha256 FROM model_files UNION SELECT sha256 FROM job_artifacts
+             UNION SELECT sha256 FROM statistics",
         )
         .fetch_all(&self.pool)
         .await?)
@@ -185,6 +186,12 @@ impl Store {
     }
 }
 
+/// How many rows refer to the blob `?1`: model files, artifacts and
+/// statistics.
+const REFERENCES_OF_BLOB: &str = "SELECT (SELECT COUNT(*) FROM model_files WHERE sha256 = ?1)
+      + (SELECT COUNT(*) FROM job_artifacts WHERE sha256 = ?1)
+      + (SELECT COUNT(*) FROM statistics WHERE sha256 = ?1)";
+
 /// Of `candidates`, those that nothing in the database refers to any more.
 async fn unreferenced(
     conn: &mut sqlx::SqliteConnection,
@@ -192,13 +199,10 @@ async fn unreferenced(
 ) -> Result<Vec<String>, StoreError> {
     let mut out = Vec::new();
     for sha in candidates {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT (SELECT COUNT(*) FROM model_files WHERE sha256 = ?1)
-                  + (SELECT COUNT(*) FROM job_artifacts WHERE sha256 = ?1)",
-        )
-        .bind(&sha)
-        .fetch_one(&mut *conn)
-        .await?;
+        let n: i64 = sqlx::query_scalar(REFERENCES_OF_BLOB)
+            .bind(&sha)
+            .fetch_one(&mut *conn)
+            .await?;
         if n == 0 && !out.contains(&sha) {
             out.push(sha);
         }
@@ -209,6 +213,10 @@ async fn unreferenced(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::spec::Pipeline;
+    use crate::run::OutputFormat;
+
+    const INT8: &str = r#"{"stages":[{"stage":"quantize","bits":8}]}"#;
 
     async fn store() -> (Store, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -229,12 +237,13 @@ mod tests {
             model_id: "m".into(),
             priority,
             preset: None,
-            pipeline: r#"{"stages":[]}"#.into(),
-            output_format: "packed".into(),
+            pipeline: Pipeline::parse(serde_json::from_str(INT8).unwrap()).unwrap(),
+            output_format: OutputFormat::Packed,
             webhook_url: None,
-            labels: "{}".into(),
+            labels: Default::default(),
             idempotency: None,
             request_id: None,
+            statistics_id: None,
         }
     }
 
@@ -243,6 +252,59 @@ mod tests {
             InsertOutcome::Created(j) => j.id,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_job_row_is_an_error_naming_the_job_not_a_default() {
+        let (store, _dir) = store().await;
+        let id = enqueue(&store, 0).await;
+        assert_eq!(
+            store.get_job(&id).await.unwrap().unwrap().output_format,
+            OutputFormat::Packed
+        );
+        for (column, value) in [
+            ("pipeline", r#"{"stages":[{"stage":"nope"}]}"#),
+            ("output_format", "zip"),
+            ("labels", "[1]"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE jobs SET pipeline = ?3, output_format = 'packed', labels = '{{}}',
+                                 {column} = ?1 WHERE id = ?2"
+            )))
+            .bind(value)
+            .bind(&id)
+            .bind(INT8)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+            let e = store.get_job(&id).await.unwrap_err().to_string();
+            assert!(e.contains(&id) && e.contains(column), "{column}: {e}");
+            let e = store
+                .list_jobs(&JobFilter {
+                    limit: 10,
+                    ..Default::default()
+                })
+                .await;
+            assert!(e.is_err(), "{column}: a listing does not skip it");
+        }
+        // A worker that claims it fails it, so the queue moves past it.
+        let e = store
+            .claim_next_job("w", now_ms() + 60_000)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&id), "{e}");
+        let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+            .bind(&id)
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(status, "failed");
+        assert!(store
+            .claim_next_job("w", now_ms() + 60_000)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]

@@ -130,7 +130,8 @@ impl Store {
         .await?)
     }
 
-    /// Deletes a model unless a queued or running job uses it.
+    /// Deletes a model, and its statistics, unless a queued or running job
+    /// uses it.
     pub async fn delete_model(&self, id: &str) -> Result<DeleteOutcome, StoreError> {
         let mut tx = self.write_tx().await?;
         let exists: Option<String> = sqlx::query_scalar("SELECT id FROM models WHERE id = ?")
@@ -149,11 +150,19 @@ impl Store {
         if active > 0 {
             return Ok(DeleteOutcome::InUse);
         }
-        let blobs: Vec<String> =
+        let mut blobs: Vec<String> =
             sqlx::query_scalar("DELETE FROM model_files WHERE model_id = ? RETURNING sha256")
                 .bind(id)
                 .fetch_all(&mut *tx)
                 .await?;
+        // Its statistics go with it; no queued or running job uses them,
+        // since such a job would be a job of this model.
+        let statistics: Vec<String> =
+            sqlx::query_scalar("DELETE FROM statistics WHERE model_id = ? RETURNING sha256")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+        blobs.extend(statistics);
         sqlx::query("DELETE FROM models WHERE id = ?")
             .bind(id)
             .execute(&mut *tx)

@@ -9,6 +9,7 @@ mod helpers;
 mod jobs;
 mod openapi;
 mod recovery;
+mod statistics;
 mod storage;
 mod telemetry;
 mod uploads;

@@ -8,6 +8,10 @@ path: upload a checkpoint, compress it, download the result.
     job = mp.compress(model.id, preset="int8")
     mp.download(job.id, "out/")
 
+    # Calibrated presets need the model's activation statistics:
+    stats = mp.upload_statistics(model.id, "stats.safetensors")
+    job = mp.compress(model.id, preset="int4-g128-gptq", statistics=stats.id)
+
 Every call raises `ModelpressError` (with the status and the API's error
 `code` and `message`) when the server refuses it.
 """
@@ -24,7 +28,8 @@ from typing import Any
 from modelpress_api import AuthenticatedClient, Client
 from modelpress_api.api.jobs import cancel_job, create_job, get_job
 from modelpress_api.api.models import upload_model
-from modelpress_api.models import CreateJob, ErrorBody, JobView, ModelView
+from modelpress_api.api.statistics import upload_statistics
+from modelpress_api.models import CreateJob, ErrorBody, JobView, ModelView, StatisticsView
 from modelpress_api.models.create_job_pipeline_type_0 import CreateJobPipelineType0
 from modelpress_api.models.output_request import OutputRequest
 from modelpress_api.models.upload_model_files_body import UploadModelFilesBody
@@ -116,6 +121,20 @@ class Modelpress:
             resp = upload_model.sync_detailed(client=self.client, body=body)
         return _check(resp, (201,))
 
+    def upload_statistics(self, model_id: str, path: str | Path) -> StatisticsView:
+        """Uploads a calibration statistics file (safetensors, as
+        `scripts/collect_stats.py` writes it) for a model, streamed as the raw
+        body. The server checks it against the model before it stores it;
+        pass the returned `id` to `compress(..., statistics=...)`."""
+        path = Path(path)
+        with path.open("rb") as f:
+            resp = upload_statistics.sync_detailed(
+                model_id,
+                client=self.client,
+                body=File(payload=f, file_name=path.name, mime_type="application/octet-stream"),
+            )
+        return _check(resp, (201,))
+
     def compress(
         self,
         model_id: str,
@@ -126,12 +145,17 @@ class Modelpress:
         timeout: float | None = None,
         poll_seconds: float = 0.5,
         idempotency_key: str | None = None,
+        statistics: str | None = None,
     ) -> JobView:
-        """Submits a job (a preset or a pipeline); with `wait`, polls until it
-        is finished and returns it (whatever its final status)."""
+        """Submits a job (a preset or a pipeline), with the model's
+        calibration statistics `statistics` (an id from `upload_statistics`)
+        if given; with `wait`, polls until it is finished and returns it
+        (whatever its final status)."""
         if (preset is None) == (pipeline is None):
             raise ValueError("give one of preset or pipeline")
         request = CreateJob(model_id=model_id, output=OutputRequest.from_dict({"format": format}))
+        if statistics is not None:
+            request.statistics = statistics
         if preset is not None:
             request.preset = preset
         else:

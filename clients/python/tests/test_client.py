@@ -150,6 +150,59 @@ def test_a_running_job_is_canceled(mp, tmp_path):
     assert e.value.status == 409
 
 
+def statistics_bytes(weights: dict[str, int], seed: int = 3, rows: int = 64) -> bytes:
+    """A statistics file for `weights` (name -> d_in): in_sum2, counts and
+    xtx of `rows` pseudo-random inputs."""
+    header, data = {}, b""
+
+    def add(name: str, shape: list[int], values: list[float]):
+        nonlocal data
+        blob = struct.pack(f"<{len(values)}f", *values)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data) + len(blob)]}
+        data += blob
+
+    for w, d in weights.items():
+        xs = [[((r * 7919 + j * 104729 + seed) % 997) / 997.0 - 0.5 for j in range(d)] for r in range(rows)]
+        xtx = [sum(x[i] * x[j] for x in xs) for i in range(d) for j in range(d)]
+        add(f"{w}.in_sum2", [d], [xtx[j * d + j] for j in range(d)])
+        add(f"{w}.counts", [1], [float(rows)])
+        add(f"{w}.xtx", [d, d], xtx)
+    header["__metadata__"] = {"modelpress.stats": "1"}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def test_statistics_upload_and_a_calibrated_job(mp, tmp_path):
+    path = tmp_path / "calib.safetensors"
+    path.write_bytes(safetensors_bytes(layers(2, 11)))
+    model = mp.upload_model(path)
+    stats_path = tmp_path / "stats.safetensors"
+    stats_path.write_bytes(statistics_bytes({"layers.0.weight": 32, "layers.1.weight": 32}))
+    stats = mp.upload_statistics(model.id, stats_path)
+    assert stats.sha256 == hashlib.sha256(stats_path.read_bytes()).hexdigest()
+    assert stats.tensors == ["layers.0.weight", "layers.1.weight"] and stats.has_xtx
+    assert stats.tokens == 64
+
+    pipeline = {"stages": [{"stage": "quantize", "method": "gptq", "bits": 4, "granularity": "channel"}]}
+    with pytest.raises(ModelpressError) as e:
+        mp.compress(model.id, pipeline=pipeline, wait=False)
+    assert (e.value.status, e.value.code) == (422, "invalid_pipeline") and "xtx" in e.value.message
+
+    job = mp.compress(model.id, pipeline=pipeline, statistics=stats.id, format="dense", timeout=60)
+    assert str(job.status) == "succeeded", job
+    assert job.statistics == stats.id
+    mp.download(job.id, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["statistics_sha256"] == stats.sha256
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(statistics_bytes({"layers.9.weight": 32}))
+    with pytest.raises(ModelpressError) as e:
+        mp.upload_statistics(model.id, bad)
+    assert (e.value.status, e.value.code) == (422, "invalid_statistics") and "layers.9.weight" in e.value.message
+
+
 def test_refusals_come_back_as_the_error_shape(mp, server, tmp_path):
     client = mp.client
     missing = "01900000-0000-7000-8000-000000000000"

@@ -23,6 +23,8 @@ from .preset_list import PresetList
 from .preset_view import PresetView
 from .preset_view_pipeline import PresetViewPipeline
 from .progress_view import ProgressView
+from .statistics_list import StatisticsList
+from .statistics_view import StatisticsView
 from .summary_view import SummaryView
 from .tensor_list import TensorList
 from .tensor_view import TensorView
@@ -52,6 +54,8 @@ __all__ = (
     "PresetView",
     "PresetViewPipeline",
     "ProgressView",
+    "StatisticsList",
+    "StatisticsView",
     "SummaryView",
     "TensorList",
     "TensorView",

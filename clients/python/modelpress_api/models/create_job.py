@@ -29,6 +29,9 @@ class CreateJob:
             or `preset`.
         preset (None | str | Unset): A named pipeline (`GET /v1/presets`); give this or `pipeline`. Example: int8.
         priority (int | None | Unset): Higher runs first (-1000..=1000, default 0).
+        statistics (None | str | Unset): Calibration statistics of the same model to run with (the `id` of
+            `POST /v1/models/{id}/statistics`): needed by `gptq`, `sparsegpt`,
+            `wanda` and `compensate`.
         webhook_url (None | str | Unset): Receives the job as JSON when it reaches a final status.
     """
 
@@ -38,6 +41,7 @@ class CreateJob:
     pipeline: CreateJobPipelineType0 | None | Unset = UNSET
     preset: None | str | Unset = UNSET
     priority: int | None | Unset = UNSET
+    statistics: None | str | Unset = UNSET
     webhook_url: None | str | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,6 +87,12 @@ class CreateJob:
         else:
             priority = self.priority
 
+        statistics: None | str | Unset
+        if isinstance(self.statistics, Unset):
+            statistics = UNSET
+        else:
+            statistics = self.statistics
+
         webhook_url: None | str | Unset
         if isinstance(self.webhook_url, Unset):
             webhook_url = UNSET
@@ -106,6 +116,8 @@ class CreateJob:
             field_dict["preset"] = preset
         if priority is not UNSET:
             field_dict["priority"] = priority
+        if statistics is not UNSET:
+            field_dict["statistics"] = statistics
         if webhook_url is not UNSET:
             field_dict["webhook_url"] = webhook_url
 
@@ -189,6 +201,15 @@ class CreateJob:
 
         priority = _parse_priority(d.pop("priority", UNSET))
 
+        def _parse_statistics(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        statistics = _parse_statistics(d.pop("statistics", UNSET))
+
         def _parse_webhook_url(data: object) -> None | str | Unset:
             if data is None:
                 return data
@@ -205,6 +226,7 @@ class CreateJob:
             pipeline=pipeline,
             preset=preset,
             priority=priority,
+            statistics=statistics,
             webhook_url=webhook_url,
         )
 

@@ -46,6 +46,7 @@ class JobView:
         preset (None | str | Unset): The preset the pipeline came from, if any.
         report_url (None | str | Unset): The per-tensor report, once the job succeeded.
         started_at (None | str | Unset):
+        statistics (None | str | Unset): The calibration statistics it runs with, if any.
         summary (None | SummaryView | Unset):
         webhook_url (None | str | Unset):
     """
@@ -68,6 +69,7 @@ class JobView:
     preset: None | str | Unset = UNSET
     report_url: None | str | Unset = UNSET
     started_at: None | str | Unset = UNSET
+    statistics: None | str | Unset = UNSET
     summary: None | SummaryView | Unset = UNSET
     webhook_url: None | str | Unset = UNSET
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
@@ -137,6 +139,12 @@ class JobView:
         else:
             started_at = self.started_at
 
+        statistics: None | str | Unset
+        if isinstance(self.statistics, Unset):
+            statistics = UNSET
+        else:
+            statistics = self.statistics
+
         summary: dict[str, Any] | None | Unset
         if isinstance(self.summary, Unset):
             summary = UNSET
@@ -180,6 +188,8 @@ class JobView:
             field_dict["report_url"] = report_url
         if started_at is not UNSET:
             field_dict["started_at"] = started_at
+        if statistics is not UNSET:
+            field_dict["statistics"] = statistics
         if summary is not UNSET:
             field_dict["summary"] = summary
         if webhook_url is not UNSET:
@@ -282,6 +292,15 @@ class JobView:
 
         started_at = _parse_started_at(d.pop("started_at", UNSET))
 
+        def _parse_statistics(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        statistics = _parse_statistics(d.pop("statistics", UNSET))
+
         def _parse_summary(data: object) -> None | SummaryView | Unset:
             if data is None:
                 return data
@@ -327,6 +346,7 @@ class JobView:
             preset=preset,
             report_url=report_url,
             started_at=started_at,
+            statistics=statistics,
             summary=summary,
             webhook_url=webhook_url,
         )
