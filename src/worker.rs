@@ -394,8 +394,9 @@ struct Prepared {
     output: PathBuf,
     pipeline: Pipeline,
     format: OutputFormat,
-    /// The statistics file, when the job runs with statistics.
-    statistics: Option<PathBuf>,
+    /// The statistics file and its sha256, when the job runs with
+    /// statistics.
+    statistics: Option<(PathBuf, String)>,
 }
 
 async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> {
@@ -452,7 +453,7 @@ async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> 
                 .map_err(|e| {
                     Failure::of_server(&job.id, "could not lay out the job's statistics", &e)
                 })?;
-            Some(dir.path().join(STATISTICS_FILE))
+            Some((dir.path().join(STATISTICS_FILE), record.sha256))
         }
     };
     Ok(Prepared {
@@ -583,7 +584,16 @@ async fn execute(
                 config: None,
                 durability: Durability::Synced,
             };
-            let stats = statistics.as_deref().map(StatsFile::open).transpose()?;
+            // Stored under its hash, its values checked at upload and
+            // again by each stage as it reads them.
+            let stats = match &statistics {
+                None => None,
+                Some((path, sha256)) => {
+                    let mut s = StatsFile::open_hashed(path, sha256)?;
+                    s.trust_values();
+                    Some(s)
+                }
+            };
             run::compress_with_stats(
                 &input,
                 &output,

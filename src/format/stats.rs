@@ -106,6 +106,9 @@ pub struct StatsFile {
     entries: BTreeMap<String, Entry>,
     aliases: BTreeMap<String, String>,
     sha256: String,
+    /// The values were checked when the file was stored (see
+    /// [`StatsFile::trust_values`]).
+    values_checked: bool,
 }
 
 impl std::fmt::Debug for StatsFile {
@@ -140,8 +143,32 @@ fn sha256_of(path: &Path) -> Result<String, StatsFileError> {
 
 impl StatsFile {
     /// Opens and checks the file's structure (not yet its values, nor the
-    /// model: see [`Self::check_against`]).
+    /// model: see [`Self::check_against`]), and hashes it.
     pub fn open(path: &Path) -> Result<Self, StatsFileError> {
+        let mut file = Self::open_unhashed(path)?;
+        file.sha256 = sha256_of(path)?;
+        Ok(file)
+    }
+
+    /// [`Self::open`] for a file whose sha256 the caller already has (it
+    /// hashed the bytes as they arrived, or the file is stored under its
+    /// hash): a statistics file of a large model holds gigabytes, and each
+    /// pass over them counts.
+    pub fn open_hashed(path: &Path, sha256: &str) -> Result<Self, StatsFileError> {
+        let mut file = Self::open_unhashed(path)?;
+        file.sha256 = sha256.to_string();
+        Ok(file)
+    }
+
+    /// The values were checked when this (immutable) file was stored:
+    /// [`Self::check_against`] then checks names and shapes only. Each
+    /// weight's values are still checked when a stage reads them
+    /// ([`Self::get`]).
+    pub fn trust_values(&mut self) {
+        self.values_checked = true;
+    }
+
+    fn open_unhashed(path: &Path) -> Result<Self, StatsFileError> {
         if !path.is_file() {
             return Err(StatsFileError::NotAFile(path.to_path_buf()));
         }
@@ -227,10 +254,11 @@ impl StatsFile {
             }
         }
         Ok(Self {
-            sha256: sha256_of(path)?,
+            sha256: String::new(),
             file,
             entries,
             aliases,
+            values_checked: false,
         })
     }
 
@@ -281,7 +309,8 @@ impl StatsFile {
 
     /// Holds the file to a model's tensors (name and shape): every weight it
     /// names is a matrix of the model with `d_in` input columns, and every
-    /// weight's values are valid. Reads every value once; keeps none.
+    /// weight's values are valid. Reads every value once (unless
+    /// [`Self::trust_values`] said they were checked); keeps none.
     pub fn check_against<'a>(
         &self,
         tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
@@ -308,6 +337,9 @@ impl StatsFile {
                     expected: cols,
                 });
             }
+        }
+        if self.values_checked {
+            return Ok(());
         }
         // Values once per stored matrix (aliases share them).
         for weight in self.entries.keys() {
@@ -413,6 +445,28 @@ mod tests {
         assert_eq!(f.get("b.weight").unwrap().unwrap().in_sum2(), [1.0, 2.0]);
         assert_eq!(f.tokens(), 4.0);
         assert_eq!(f.sha256().len(), 64);
+    }
+
+    #[test]
+    fn a_stored_file_is_not_hashed_again_and_trusted_values_are_checked_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.safetensors");
+        let mut t = good();
+        t[0].2 = vec![f32::NAN, 2.0];
+        write_stats(&path, &t, V1);
+        let full = StatsFile::open(&path).unwrap();
+        assert!(full.check_against(model()).is_err(), "values are checked");
+        let mut stored = StatsFile::open_hashed(&path, "known").unwrap();
+        assert_eq!(stored.sha256(), "known");
+        stored.trust_values();
+        stored.check_against(model()).unwrap();
+        assert!(
+            stored.get("a.weight").is_err(),
+            "a stage reading them still refuses them"
+        );
+        // Names and shapes are still held to the model.
+        let small: Vec<(&str, &[usize])> = vec![("a.weight", &[3, 5][..])];
+        assert!(stored.check_against(small).is_err());
     }
 
     #[test]

@@ -46,9 +46,11 @@ fn model_not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("No model has the id `{id}`."))
 }
 
-/// Opens the file and holds it to the model's tensors.
-fn check(path: &Path, tensors: &[ModelTensor]) -> Result<Checked, RunError> {
-    let stats = StatsFile::open(path)?;
+/// Opens the file (hashed as it arrived) and holds it to the model's
+/// tensors, values included: the one full read of the values in the
+/// service (jobs trust them afterwards, see [`StatsFile::trust_values`]).
+fn check(path: &Path, sha256: &str, tensors: &[ModelTensor]) -> Result<Checked, RunError> {
+    let stats = StatsFile::open_hashed(path, sha256)?;
     stats.check_against(
         tensors
             .iter()
@@ -100,9 +102,11 @@ where
     let model_id = model_id.to_string();
     tokio::spawn(async move {
         let dir = tmp.path().to_path_buf();
-        let checked = tokio::task::spawn_blocking(move || check(&dir.join(FILE_NAME), &tensors))
-            .await
-            .map_err(|e| ApiError::internal("checking statistics panicked", e))?;
+        let hash = sha256.clone();
+        let checked =
+            tokio::task::spawn_blocking(move || check(&dir.join(FILE_NAME), &hash, &tensors))
+                .await
+                .map_err(|e| ApiError::internal("checking statistics panicked", e))?;
         let dir = tmp.path().display().to_string();
         let scrub = |text: String| {
             text.replace(&format!("{dir}/{FILE_NAME}"), "the upload")
