@@ -11,19 +11,25 @@
 //! correlated rows (each column a mix of its neighbour and a common factor,
 //! scales spread over e³). `run` reads them and prints one JSON line: the
 //! seconds of the sweep (the kernel the numpy reference implements), the
-//! seconds of the whole stage as the engine runs it (plus keeping the better
-//! of GPTQ and round-to-nearest per row, which computes the output error),
-//! and the relative output error.
+//! seconds of the whole stage as the engine runs it on a tensor
+//! (`stage_seconds`: the factor of the Hessian, the sweep, for gptq the
+//! per-row choice between GPTQ and round to nearest, the decoded values and
+//! the report's output error), the same for a second tensor with the same
+//! statistics (`stage_shared_seconds`: the factor is reused), the CPU
+//! seconds of each (all threads: on a busy machine they show the work
+//! where wall time shows the load), and the relative output error.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use faer::{Accum, Mat, Par};
 use modelpress::compress::calibrate::{
-    output_error, sweep, sweep_plain, LayerStats, SweepGrid, SweepParams, SweepPrune,
+    output_error_with, sweep_plain, FactorCache, LayerStats, SweepGrid, SweepParams, SweepPrune,
 };
 use modelpress::compress::coded::{Granularity, MatrixShape};
 use modelpress::compress::quantize::{IntQuant, ScaleSearch};
+use modelpress::compress::spec::Pipeline;
+use modelpress::compress::tensor::{process_with_stats, Values};
 
 struct Rng(u64);
 
@@ -115,46 +121,103 @@ fn generate(rows: usize, cols: usize, dir: &Path) {
     }
 }
 
+/// CPU seconds (user + system, all threads) this process has used, from
+/// `/proc/self/stat` (clock ticks of 1/100 s); 0 where there is none.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is the
+    // 3rd field, utime and stime the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+}
+
 fn run(method: &str, rows: usize, cols: usize, dir: &Path) {
     let (wp, hp) = paths(dir, rows, cols);
     let w = read_f32(&wp);
     let xtx = read_f32(&hp);
     let shape = MatrixShape { rows, cols };
-    let importance: Vec<f32> = (0..cols).map(|j| xtx[j * cols + j] / 8192.0).collect();
+    let stats = LayerStats::new(
+        cols,
+        (0..cols).map(|j| xtx[j * cols + j]).collect(),
+        8192.0,
+        Some(xtx),
+    )
+    .expect("valid statistics")
+    .with_key("layer.weight");
+    let xtx = stats.xtx().expect("xtx");
+    let importance = stats.importance();
     let quant = IntQuant {
         bits: 4,
         symmetric: true,
         granularity: Granularity::Group(128),
         scale_search: ScaleSearch::MinMax,
     };
-    let (prune, grid) = match method {
+    let (prune, grid, stage) = match method {
         "gptq" => (
             SweepPrune::None,
             SweepGrid::Int {
                 quant,
                 importance: &importance,
             },
+            r#"{"stage":"quantize","method":"gptq","bits":4,"symmetric":true,"granularity":"group","group_size":128}"#,
         ),
-        "sparsegpt" => (SweepPrune::Sparsity(0.5), SweepGrid::Keep),
+        "sparsegpt" => (
+            SweepPrune::Sparsity(0.5),
+            SweepGrid::Keep,
+            r#"{"stage":"prune","method":"sparsegpt","sparsity":0.5}"#,
+        ),
         other => panic!("unknown method {other}"),
     };
     let params = SweepParams::default();
-    let started = Instant::now();
-    sweep_plain(&w, shape, &xtx, prune, grid, &params).expect("sweep");
+    let (started, cpu) = (Instant::now(), cpu_seconds());
+    sweep_plain(&w, shape, xtx, prune, grid, &params).expect("sweep");
     let sweep_seconds = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    let out = sweep(&w, shape, &xtx, prune, grid, &params).expect("sweep");
-    let stage_seconds = started.elapsed().as_secs_f64();
-    let stats = LayerStats::new(
-        cols,
-        (0..cols).map(|j| xtx[j * cols + j]).collect(),
-        8192.0,
-        Some(xtx.clone()),
-    )
-    .expect("valid statistics");
-    let started = Instant::now();
-    let err = output_error(&w, &out.values, &stats);
-    let error_seconds = started.elapsed().as_secs_f64();
+    let sweep_cpu = cpu_seconds() - cpu;
+
+    // The whole stage as `modelpress compress --stats` runs it on one
+    // tensor: the stage (factor, sweep, for gptq the per-row choice against
+    // round to nearest), the decoded values, and the report's output error.
+    // Twice: the second tensor shares the first one's statistics (as k_proj
+    // shares q_proj's), so its factor is reused.
+    let pipeline = Pipeline::from_json(&format!(r#"{{"stages":[{stage}]}}"#)).expect("pipeline");
+    let shape_v = [rows, cols];
+    let stages = pipeline.stages_for("layer.weight", &shape_v, true);
+    let factors = FactorCache::new();
+    let mut work = Vec::new();
+    let (mut stage_seconds, mut stage_cpu) = (Vec::new(), Vec::new());
+    let mut err = None;
+    for _ in 0..2 {
+        let (started, cpu) = (Instant::now(), cpu_seconds());
+        let p = process_with_stats(
+            "layer.weight",
+            &w,
+            &shape_v,
+            &pipeline,
+            &stages,
+            None,
+            &|_| {},
+            &mut work,
+            Some(&stats),
+            &factors,
+        )
+        .expect("stage");
+        let dense = p.values.reconstruct(&p.shape);
+        err = match p.output_error {
+            Some((num, den)) => Some(num / den),
+            None => output_error_with(&w, &dense, &stats, &factors),
+        };
+        stage_seconds.push(started.elapsed().as_secs_f64());
+        stage_cpu.push(cpu_seconds() - cpu);
+        if let Values::Raw(v) = p.values {
+            work = v;
+        }
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -163,10 +226,12 @@ fn run(method: &str, rows: usize, cols: usize, dir: &Path) {
             "rows": rows,
             "cols": cols,
             "seconds": sweep_seconds,
-            "stage_seconds": stage_seconds,
-            "output_error_seconds": error_seconds,
+            "stage_seconds": stage_seconds[0],
+            "stage_shared_seconds": stage_seconds[1],
+            "cpu_seconds": sweep_cpu,
+            "stage_cpu_seconds": stage_cpu[0],
+            "stage_shared_cpu_seconds": stage_cpu[1],
             "output_error": err,
-            "rows_rounded": out.rows_rounded,
         })
     );
 }

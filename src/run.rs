@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::compress::calibrate::output_error;
+use crate::compress::calibrate::{output_error_with, FactorCache};
 use crate::compress::metrics::{fidelity, fidelity_with, Fidelity};
 use crate::compress::prune::GlobalThreshold;
 use crate::compress::report::{Report, ReportBuilder, TensorReport};
@@ -459,6 +459,7 @@ pub fn compress_with_stats(
         wants_dense: sink.wants_dense(),
         buffer: Vec::new(),
         work: Vec::new(),
+        factors: FactorCache::new(),
     };
     let total = plan.outputs.len();
     progress.phase("compress", total);
@@ -759,6 +760,8 @@ struct TensorRunner<'a> {
     buffer: Vec<f32>,
     /// Its copy that pruning changes.
     work: Vec<f32>,
+    /// The Hessian factor shared by consecutive tensors with one `xtx`.
+    factors: FactorCache,
 }
 
 /// What computing one tensor measured.
@@ -837,6 +840,7 @@ impl<'a> TensorRunner<'a> {
             &round,
             &mut self.work,
             layer_stats.as_ref(),
+            &self.factors,
         )?;
         // The dense values are built only when they are written;
         // otherwise fidelity decodes chunk by chunk.
@@ -858,14 +862,22 @@ impl<'a> TensorRunner<'a> {
             }),
             (None, Values::LowRank(_)) => unreachable!("low-rank values are reconstructed"),
         };
-        let output_error = layer_stats.as_ref().and_then(|ls| match &dense {
-            Some(d) => output_error(exact, d, ls),
-            None => {
-                let mut d = p.values.reconstruct(&p.shape);
-                round_to(dtype, &mut d);
-                output_error(exact, &d, ls)
-            }
-        });
+        // Computed by the stage when it could (the same sums), else from
+        // the stage's Hessian factor when it made one.
+        let computed = p
+            .output_error
+            .map(|(num, den)| (den > 0.0).then(|| num.max(0.0) / den));
+        let output_error = layer_stats
+            .as_ref()
+            .and_then(|ls| match (computed, &dense) {
+                (Some(e), _) => e,
+                (None, Some(d)) => output_error_with(exact, d, ls, &self.factors),
+                (None, None) => {
+                    let mut d = p.values.reconstruct(&p.shape);
+                    round_to(dtype, &mut d);
+                    output_error_with(exact, &d, ls, &self.factors)
+                }
+            });
         let elements = p.shape.iter().product::<usize>() as f64;
         let nonzero = (elements * (1.0 - f.sparsity)).round() as u64;
         let written = Written {
@@ -1032,6 +1044,7 @@ fn global_cuts(
             &|_| {},
             &mut work,
             layer_stats.as_ref(),
+            &FactorCache::new(),
         )?;
         Ok(match p.values {
             Values::Raw(v) => v,

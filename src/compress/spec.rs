@@ -156,6 +156,13 @@ pub struct ShareSpec {
     /// Run the GPTQ sweep with the codebook as the grid (needs `xtx`).
     #[serde(default, skip_serializing_if = "is_false")]
     pub compensate: bool,
+    /// With `compensate`: dampening relative to the mean diagonal of `xtx`
+    /// (0.01).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damp: Option<f64>,
+    /// With `compensate`: columns per block (128).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -871,7 +878,12 @@ pub enum PipelineError {
 fn parse_stage(i: usize, s: &StageSpec) -> Result<(Stage, Calibration), SpecError> {
     let calibration = match s {
         StageSpec::Quantize(q) => quantize_calibration(i, q)?,
-        StageSpec::Share(sh) if sh.compensate => Calibration::Compensate(SweepParams::default()),
+        StageSpec::Share(sh) if sh.compensate => {
+            Calibration::Compensate(sweep_params(i, "share", sh.damp, sh.block_size, false)?)
+        }
+        StageSpec::Share(sh) if sh.damp.is_some() || sh.block_size.is_some() => {
+            return Err(err(i, "share", "damp and block_size go with compensate"));
+        }
         _ => Calibration::None,
     };
     Ok((parse_stage_kind(i, s)?, calibration))
@@ -1353,6 +1365,52 @@ mod tests {
             r#"{"stages":[{"stage":"quantize","method":"gptq","bits":4,"block_size":0}]}"#,
         ] {
             assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn compensated_sharing_takes_damp_and_block_size() {
+        let p = parse(
+            r#"{"stages":[{"stage":"share","clusters":16,"compensate":true,"damp":0.05,"block_size":64}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.calibration(0),
+            Calibration::Compensate(SweepParams {
+                damp: 0.05,
+                block_size: 64,
+                act_order: false
+            })
+        );
+        let d = parse(r#"{"stages":[{"stage":"share","clusters":16,"compensate":true}]}"#).unwrap();
+        assert_eq!(
+            d.calibration(0),
+            Calibration::Compensate(SweepParams::default())
+        );
+        for (bad, needle) in [
+            (
+                r#"{"stages":[{"stage":"share","clusters":16,"damp":0.05}]}"#,
+                "go with compensate",
+            ),
+            (
+                r#"{"stages":[{"stage":"share","clusters":16,"block_size":8}]}"#,
+                "go with compensate",
+            ),
+            (
+                r#"{"stages":[{"stage":"share","clusters":16,"compensate":true,"damp":-1}]}"#,
+                "damp must be",
+            ),
+            (
+                r#"{"stages":[{"stage":"share","clusters":16,"compensate":true,"damp":11}]}"#,
+                "damp must be",
+            ),
+            (
+                r#"{"stages":[{"stage":"share","clusters":16,"compensate":true,"block_size":0}]}"#,
+                "block_size must be",
+            ),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.to_string().contains(needle), "{bad}: {e}");
         }
     }
 

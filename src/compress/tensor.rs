@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use super::binarize::binarize;
-use super::calibrate::{self, CalibError, LayerStats, SweepGrid, SweepPrune};
+use super::calibrate::{self, CalibError, FactorCache, LayerStats, SweepGrid, SweepPrune};
 use super::coded::{Coded, MatrixShape};
 use super::lowrank::{low_rank, product, LowRank};
 use super::prune::{prune_below, prune_magnitude, prune_n_m};
@@ -40,6 +40,11 @@ pub struct Processed {
     pub applied: Vec<String>,
     /// Seconds spent per stage (index into the pipeline).
     pub seconds: Vec<(usize, f64)>,
+    /// `(tr(ΔW H ΔWᵀ), tr(W H Wᵀ))` of the final values rounded to storage
+    /// against the input values, when a calibrated stage computed it on the
+    /// way (gptq and compensated sharing, to choose between the sweep and
+    /// round-to-nearest row by row).
+    pub output_error: Option<(f64, f64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +83,7 @@ pub fn process(
     pipeline: &Pipeline,
     stage_indices: &[usize],
     cut: Option<TensorCut>,
-    round_to_storage: &dyn Fn(&mut [f32]),
+    round_to_storage: &(dyn Fn(&mut [f32]) + Sync),
     work: &mut Vec<f32>,
 ) -> Result<Processed, TensorError> {
     process_with_stats(
@@ -91,6 +96,7 @@ pub fn process(
         round_to_storage,
         work,
         None,
+        &FactorCache::new(),
     )
 }
 
@@ -102,6 +108,10 @@ pub fn process(
 ///   so the quantization error is compensated too;
 /// - `quantize`: gptq; rtn's MSE scale search weighted by `in_sum2 / counts`;
 /// - `share`: the importance-weighted k-means, and `compensate`.
+///
+/// `factors` keeps the factor of the dampened Hessian from tensor to tensor
+/// for weights whose statistics share one `xtx` ([`FactorCache`]); it is
+/// dropped here when this tensor's statistics are others.
 #[allow(clippy::too_many_arguments)]
 pub fn process_with_stats(
     name: &str,
@@ -110,10 +120,12 @@ pub fn process_with_stats(
     pipeline: &Pipeline,
     stage_indices: &[usize],
     cut: Option<TensorCut>,
-    round_to_storage: &dyn Fn(&mut [f32]),
+    round_to_storage: &(dyn Fn(&mut [f32]) + Sync),
     work: &mut Vec<f32>,
     stats: Option<&LayerStats>,
+    factors: &FactorCache,
 ) -> Result<Processed, TensorError> {
+    factors.keep_only(stats.and_then(LayerStats::key));
     let matrix = MatrixShape::of(shape).ok_or_else(|| TensorError::Shape {
         tensor: name.to_string(),
     })?;
@@ -123,6 +135,7 @@ pub fn process_with_stats(
         encode: None,
         applied: Vec::new(),
         seconds: Vec::new(),
+        output_error: None,
     };
     let mut current = Values::Raw(Vec::new());
     let writes = stage_indices
@@ -145,6 +158,17 @@ pub fn process_with_stats(
             source,
         }
     };
+    // The factor of the dampened Hessian for a sweep, shared with the
+    // tensors before and after that have the same statistics.
+    let factor = |i: usize, s: &LayerStats, p: &calibrate::SweepParams| {
+        let xtx = s.xtx().unwrap_or_default();
+        if s.cols() != matrix.cols {
+            return Err(calib_err(i)(CalibError::Shape));
+        }
+        factors
+            .factor(s.key(), xtx, matrix.cols, p.damp, p.act_order)
+            .map_err(calib_err(i))
+    };
     // A gptq stage already run jointly with a sparsegpt stage.
     let mut joint_done: Option<usize> = None;
     if writes {
@@ -155,6 +179,10 @@ pub fn process_with_stats(
         let stage = &pipeline.stages()[i];
         let started = Instant::now();
         let values: &[f32] = if writes { work } else { values };
+        if !matches!(stage, Stage::Structural(_) | Stage::Encode(..)) {
+            // Measured before this stage changed the values.
+            out.output_error = None;
+        }
         match stage {
             Stage::Structural(_) => continue,
             Stage::Prune(PruneKind::Magnitude { sparsity, global }, _) => match (global, cut) {
@@ -173,7 +201,6 @@ pub fn process_with_stats(
             Stage::Prune(PruneKind::SparseGpt(pattern, params), _) => {
                 let s = need(i, StatsNeed::Xtx)?;
                 let imp = importance.as_deref().unwrap_or_default();
-                let xtx = s.xtx().unwrap_or_default();
                 // The gptq stage this sweep also quantizes for, if any.
                 let gptq = stage_indices.iter().copied().find_map(|j| {
                     match (&pipeline.stages()[j], pipeline.calibration(j)) {
@@ -196,8 +223,17 @@ pub fn process_with_stats(
                             quant,
                             importance: imp,
                         };
-                        let out = calibrate::sweep(work, matrix, xtx, *pattern, grid, &p)
-                            .map_err(calib_err(i))?;
+                        let u = factor(i, s, &p)?;
+                        let out = calibrate::sweep_factored(
+                            work,
+                            matrix,
+                            &u,
+                            *pattern,
+                            grid,
+                            &p,
+                            round_to_storage,
+                        )
+                        .map_err(calib_err(i))?;
                         work.copy_from_slice(&out.values);
                         if let Some(c) = out.coded {
                             current = Values::Coded(c);
@@ -205,9 +241,17 @@ pub fn process_with_stats(
                         joint_done = Some(j);
                     }
                     _ => {
-                        let out =
-                            calibrate::sweep(work, matrix, xtx, *pattern, SweepGrid::Keep, params)
-                                .map_err(calib_err(i))?;
+                        let u = factor(i, s, params)?;
+                        let out = calibrate::sweep_factored(
+                            work,
+                            matrix,
+                            &u,
+                            *pattern,
+                            SweepGrid::Keep,
+                            params,
+                            round_to_storage,
+                        )
+                        .map_err(calib_err(i))?;
                         work.copy_from_slice(&out.values);
                     }
                 }
@@ -231,17 +275,21 @@ pub fn process_with_stats(
                             quant: *q,
                             importance: importance.as_deref().unwrap_or_default(),
                         };
-                        calibrate::sweep(
+                        let u = factor(i, s, &g)?;
+                        let swept = calibrate::sweep_factored(
                             values,
                             matrix,
-                            s.xtx().unwrap_or_default(),
+                            &u,
                             SweepPrune::None,
                             grid,
                             &g,
+                            round_to_storage,
                         )
-                        .map_err(calib_err(i))?
-                        .coded
-                        .expect("an integer sweep is coded")
+                        .map_err(calib_err(i))?;
+                        if !writes {
+                            out.output_error = swept.error;
+                        }
+                        swept.coded.expect("an integer sweep is coded")
                     }
                     (ValueStage::Share(p), Calibration::Compensate(g), _) => {
                         let s = need(i, StatsNeed::Xtx)?;
@@ -261,17 +309,21 @@ pub fn process_with_stats(
                             zero_entry,
                             values: centroids,
                         };
-                        calibrate::sweep(
+                        let u = factor(i, s, &g)?;
+                        let swept = calibrate::sweep_factored(
                             values,
                             matrix,
-                            s.xtx().unwrap_or_default(),
+                            &u,
                             SweepPrune::None,
                             grid,
                             &g,
+                            round_to_storage,
                         )
-                        .map_err(calib_err(i))?
-                        .coded
-                        .expect("a codebook sweep is coded")
+                        .map_err(calib_err(i))?;
+                        if !writes {
+                            out.output_error = swept.error;
+                        }
+                        swept.coded.expect("a codebook sweep is coded")
                     }
                     (ValueStage::Share(p), _, Some(imp)) => {
                         calibrate::share_weighted(values, matrix, p, imp)

@@ -1171,6 +1171,7 @@ mod tests {
                 encode: Some(if huffman { Entropy::Huffman } else { Entropy::None }),
                 applied: Vec::new(),
                 seconds: Vec::new(),
+                output_error: None,
             };
             let (desc, pieces) = pack_tensor("t", Dtype::F32, &p);
             let stored: HashMap<_, _> = pieces

@@ -293,14 +293,14 @@ impl StatsFile {
 
     /// The checked statistics of `weight` (directly or through an alias).
     pub fn get(&self, weight: &str) -> Result<Option<LayerStats>, StatsFileError> {
-        let Some((_, e)) = self.entry(weight) else {
+        let Some((key, e)) = self.entry(weight) else {
             return Ok(None);
         };
         let in_sum2 = self.file.to_f32(&e.in_sum2);
         let counts = f64::from(self.file.to_f32(&e.counts)[0]);
         let xtx = e.xtx.as_ref().map(|t| self.file.to_f32(t));
         LayerStats::new(in_sum2.len(), in_sum2, counts, xtx)
-            .map(Some)
+            .map(|s| Some(s.with_key(key)))
             .map_err(|source| StatsFileError::Values {
                 weight: weight.to_string(),
                 source,

@@ -3,6 +3,8 @@
 use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
+use super::cache::FactorCache;
+use super::hessian::InverseFactor;
 use super::LayerStats;
 
 /// Rows of each matrix per product with `H`: bounds the scratch.
@@ -37,6 +39,23 @@ pub fn output_error(exact: &[f32], approx: &[f32], stats: &LayerStats) -> Option
         None => diagonal(exact, approx, stats),
     };
     relative(num, den)
+}
+
+/// [`output_error`], from the factor `factors` holds for these statistics
+/// when it holds one (half the arithmetic; the factor the stage made).
+pub fn output_error_with(
+    exact: &[f32],
+    approx: &[f32],
+    stats: &LayerStats,
+    factors: &FactorCache,
+) -> Option<f64> {
+    match factors.any(stats.key()).filter(|u| u.dim() == stats.cols()) {
+        Some(u) if stats.xtx().is_some() && !exact.is_empty() => {
+            let (num, den) = output_error_factored(exact, approx, &u);
+            relative(num, den)
+        }
+        _ => output_error(exact, approx, stats),
+    }
 }
 
 /// `num / den`, or `None` when `den` is not positive.
@@ -85,6 +104,90 @@ pub(crate) fn quadratic_rows(
         r0 += n;
     }
     out
+}
+
+/// [`quadratic_rows`] from the factor of the dampened Hessian instead of
+/// `xtx`: with `(H + λI + diag(dead))⁻¹ = L₂L₂ᵀ` in processing order,
+/// `m (H + λI + diag(dead)) mᵀ = ‖L₂⁻¹ mᵀ‖²`, one triangular solve (half
+/// the arithmetic of a product with `H`, and in place). `H`'s rows and
+/// columns of dead columns are zero, so those entries of `m` are dropped,
+/// and `m H mᵀ` is the result less `λ‖m‖²` over the live columns.
+pub(crate) fn quadratic_rows_factored(
+    k: usize,
+    rows: usize,
+    cols: usize,
+    u: &InverseFactor,
+    fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<Vec<f64>> {
+    let mut out: Vec<Vec<f64>> = vec![Vec::with_capacity(rows); k];
+    if cols == 0 {
+        return out;
+    }
+    assert_eq!(u.dim(), cols, "quadratic_rows_factored: dimensions differ");
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = ROWS.min(rows - r0);
+        let mut stacked = vec![0.0f32; k * n * cols];
+        // Each row in processing order, dead columns zeroed, and λ‖m‖².
+        let shifts: Vec<f64> = stacked
+            .par_chunks_mut(cols)
+            .enumerate()
+            .map_init(
+                || vec![0.0f32; cols],
+                |scratch, (t, row)| {
+                    fill(t / n, r0 + t % n, scratch);
+                    let mut sq = 0.0f64;
+                    for (j, o) in row.iter_mut().enumerate() {
+                        let c = u.column(j);
+                        let x = if u.dead[c] { 0.0 } else { scratch[c] };
+                        *o = x;
+                        sq += f64::from(x) * f64::from(x);
+                    }
+                    u.lambda * sq
+                },
+            )
+            .collect();
+        // Row-major (k·n) × cols is column-major cols × (k·n): the
+        // right-hand sides of L₂ Z = Mᵀ.
+        let rhs = faer::MatMut::from_column_major_slice_mut(&mut stacked, cols, k * n);
+        faer::linalg::triangular_solve::solve_lower_triangular_in_place(u.l2(), rhs, Par::rayon(0));
+        let dots: Vec<f64> = stacked
+            .par_chunks(cols)
+            .zip(shifts.par_iter())
+            .map(|(z, &shift)| z.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() - shift)
+            .collect();
+        for (o, d) in out.iter_mut().zip(dots.chunks(n)) {
+            o.extend_from_slice(d);
+        }
+        r0 += n;
+    }
+    out
+}
+
+/// [`output_error`] with `xtx` given as its factor (see
+/// [`quadratic_rows_factored`]): `(tr(ΔW H ΔWᵀ), tr(W H Wᵀ))`.
+pub(crate) fn output_error_factored(
+    exact: &[f32],
+    approx: &[f32],
+    u: &InverseFactor,
+) -> (f64, f64) {
+    let cols = u.dim();
+    assert_eq!(exact.len(), approx.len(), "output_error: lengths differ");
+    if cols == 0 || exact.is_empty() {
+        return (0.0, 0.0);
+    }
+    let rows = exact.len() / cols;
+    let q = quadratic_rows_factored(2, rows, cols, u, |i, r, out| {
+        let (e, a) = (&exact[r * cols..][..cols], &approx[r * cols..][..cols]);
+        if i == 0 {
+            for ((o, &e), &a) in out.iter_mut().zip(e).zip(a) {
+                *o = a - e;
+            }
+        } else {
+            out.copy_from_slice(e);
+        }
+    });
+    (q[0].iter().sum(), q[1].iter().sum())
 }
 
 fn diagonal(exact: &[f32], approx: &[f32], stats: &LayerStats) -> (f64, f64) {
@@ -137,7 +240,93 @@ pub fn output_error_reference(exact: &[f32], approx: &[f32], stats: &LayerStats)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::calibrate::hessian::inverse_factor;
     use crate::compress::calibrate::testing::{random_xtx, Rng};
+    use proptest::prelude::*;
+
+    /// `m H mᵀ` in f64, straight from `xtx`.
+    fn direct(m: &[f32], xtx: &[f32]) -> f64 {
+        let d = m.len();
+        let mut q = 0.0f64;
+        for i in 0..d {
+            for j in 0..d {
+                q += f64::from(m[i]) * f64::from(xtx[i * d + j]) * f64::from(m[j]);
+            }
+        }
+        q
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The per-row forms from the factor of the dampened Hessian (a
+        /// triangular solve, less the dampening) equal `m H mᵀ` computed
+        /// directly, for random positive semi-definite `xtx` (rank-deficient
+        /// when `tokens < d`), dead columns, both orders and dampenings.
+        /// Tolerance: 1e-3 of `m (H + λI) mᵀ` (f32 solve, then the
+        /// dampening subtracted).
+        #[test]
+        fn rows_from_the_factor_match_the_direct_formula(
+            d in 1usize..40,
+            rows in 1usize..12,
+            tokens_per_col in prop_oneof![Just(0.3f64), Just(1.0), Just(3.0)],
+            dead in proptest::option::of(0usize..40),
+            damp in prop_oneof![Just(0.01f64), Just(0.1), Just(1.0)],
+            order in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let mut rng = Rng(seed | 1);
+            let tokens = ((d as f64 * tokens_per_col) as usize).max(1);
+            let mut xtx = random_xtx(&mut rng, d, tokens);
+            if let Some(k) = dead.filter(|&k| k < d) {
+                for t in 0..d {
+                    xtx[k * d + t] = 0.0;
+                    xtx[t * d + k] = 0.0;
+                }
+            }
+            let u = inverse_factor(&xtx, d, damp, order).unwrap();
+            let m: Vec<f32> = (0..rows * d).map(|_| rng.normal()).collect();
+            let q = quadratic_rows_factored(1, rows, d, &u, |_, r, out| {
+                out.copy_from_slice(&m[r * d..(r + 1) * d]);
+            });
+            for r in 0..rows {
+                let row = &m[r * d..(r + 1) * d];
+                let exact = direct(row, &xtx);
+                let live: f64 = (0..d)
+                    .filter(|&c| !u.dead[c])
+                    .map(|c| f64::from(row[c]).powi(2))
+                    .sum();
+                let scale = exact + u.lambda * live;
+                prop_assert!(
+                    (q[0][r] - exact).abs() <= 1e-3 * scale + 1e-9,
+                    "row {}: factored {} vs direct {} (scale {})", r, q[0][r], exact, scale
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_error_from_the_factor_matches_the_plain_sums() {
+        let (rows, cols) = (300, 33);
+        let mut rng = Rng(7);
+        let xtx = random_xtx(&mut rng, cols, 2 * cols);
+        let in_sum2: Vec<f32> = (0..cols).map(|j| xtx[j * cols + j]).collect();
+        let exact: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+        let approx: Vec<f32> = exact.iter().map(|&x| x + 0.1 * rng.normal()).collect();
+        let stats = LayerStats::new(cols, in_sum2, 5.0, Some(xtx.clone()))
+            .unwrap()
+            .with_key("w");
+        let r = output_error_reference(&exact, &approx, &stats).unwrap();
+        let factors = FactorCache::new();
+        // Nothing held: the products with xtx.
+        let plain = output_error_with(&exact, &approx, &stats, &factors).unwrap();
+        assert!((plain - r).abs() <= 1e-4 * r, "{plain} vs {r}");
+        factors.factor(Some("w"), &xtx, cols, 0.01, false).unwrap();
+        let (num, den) = output_error_factored(&exact, &approx, &factors.any(Some("w")).unwrap());
+        let f = output_error_with(&exact, &approx, &stats, &factors).unwrap();
+        assert_eq!(f, num / den);
+        assert!((f - r).abs() <= 1e-3 * r, "{f} vs {r}");
+    }
 
     #[test]
     fn the_full_and_diagonal_forms_match_the_plain_sums() {

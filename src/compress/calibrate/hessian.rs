@@ -18,8 +18,11 @@ use faer::{Mat, Par};
 
 use super::CalibError;
 
-/// The factor of the inverse Hessian in processing order.
-pub(crate) struct InverseFactor {
+/// The factor of the inverse of the dampened Hessian in processing order:
+/// what the sweep runs on and what output errors are measured with. Tensors
+/// whose statistics share one `xtx` can share it ([`super::FactorCache`]).
+#[derive(Debug)]
+pub struct InverseFactor {
     /// Lower-triangular `L₂` with `H⁻¹ = L₂L₂ᵀ`; the sweep's `U = L₂ᵀ`, so
     /// row `j` of `U` is column `j` of `L₂`, contiguous in column-major
     /// storage.
@@ -28,11 +31,24 @@ pub(crate) struct InverseFactor {
     pub(crate) perm: Option<Vec<usize>>,
     /// Original columns whose `H_jj` was 0.
     pub(crate) dead: Vec<bool>,
+    /// The dampening added to the diagonal: the factored matrix is
+    /// `H + λI + diag(dead)` (a dead column's diagonal becomes `1 + λ`).
+    pub(crate) lambda: f64,
 }
 
 impl InverseFactor {
     pub(crate) fn dim(&self) -> usize {
         self.l2.nrows()
+    }
+
+    /// Whether the columns are processed by decreasing `H_jj`.
+    pub(crate) fn act_order(&self) -> bool {
+        self.perm.is_some()
+    }
+
+    /// `L₂` (lower triangular, `L₂L₂ᵀ = (H + λI)⁻¹` in processing order).
+    pub(crate) fn l2(&self) -> faer::MatRef<'_, f32> {
+        self.l2.as_ref()
     }
 
     /// `U[j][j..]` (row `j` of the upper factor from its diagonal on).
@@ -99,7 +115,7 @@ pub(crate) fn prepare(xtx: &[f32], d: usize, damp: f64, order: bool) -> Prepared
 /// positive diagonal and `UᵀU = H⁻¹`: the (unique) factor the reference
 /// gets from Cholesky of H, its inverse, and Cholesky again, for one
 /// Cholesky and one triangular inverse.
-pub(crate) fn inverse_factor(
+pub fn inverse_factor(
     xtx: &[f32],
     d: usize,
     damp: f64,
@@ -133,27 +149,35 @@ pub(crate) fn inverse_factor(
         Default::default(),
     )
     .map_err(|_| CalibError::NotPositiveDefinite { damp })?;
-    let mut l_inv = Mat::<f32>::zeros(d, d);
-    invert_lower_triangular(l_inv.as_mut(), l.as_ref(), par);
-    // l2[k][j] = U[j][k] = L⁻¹[d-1-j][d-1-k] for k >= j, over L's storage,
-    // in tiles so both sides stay in cache.
-    let mut l2 = l;
+    let mut l2 = Mat::<f32>::zeros(d, d);
+    invert_lower_triangular(l2.as_mut(), l.as_ref(), par);
+    drop(l);
+    // l2[k][j] = U[j][k] = L⁻¹[d-1-j][d-1-k] for k >= j: the inverse
+    // mirrored across its anti-diagonal, an involution done in place by
+    // swapping pairs (`L⁻¹` is lower triangular, and so is the result).
+    // In tiles, so both sides of a swap stay in cache.
     const TILE: usize = 64;
     for jb in (0..d).step_by(TILE) {
-        for kb in (0..d).step_by(TILE) {
+        for kb in (jb..d).step_by(TILE) {
             for j in jb..(jb + TILE).min(d) {
-                for k in kb..(kb + TILE).min(d) {
-                    l2[(k, j)] = if k >= j {
-                        l_inv[(d - 1 - j, d - 1 - k)]
-                    } else {
-                        0.0
-                    };
+                for k in kb.max(j)..(kb + TILE).min(d) {
+                    // (k, j) and (d-1-j, d-1-k): each pair swapped once.
+                    let (a, b) = (d - 1 - j, d - 1 - k);
+                    if (k, j) < (a, b) {
+                        let t = l2[(k, j)];
+                        l2[(k, j)] = l2[(a, b)];
+                        l2[(a, b)] = t;
+                    }
                 }
             }
         }
     }
-    drop(l_inv);
-    Ok(InverseFactor { l2, perm, dead })
+    Ok(InverseFactor {
+        l2,
+        perm,
+        dead,
+        lambda,
+    })
 }
 
 /// [`inverse_factor`] the plain way, in f64: textbook Cholesky, the inverse

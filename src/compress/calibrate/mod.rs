@@ -20,6 +20,7 @@
 //! - [`output_error`]: `tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`, or its diagonal form
 //!   with `in_sum2` only.
 
+mod cache;
 mod error;
 mod hessian;
 mod kmeans;
@@ -29,10 +30,15 @@ mod sweep;
 pub(crate) mod testing;
 mod wanda;
 
-pub use error::{output_error, output_error_reference};
+pub use cache::FactorCache;
+pub use error::{output_error, output_error_reference, output_error_with};
+pub use hessian::{inverse_factor, InverseFactor};
 pub use kmeans::{share_weighted, share_weighted_reference};
 pub use stats::{LayerStats, StatsError, XTX_SYMMETRY_TOLERANCE};
-pub use sweep::{sweep, sweep_plain, sweep_reference, SweepGrid, SweepParams, SweepPrune, Swept};
+pub use sweep::{
+    sweep, sweep_factored, sweep_plain, sweep_reference, RoundToStorage, SweepGrid, SweepParams,
+    SweepPrune, Swept,
+};
 pub use wanda::{wanda, wanda_reference};
 
 /// Why a calibrated method could not run on a tensor; the caller adds the

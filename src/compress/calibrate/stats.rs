@@ -36,6 +36,9 @@ pub struct LayerStats {
     in_sum2: Vec<f32>,
     counts: f64,
     xtx: Option<Vec<f32>>,
+    /// The name the statistics are stored under (after aliases): weights
+    /// with the same key share `xtx`.
+    key: Option<String>,
 }
 
 impl LayerStats {
@@ -76,7 +79,20 @@ impl LayerStats {
             in_sum2,
             counts,
             xtx,
+            key: None,
         })
+    }
+
+    /// The same statistics, known to be stored under `key`: weights whose
+    /// statistics have the same key share their `xtx` (and its factor).
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The name the statistics are stored under, when known.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
     }
 
     /// Number of input columns.

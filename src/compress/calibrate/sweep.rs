@@ -31,7 +31,7 @@
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::error::quadratic_rows;
+use super::error::quadratic_rows_factored;
 use super::hessian::{inverse_factor, InverseFactor};
 use super::wanda::by_score_nm;
 use super::CalibError;
@@ -526,7 +526,47 @@ pub fn sweep(
     grid: SweepGrid<'_>,
     p: &SweepParams,
 ) -> Result<Swept, CalibError> {
-    sweep_inner(data, shape, xtx, prune, grid, p, true)
+    let unrounded: RoundToStorage<'_> = &|_: &mut [f32]| {};
+    sweep_inner(
+        data,
+        shape,
+        Hessian::Xtx(xtx),
+        prune,
+        grid,
+        p,
+        Some(unrounded),
+    )
+}
+
+/// Stored values: the dtype a tensor's values are rounded to when written.
+pub type RoundToStorage<'a> = &'a (dyn Fn(&mut [f32]) + Sync);
+
+/// [`sweep`] on a factor already made from the statistics (see
+/// [`super::FactorCache`]; it must have been made with `p.damp` and
+/// `p.act_order`). The output errors that decide between the sweep and
+/// round-to-nearest, and that `Swept::error` reports, are those of the
+/// values as stored: rounded by `round`.
+pub fn sweep_factored(
+    data: &[f32],
+    shape: MatrixShape,
+    factor: &InverseFactor,
+    prune: SweepPrune,
+    grid: SweepGrid<'_>,
+    p: &SweepParams,
+    round: RoundToStorage<'_>,
+) -> Result<Swept, CalibError> {
+    if factor.dim() != shape.cols || factor.act_order() != p.act_order {
+        return Err(CalibError::Shape);
+    }
+    sweep_inner(
+        data,
+        shape,
+        Hessian::Factor(factor),
+        prune,
+        grid,
+        p,
+        Some(round),
+    )
 }
 
 /// The sweep alone, as the reference algorithm runs it: without keeping
@@ -539,22 +579,33 @@ pub fn sweep_plain(
     grid: SweepGrid<'_>,
     p: &SweepParams,
 ) -> Result<Swept, CalibError> {
-    sweep_inner(data, shape, xtx, prune, grid, p, false)
+    sweep_inner(data, shape, Hessian::Xtx(xtx), prune, grid, p, None)
 }
 
+/// The statistics a sweep runs on: `xtx`, or its factor.
+#[derive(Clone, Copy)]
+enum Hessian<'a> {
+    Xtx(&'a [f32]),
+    Factor(&'a InverseFactor),
+}
+
+/// `keep_better`: keep round-to-nearest rows when better, judged on the
+/// values rounded by the function given.
 fn sweep_inner(
     data: &[f32],
     shape: MatrixShape,
-    xtx: &[f32],
+    hessian: Hessian<'_>,
     prune: SweepPrune,
     grid: SweepGrid<'_>,
     p: &SweepParams,
-    keep_better: bool,
+    keep_better: Option<RoundToStorage<'_>>,
 ) -> Result<Swept, CalibError> {
     let layout = layout_of(data, shape, prune, &grid, p.act_order)?;
     let MatrixShape { rows, cols } = shape;
-    if Some(xtx.len()) != cols.checked_mul(cols) {
-        return Err(CalibError::Shape);
+    if let Hessian::Xtx(xtx) = hessian {
+        if Some(xtx.len()) != cols.checked_mul(cols) {
+            return Err(CalibError::Shape);
+        }
     }
     if shape.is_empty() {
         return Ok(Swept {
@@ -564,7 +615,14 @@ fn sweep_inner(
             rows_rounded: 0,
         });
     }
-    let u = inverse_factor(xtx, cols, p.damp, p.act_order)?;
+    let owned;
+    let u = match hessian {
+        Hessian::Xtx(xtx) => {
+            owned = inverse_factor(xtx, cols, p.damp, p.act_order)?;
+            &owned
+        }
+        Hessian::Factor(u) => u,
+    };
     let group = match layout {
         Layout::Groups { g, dynamic: true } => Some(g),
         _ => None,
@@ -610,7 +668,7 @@ fn sweep_inner(
     };
     let shared = Shared {
         cols,
-        u: &u,
+        u,
         input: data,
         prune,
         grid,
@@ -627,7 +685,7 @@ fn sweep_inner(
         let mask = match prune {
             SweepPrune::Sparsity(s) => {
                 let count = pruned_before(s, rows * i2) - pruned_before(s, rows * i1);
-                Some(block_mask(&w, shape, &u, i1, i2, count.min(total)))
+                Some(block_mask(&w, shape, u, i1, i2, count.min(total)))
             }
             _ => None,
         };
@@ -672,11 +730,13 @@ fn sweep_inner(
         None => w,
     };
     let (mut error, mut rows_rounded) = (None, 0);
-    if keep_better && prune == SweepPrune::None && !matches!(grid, SweepGrid::Keep) {
+    if let Some(round) =
+        keep_better.filter(|_| prune == SweepPrune::None && !matches!(grid, SweepGrid::Keep))
+    {
         let fallback = keep_better_rows(
             data,
             shape,
-            xtx,
+            round,
             &shared,
             &mut values,
             &mut symbols,
@@ -727,13 +787,16 @@ fn round_row(
 /// GPTQ is greedy: on a given row, rounding every weight to nearest on the
 /// same grid can, rarely, give the smaller output error. Such rows take the
 /// rounded values, so the result is never worse than round-to-nearest.
+/// The errors are those of the rows rounded by `round` (as they will be
+/// stored), from the factor of the dampened Hessian
+/// ([`quadratic_rows_factored`]).
 /// Returns the output error's numerator and denominator and how many rows
 /// were replaced.
 #[allow(clippy::too_many_arguments)]
 fn keep_better_rows(
     data: &[f32],
     shape: MatrixShape,
-    xtx: &[f32],
+    round: RoundToStorage<'_>,
     s: &Shared<'_>,
     values: &mut [f32],
     symbols: &mut [u8],
@@ -743,22 +806,21 @@ fn keep_better_rows(
     let per_row = grids.len() / shape.rows;
     let swept: &[f32] = values;
     let original_grids: &[GroupGrid] = grids;
-    let q = quadratic_rows(3, shape.rows, cols, xtx, |i, r, out| {
+    let q = quadratic_rows_factored(3, shape.rows, cols, s.u, |i, r, out| {
         let row = &data[r * cols..(r + 1) * cols];
         match i {
             0 => {
-                for ((o, &a), &e) in out
-                    .iter_mut()
-                    .zip(&swept[r * cols..(r + 1) * cols])
-                    .zip(row)
-                {
-                    *o = a - e;
+                out.copy_from_slice(&swept[r * cols..(r + 1) * cols]);
+                round(out);
+                for (o, &e) in out.iter_mut().zip(row) {
+                    *o -= e;
                 }
             }
             1 => {
                 let mut g = original_grids[r * per_row..(r + 1) * per_row].to_vec();
                 let mut sym = vec![0u8; cols];
                 round_row(s, data, r, out, &mut sym, &mut g);
+                round(out);
                 for (o, &e) in out.iter_mut().zip(row) {
                     *o -= e;
                 }
@@ -1073,7 +1135,7 @@ mod tests {
         #[test]
         fn one_block_matches_the_reference_bit_for_bit(c in case()) {
             let p = SweepParams { damp: 0.01, block_size: c.shape.cols, act_order: c.act_order };
-            let fast = sweep_inner(&c.w, c.shape, &c.xtx, c.prune, grid_of(&c), &p, false).unwrap();
+            let fast = sweep_plain(&c.w, c.shape, &c.xtx, c.prune, grid_of(&c), &p).unwrap();
             let reference = sweep_reference(&c.w, c.shape, &c.xtx, c.prune, grid_of(&c), &p).unwrap();
             prop_assert_eq!(&fast.values, &reference.values);
             prop_assert_eq!(&fast.coded, &reference.coded);
@@ -1085,7 +1147,7 @@ mod tests {
         #[test]
         fn blocks_change_only_the_rounding(c in case()) {
             let p = SweepParams { damp: 0.01, block_size: c.block, act_order: c.act_order };
-            let fast = sweep_inner(&c.w, c.shape, &c.xtx, c.prune, grid_of(&c), &p, false).unwrap();
+            let fast = sweep_plain(&c.w, c.shape, &c.xtx, c.prune, grid_of(&c), &p).unwrap();
             let reference = sweep_reference(&c.w, c.shape, &c.xtx, c.prune, grid_of(&c), &p).unwrap();
             let same = fast.values.iter().zip(&reference.values).filter(|(a, b)| a == b).count();
             // The lazy block product sums in another order than the
@@ -1151,7 +1213,7 @@ mod tests {
             }
             let imp = vec![0.01f32; cols];
             let p = SweepParams { damp: 0.01, block_size: c.block, act_order: c.act_order };
-            let out = sweep_inner(&c.w, c.shape, &eye, SweepPrune::None, SweepGrid::Int { quant, importance: &imp }, &p, false).unwrap();
+            let out = sweep_plain(&c.w, c.shape, &eye, SweepPrune::None, SweepGrid::Int { quant, importance: &imp }, &p).unwrap();
             let rtn = quantize_int_weighted(&c.w, c.shape, &quant, &imp);
             prop_assert_eq!(out.coded.unwrap(), rtn);
         }
