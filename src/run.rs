@@ -423,6 +423,9 @@ pub fn compress_with_stats(
 ) -> Result<Report, RunError> {
     let started = Instant::now();
     recycle_large_buffers();
+    // Declared first, dropped last: after every buffer of the run, on every
+    // way out (success, error, cancellation).
+    let _trim = TrimOnDrop;
     let ckpt = Checkpoint::open(input)?;
     let config = match req.config {
         Some(path) => Some(read_config(path)?),
@@ -529,7 +532,6 @@ pub fn compress_with_stats(
     staging.write_json("report.json", &report)?;
     check_canceled(cancel)?;
     staging.commit()?;
-    release_free_memory();
     Ok(report)
 }
 
@@ -559,6 +561,15 @@ fn release_free_memory() {
     // SAFETY: malloc_trim only releases memory that no allocation uses.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Calls [`release_free_memory`] when dropped.
+struct TrimOnDrop;
+
+impl Drop for TrimOnDrop {
+    fn drop(&mut self) {
+        release_free_memory();
     }
 }
 
