@@ -352,14 +352,8 @@ pub async fn upload_model(
     req: Request,
 ) -> Result<Response, ApiError> {
     let limit = state.config.max_upload_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit.saturating_add(64 * 1024)) {
-        return Err(ApiError::too_large(limit));
-    }
+    // Multipart framing adds a little to the files themselves.
+    refuse_declared_over(req.headers(), limit, limit.saturating_add(64 * 1024))?;
     // Refused before any byte is read, rather than after the whole upload.
     parse_labels(params.labels.as_deref())?;
     check_text("name", params.name.clone())?;
@@ -674,6 +668,24 @@ pub async fn delete_model(
             "A queued or running job uses this model; cancel it or wait for it to finish.",
         )),
     }
+}
+
+/// Refuses a request whose declared `Content-Length` is over `allowed`
+/// (413 naming the upload limit `limit`) before any byte is read; the
+/// stream is still counted, as the length may be absent or false.
+pub(super) fn refuse_declared_over(
+    headers: &axum::http::HeaderMap,
+    limit: u64,
+    allowed: u64,
+) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > allowed) {
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -95,14 +95,7 @@ pub async fn upload_statistics(
     req: Request,
 ) -> Result<Response, ApiError> {
     let limit = state.config.max_upload_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::too_large(limit));
-    }
+    super::models::refuse_declared_over(req.headers(), limit, limit)?;
     let body = req.into_body().into_data_stream().map(|chunk| {
         chunk.map_err(|e| {
             UploadError::Api(ApiError::bad_request(
