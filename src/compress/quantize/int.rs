@@ -138,23 +138,27 @@ impl FastQuant {
 }
 
 /// The zero point that puts `lo` on `qmin` (compressed-tensors' formula).
+#[inline(always)]
 pub(super) fn zero_for_low(lo: f32, scale: f32, r: IntRange) -> i32 {
     (r.qmin as f32 - (lo / scale).round_ties_even()).clamp(r.qmin as f32, r.qmax as f32) as i32
 }
 
 /// The zero point that puts `hi` on `qmax`.
+#[inline(always)]
 pub(super) fn zero_for_high(hi: f32, scale: f32, r: IntRange) -> i32 {
     (r.qmax as f32 - (hi / scale).round_ties_even()).clamp(r.qmin as f32, r.qmax as f32) as i32
 }
 
 /// Keeps a scale where `w / s` and `(q - z) * s` stay finite: at least the
 /// smallest normal f32, at most `f32::MAX / 2^bits` (`|q - z| < 2^bits`).
+#[inline(always)]
 pub(super) fn bounded_scale(s: f32, bits: u8) -> f32 {
     s.clamp(f32::MIN_POSITIVE, f32::MAX / f32::from(1u16 << bits))
 }
 
 /// Min-max parameters: symmetric maps `absmax` to `2^(b-1) - 1`; asymmetric
 /// maps `[lo, hi]` (which contains 0) onto `2^b - 1` steps.
+#[inline(always)]
 pub(super) fn minmax_choice(span: Span, bits: u8, symmetric: bool) -> Choice {
     let r = IntRange::of(bits);
     if symmetric {
@@ -187,6 +191,7 @@ pub(super) fn minmax_choice(span: Span, bits: u8, symmetric: bool) -> Choice {
 
 /// [`Span`] of a block in [`LANES`] independent lanes, non-finite values
 /// replaced by 0 (which every span contains) and flagged.
+#[inline(always)]
 pub(super) fn block_span_fast(b: &[f32]) -> Span {
     let mut lo = [0.0f32; LANES];
     let mut hi = [0.0f32; LANES];
@@ -215,6 +220,7 @@ pub(super) fn block_span_fast(b: &[f32]) -> Span {
     span
 }
 
+#[inline(always)]
 pub(super) fn span_fast(w: &[f32]) -> Span {
     if w.len() > PAR_GROUP {
         w.par_chunks(BLOCK)
@@ -276,40 +282,82 @@ pub fn quantize_int(data: &[f32], shape: MatrixShape, p: &IntQuant) -> Coded {
         .par_chunks_mut(group_len)
         .zip(data.par_chunks(group_len))
         .zip(choices.par_iter_mut())
-        .for_each(|((out, w), choice)| {
-            let span = span_fast(w);
-            *choice = match p.scale_search {
-                ScaleSearch::MinMax => minmax_choice(span, p.bits, p.symmetric),
-                ScaleSearch::Mse => {
-                    search_choice(&FastPasses { w, span, r }, span, p.bits, p.symmetric)
-                }
-            };
-            write_symbols_fast(w, out, span, *choice, r);
-        });
+        .for_each(|((out, w), choice)| *choice = quantize_group(w, out, p, r));
     int_coded(symbols, &choices, group_len, p)
 }
 
+/// One group's parameters and symbols, compiled for the widest vector
+/// registers the CPU has. Wider registers make the same IEEE operations in
+/// the same order (Rust never fuses a multiply and an add on its own), so
+/// the bits do not depend on the CPU.
+pub(super) fn quantize_group(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRange) -> Choice {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+            // SAFETY: the CPU has these features, checked just above.
+            return unsafe { quantize_group_avx512(w, out, p, r) };
+        }
+        if has!("avx2") {
+            // SAFETY: as above.
+            return unsafe { quantize_group_avx2(w, out, p, r) };
+        }
+    }
+    quantize_group_portable(w, out, p, r)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn quantize_group_avx512(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRange) -> Choice {
+    quantize_group_portable(w, out, p, r)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_group_avx2(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRange) -> Choice {
+    quantize_group_portable(w, out, p, r)
+}
+
+#[inline(always)]
+pub(super) fn quantize_group_portable(
+    w: &[f32],
+    out: &mut [u8],
+    p: &IntQuant,
+    r: IntRange,
+) -> Choice {
+    let span = span_fast(w);
+    let choice = match p.scale_search {
+        ScaleSearch::MinMax => minmax_choice(span, p.bits, p.symmetric),
+        ScaleSearch::Mse => search_choice(&FastPasses { w, span, r }, span, p.bits, p.symmetric),
+    };
+    write_symbols_fast(w, out, span, choice, r);
+    choice
+}
+
+#[inline(always)]
 pub(super) fn write_symbols_fast(w: &[f32], out: &mut [u8], span: Span, c: Choice, r: IntRange) {
     let k = FastQuant::new(c.round_scale, c.zero, r);
-    // The symbol `q - qmin`, in 0..=255.
-    let symbol = |q: f32| small_int(q - k.qmin) as u8;
-    let write = |(o, w): (&mut [u8], &[f32])| {
-        if span.all_finite {
-            for (o, &w) in o.iter_mut().zip(w) {
-                *o = symbol(k.q(w));
-            }
-        } else {
-            for (o, &w) in o.iter_mut().zip(w) {
-                *o = symbol(k.q(span.seen(w)));
-            }
-        }
-    };
     if w.len() > PAR_GROUP {
         out.par_chunks_mut(BLOCK)
             .zip(w.par_chunks(BLOCK))
-            .for_each(write);
+            .for_each(|(o, w)| write_block(o, w, span, k));
     } else {
-        write((out, w));
+        write_block(out, w, span, k);
+    }
+}
+
+/// The symbols `q - qmin` (in 0..=255) of a block.
+#[inline(always)]
+fn write_block(out: &mut [u8], w: &[f32], span: Span, k: FastQuant) {
+    let symbol = |q: f32| small_int(q - k.qmin) as u8;
+    if span.all_finite {
+        for (o, &w) in out.iter_mut().zip(w) {
+            *o = symbol(k.q(w));
+        }
+    } else {
+        for (o, &w) in out.iter_mut().zip(w) {
+            *o = symbol(k.q(span.seen(w)));
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub(super) struct Fit {
 }
 
 /// `Σ (w - s·d)²` expanded; exact up to rounding of the sums.
+#[inline(always)]
 pub(super) fn model_error(sum_sq: f64, fit: Fit, scale: f32) -> f64 {
     let s = f64::from(scale);
     sum_sq - 2.0 * s * fit.wd + s * s * fit.dd
@@ -35,6 +36,7 @@ pub(super) trait GroupPasses {
 /// end anchored), each also with its least-squares scale. The candidates are
 /// ranked by the expanded error; the winner replaces min-max only if its
 /// directly computed error is strictly smaller.
+#[inline(always)]
 pub(super) fn search_choice(p: &impl GroupPasses, span: Span, bits: u8, symmetric: bool) -> Choice {
     let minmax = minmax_choice(span, bits, symmetric);
     if span.is_zero() {
@@ -92,10 +94,12 @@ pub(super) fn search_choice(p: &impl GroupPasses, span: Span, bits: u8, symmetri
     }
 }
 
+#[inline(always)]
 pub(super) fn fold_lanes(l: [f64; LANES]) -> f64 {
     ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
 }
 
+#[inline(always)]
 pub(super) fn add_blocks<const N: usize>(blocks: impl IntoIterator<Item = [f64; N]>) -> [f64; N] {
     blocks.into_iter().fold([0.0; N], |mut acc, b| {
         for (a, v) in acc.iter_mut().zip(b) {
@@ -131,25 +135,65 @@ pub(super) fn block_sums_fast<const N: usize>(
     lanes.map(fold_lanes)
 }
 
-/// Canonical sums over a whole group from per-block sums, blocks in
-/// parallel when the group is large.
-pub(super) fn group_blocks_fast<const N: usize>(
-    w: &[f32],
-    block: impl Fn(&[f32]) -> [f64; N] + Sync,
-) -> [f64; N] {
-    if w.len() > PAR_GROUP {
-        let parts: Vec<[f64; N]> = w.par_chunks(BLOCK).map(&block).collect();
-        add_blocks(parts)
-    } else {
-        add_blocks(w.chunks(BLOCK).map(block))
+/// The per-block sums of a pass over a group. A trait with an inlined
+/// method rather than a closure: the sequential path then runs the kernel
+/// inside the caller, at the caller's vector width (a closure is compiled
+/// apart, for the baseline CPU).
+pub(super) trait BlockSums<const N: usize>: Sync {
+    fn block(&self, b: &[f32]) -> [f64; N];
+}
+
+/// `N` sums of a term of each element, in the canonical order.
+pub(super) struct TermSums<F>(pub(super) F);
+
+impl<const N: usize, F: Fn(f32) -> [f64; N] + Sync> BlockSums<N> for TermSums<F> {
+    #[inline(always)]
+    fn block(&self, b: &[f32]) -> [f64; N] {
+        block_sums_fast(b, &self.0)
     }
 }
 
+/// The [`GroupPasses::fit`] sums.
+struct FitSums {
+    span: Span,
+    k: FastQuant,
+}
+
+impl BlockSums<2> for FitSums {
+    #[inline(always)]
+    fn block(&self, b: &[f32]) -> [f64; 2] {
+        if self.span.all_finite {
+            fit_block::<false>(b, self.span, self.k)
+        } else {
+            fit_block::<true>(b, self.span, self.k)
+        }
+    }
+}
+
+/// Canonical sums over a whole group from per-block sums, blocks in
+/// parallel when the group is large.
+#[inline(always)]
+pub(super) fn group_blocks_fast<const N: usize>(w: &[f32], sums: &impl BlockSums<N>) -> [f64; N] {
+    if w.len() > PAR_GROUP {
+        let parts: Vec<[f64; N]> = w.par_chunks(BLOCK).map(|b| sums.block(b)).collect();
+        add_blocks(parts)
+    } else {
+        let mut acc = [0.0; N];
+        for b in w.chunks(BLOCK) {
+            for (a, v) in acc.iter_mut().zip(sums.block(b)) {
+                *a += v;
+            }
+        }
+        acc
+    }
+}
+
+#[inline(always)]
 pub(super) fn group_sums_fast<const N: usize>(
     w: &[f32],
     term: impl Fn(f32) -> [f64; N] + Sync,
 ) -> [f64; N] {
-    group_blocks_fast(w, |b| block_sums_fast(b, &term))
+    group_blocks_fast(w, &TermSums(term))
 }
 
 // Σ d² of a block is an exact i32 sum.
@@ -232,6 +276,7 @@ pub(super) fn group_sums_reference<const N: usize>(
     total
 }
 
+#[inline(always)]
 pub(super) fn sq(x: f32) -> f64 {
     f64::from(x) * f64::from(x)
 }
@@ -243,21 +288,20 @@ pub(super) struct FastPasses<'a> {
 }
 
 impl GroupPasses for FastPasses<'_> {
+    #[inline(always)]
     fn sum_sq(&self) -> f64 {
         let span = self.span;
         group_sums_fast(self.w, |w| [sq(span.seen(w))])[0]
     }
 
+    #[inline(always)]
     fn fit(&self, round_scale: f32, zero: i32) -> Fit {
         let (span, k) = (self.span, FastQuant::new(round_scale, zero, self.r));
-        let [wd, dd] = if span.all_finite {
-            group_blocks_fast(self.w, |b| fit_block::<false>(b, span, k))
-        } else {
-            group_blocks_fast(self.w, |b| fit_block::<true>(b, span, k))
-        };
+        let [wd, dd] = group_blocks_fast(self.w, &FitSums { span, k });
         Fit { wd, dd }
     }
 
+    #[inline(always)]
     fn sq_error(&self, c: Choice) -> f64 {
         let (span, k) = (self.span, FastQuant::new(c.round_scale, c.zero, self.r));
         group_sums_fast(self.w, |w| {
@@ -267,6 +311,7 @@ impl GroupPasses for FastPasses<'_> {
     }
 }
 
+#[inline(always)]
 pub(super) fn sq_diff(a: f32, b: f32) -> f64 {
     let d = f64::from(a) - f64::from(b);
     d * d

@@ -418,6 +418,30 @@ fn weight() -> impl Strategy<Value = f32> {
     ]
 }
 
+#[test]
+fn wide_registers_change_no_bit_on_long_groups() {
+    let mut w = heavy_tailed(3 * 4096 + 3 * 128 + 77, 7);
+    w[300] = f32::NAN;
+    w[5000] = f32::NEG_INFINITY;
+    for (group_len, symmetric, bits) in [(128, true, 4), (128, false, 4), (4096 + 77, false, 8)] {
+        let p = int(
+            bits,
+            symmetric,
+            Granularity::Group(group_len),
+            ScaleSearch::Mse,
+        );
+        let r = IntRange::of(bits);
+        for g in w.chunks(group_len) {
+            let (mut a, mut b) = (vec![0u8; g.len()], vec![0u8; g.len()]);
+            let ca = quantize_group(g, &mut a, &p, r);
+            let cb = quantize_group_portable(g, &mut b, &p, r);
+            assert_eq!(ca.scale.to_bits(), cb.scale.to_bits());
+            assert_eq!(ca.zero, cb.zero);
+            assert_eq!(a, b);
+        }
+    }
+}
+
 fn case() -> impl Strategy<Value = (Vec<f32>, MatrixShape, IntQuant)> {
     (1..5usize, 1..24usize).prop_flat_map(|(rows, cols)| {
         (
@@ -441,6 +465,23 @@ fn case() -> impl Strategy<Value = (Vec<f32>, MatrixShape, IntQuant)> {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The kernels compiled for wide vector registers (chosen at run time)
+    /// give the same bits as the same code compiled for the baseline CPU.
+    #[test]
+    fn wide_registers_change_no_bit((w, shape, p) in case()) {
+        let r = IntRange::of(p.bits);
+        let group_len = p.granularity.group_len(shape);
+        for g in w.chunks(group_len) {
+            let (mut a, mut b) = (vec![0u8; g.len()], vec![0u8; g.len()]);
+            let ca = quantize_group(g, &mut a, &p, r);
+            let cb = quantize_group_portable(g, &mut b, &p, r);
+            prop_assert_eq!(ca.scale.to_bits(), cb.scale.to_bits());
+            prop_assert_eq!(ca.round_scale.to_bits(), cb.round_scale.to_bits());
+            prop_assert_eq!(ca.zero, cb.zero);
+            prop_assert_eq!(a, b);
+        }
+    }
 
     #[test]
     fn quantized_values_lie_on_the_grid((w, shape, p) in case()) {
