@@ -572,3 +572,30 @@ fn an_unreachable_database_is_unavailable_not_a_storage_fault() {
     assert!(!full.is_unavailable());
     assert_eq!(full.storage_fault(), Some(StorageFault::Full));
 }
+
+#[tokio::test]
+async fn a_write_postgresql_refuses_as_read_only_is_a_read_only_storage_fault() {
+    let Some((store, _scratch)) =
+        pg_store("a_write_postgresql_refuses_as_read_only_is_a_read_only_storage_fault").await
+    else {
+        return;
+    };
+    let Backend::Postgres(pool) = &store.backend else {
+        unreachable!("a PostgreSQL store")
+    };
+    // What a standby or a database set read-only answers: SQLSTATE 25006.
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET default_transaction_read_only = on")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let refused = sqlx::query("UPDATE write_probe SET written_at = 1")
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+    let _ = conn.close().await;
+    let e = StoreError::from(refused);
+    assert_eq!(e.storage_fault(), Some(StorageFault::ReadOnly), "{e}");
+    assert!(!e.is_unavailable());
+    store.close().await;
+}
