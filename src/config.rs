@@ -21,7 +21,9 @@ pub struct ServeConfig {
     /// Directory of the database, blobs and temporary files.
     #[arg(long, env = "MODELPRESS_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
-    /// Database URL; default `sqlite://DATA_DIR/modelpress.db`.
+    /// Database URL: `sqlite://PATH` (or a bare path), or
+    /// `postgres://USER@HOST:PORT/DB` for a PostgreSQL database that
+    /// exists; default `sqlite://DATA_DIR/modelpress.db`.
     #[arg(long, env = "MODELPRESS_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Jobs run at once; default: the number of cores.

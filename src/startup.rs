@@ -173,9 +173,11 @@ impl Application {
             })
         };
 
-        // Whatever was running when the last process stopped was abandoned.
+        // Whatever was running when the last process stopped was abandoned;
+        // on a database other processes share, only what no process renewed
+        // in time (a running job may be another process's).
         let recovered = store
-            .requeue_abandoned(now_ms(), true, config.retry_limit)
+            .requeue_abandoned(now_ms(), !store.is_shared(), config.retry_limit)
             .await?;
         for id in &recovered.queued {
             tracing::warn!(job = %id, "job interrupted by the previous process; queued again");

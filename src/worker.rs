@@ -114,7 +114,7 @@ struct Shared {
     store: Store,
     blobs: Arc<Blobs>,
     config: WorkerConfig,
-    /// Identifies this process's leases.
+    /// Identifies this process; each lease is this and a claim's own id.
     owner: String,
     wake: Notify,
     running: Mutex<HashMap<String, Arc<Stop>>>,
@@ -224,6 +224,12 @@ impl WorkerPool {
     }
 }
 
+/// The lease a claimed job was taken with: every write of its worker names
+/// it.
+fn lease_of(job: &JobRecord) -> &str {
+    job.lease_owner.as_deref().unwrap_or_default()
+}
+
 fn lease_until(config: &WorkerConfig) -> i64 {
     now_ms() + config.lease.as_millis() as i64
 }
@@ -239,9 +245,13 @@ async fn worker_loop(shared: Arc<Shared>, n: usize) {
         let notified = shared.wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        // A lease is one claim's, not the process's: a worker of this
+        // process that stalled past its lease, while another worker here
+        // claimed the job again, must find the job no longer its own.
+        let lease = format!("{}/{}", shared.owner, uuid::Uuid::new_v4());
         match shared
             .store
-            .claim_next_job(&shared.owner, lease_until(&shared.config))
+            .claim_next_job(&lease, lease_until(&shared.config))
             .await
         {
             Ok(Some(job)) => {
@@ -504,7 +514,7 @@ async fn run_job(shared: &Arc<Shared>, job: JobRecord) {
     if let Ok(mut r) = shared.running.lock() {
         r.remove(&id);
     }
-    let owner = &shared.owner;
+    let owner = lease_of(&job);
     let store = &shared.store;
     let finished = match outcome {
         Outcome::Succeeded(record) => Ok(Some(*record)),
@@ -623,7 +633,7 @@ async fn execute(
                 let update = state.filter(|_| version != written_version);
                 match shared
                     .store
-                    .renew_lease(&job.id, &shared.owner, lease_until(&shared.config), update.as_ref())
+                    .renew_lease(&job.id, lease_of(job), lease_until(&shared.config), update.as_ref())
                     .await
                 {
                     Ok(LeaseState::Held { cancel_requested }) => {
@@ -764,7 +774,7 @@ async fn store_outcome(
     drop(dir);
     let finished = shared
         .store
-        .finish_succeeded(&job.id, &shared.owner, &summary, &artifacts)
+        .finish_succeeded(&job.id, lease_of(job), &summary, &artifacts)
         .await;
     match finished {
         Ok(FinishOutcome::Finished(record)) => {

@@ -110,6 +110,17 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e.storage_fault() {
             Some(fault) => ApiError::storage(fault, "database request failed", e),
+            // A database server that cannot be reached is storage that
+            // cannot be used at the moment: the same 503 and code as a
+            // read-only disk, which clients already retry.
+            None if e.is_unavailable() => {
+                tracing::error!(error = %e, "database request failed");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    "The server's database cannot be reached at the moment; try again later.",
+                )
+            }
             None => ApiError::internal("database request failed", e),
         }
     }

@@ -5,11 +5,10 @@ use serde::{Deserialize, Serialize};
 use crate::compress::spec::{Pipeline, PipelineSpec};
 use crate::run::OutputFormat;
 
-use super::{now_ms, unreferenced, DeleteOutcome, Store, StoreError};
+use super::{now_ms, DeleteOutcome, Dialect, Store, StoreError};
 
 /// Where a job is in its life. `succeeded`, `failed` and `canceled` are final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, Serialize, Deserialize)]
-#[sqlx(type_name = "TEXT", rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     Queued,
@@ -208,13 +207,50 @@ impl TryFrom<JobRow> for JobRecord {
 /// Rows are read through [`JobRow`], so every query that returns jobs
 /// checks their values; a corrupt one fails the query with a
 /// [`CorruptJob`] naming it.
-impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for JobRecord {
-    fn from_row(row: &'r sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
-        JobRow::from_row(row)?
-            .try_into()
-            .map_err(|e: CorruptJob| sqlx::Error::Decode(Box::new(e)))
-    }
+macro_rules! job_record_from_row {
+    ($row:ty) => {
+        impl<'r> sqlx::FromRow<'r, $row> for JobRecord {
+            fn from_row(row: &'r $row) -> Result<Self, sqlx::Error> {
+                JobRow::from_row(row)?
+                    .try_into()
+                    .map_err(|e: CorruptJob| sqlx::Error::Decode(Box::new(e)))
+            }
+        }
+    };
 }
+job_record_from_row!(sqlx::sqlite::SqliteRow);
+job_record_from_row!(sqlx::postgres::PgRow);
+
+/// A status is stored as its name, as text, on both databases.
+macro_rules! job_status_as_text {
+    ($db:ty) => {
+        impl sqlx::Type<$db> for JobStatus {
+            fn type_info() -> <$db as sqlx::Database>::TypeInfo {
+                <str as sqlx::Type<$db>>::type_info()
+            }
+            fn compatible(ty: &<$db as sqlx::Database>::TypeInfo) -> bool {
+                <str as sqlx::Type<$db>>::compatible(ty)
+            }
+        }
+        impl<'q> sqlx::Encode<'q, $db> for JobStatus {
+            fn encode_by_ref(
+                &self,
+                buf: &mut <$db as sqlx::Database>::ArgumentBuffer,
+            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<'q, $db>>::encode(self.as_str(), buf)
+            }
+        }
+        impl<'r> sqlx::Decode<'r, $db> for JobStatus {
+            fn decode(
+                value: <$db as sqlx::Database>::ValueRef<'r>,
+            ) -> Result<Self, sqlx::error::BoxDynError> {
+                Ok(<&str as sqlx::Decode<'r, $db>>::decode(value)?.parse()?)
+            }
+        }
+    };
+}
+job_status_as_text!(sqlx::Sqlite);
+job_status_as_text!(sqlx::Postgres);
 
 /// A job to enqueue.
 #[derive(Debug, Clone)]
@@ -324,97 +360,122 @@ pub struct Requeued {
 
 impl Store {
     pub async fn insert_job(&self, job: NewJob) -> Result<InsertOutcome, StoreError> {
-        let mut tx = self.write_tx().await?;
-        if let Some((key, hash)) = &job.idempotency {
-            let existing: Option<JobRecord> =
-                sqlx::query_as("SELECT * FROM jobs WHERE idempotency_key = ?")
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if let Some(existing) = existing {
-                return Ok(if existing.request_hash.as_deref() == Some(hash.as_str()) {
-                    InsertOutcome::Existing(existing)
-                } else {
-                    InsertOutcome::KeyConflict
-                });
+        on_pool!(self, |pool: Db| {
+            let mut tx = Db::begin_write(pool).await?;
+            if let Some((key, hash)) = &job.idempotency {
+                let existing: Option<JobRecord> =
+                    sqlx::query_as("SELECT * FROM jobs WHERE idempotency_key = $1")
+                        .bind(key)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if let Some(existing) = existing {
+                    return Ok(same_request(existing, hash));
+                }
             }
-        }
-        let model: Option<i64> = sqlx::query_scalar("SELECT 1 FROM models WHERE id = ?")
+            // Locked until the end: deleting the model, or the statistics,
+            // waits for this job to be queued (and sees it).
+            let model: Option<String> = sqlx::query_scalar(Db::pick(
+                "SELECT id FROM models WHERE id = $1",
+                "SELECT id FROM models WHERE id = $1 FOR SHARE",
+            ))
             .bind(&job.model_id)
             .fetch_optional(&mut *tx)
             .await?;
-        if model.is_none() {
-            return Ok(InsertOutcome::ModelNotFound);
-        }
-        if let Some(statistics) = &job.statistics_id {
-            let found: Option<i64> =
-                sqlx::query_scalar("SELECT 1 FROM statistics WHERE id = ? AND model_id = ?")
-                    .bind(statistics)
-                    .bind(&job.model_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if found.is_none() {
-                return Ok(InsertOutcome::StatisticsNotFound);
+            if model.is_none() {
+                return Ok(InsertOutcome::ModelNotFound);
             }
-        }
-        let now = now_ms();
-        let (key, hash) = job.idempotency.unzip();
-        let record: JobRecord = sqlx::query_as(
-            "INSERT INTO jobs (id, model_id, status, priority, preset, pipeline, output_format,
-                               webhook_url, labels, idempotency_key, request_hash,
-                               created_at, updated_at, request_id, statistics_id)
-             VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-        )
-        .bind(uuid::Uuid::now_v7().to_string())
-        .bind(job.model_id)
-        .bind(job.priority)
-        .bind(job.preset)
-        .bind(serde_json::to_string(job.pipeline.spec()).expect("a pipeline spec serializes"))
-        .bind(job.output_format.name())
-        .bind(job.webhook_url)
-        .bind(serde_json::Value::Object(job.labels).to_string())
-        .bind(key)
-        .bind(hash)
-        .bind(now)
-        .bind(now)
-        .bind(job.request_id)
-        .bind(job.statistics_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(InsertOutcome::Created(record))
+            if let Some(statistics) = &job.statistics_id {
+                let found: Option<String> = sqlx::query_scalar(Db::pick(
+                    "SELECT id FROM statistics WHERE id = $1 AND model_id = $2",
+                    "SELECT id FROM statistics WHERE id = $1 AND model_id = $2 FOR SHARE",
+                ))
+                .bind(statistics)
+                .bind(&job.model_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if found.is_none() {
+                    return Ok(InsertOutcome::StatisticsNotFound);
+                }
+            }
+            let now = now_ms();
+            let (key, hash) = job.idempotency.clone().unzip();
+            // A request with the same key may be queuing its job at the same
+            // moment (PostgreSQL does not serialize the two): one inserts,
+            // the other finds its job.
+            let record: Option<JobRecord> = sqlx::query_as(
+                "INSERT INTO jobs (id, model_id, status, priority, preset, pipeline, output_format,
+                                   webhook_url, labels, idempotency_key, request_hash,
+                                   created_at, updated_at, request_id, statistics_id)
+                 VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13)
+                 ON CONFLICT (idempotency_key) DO NOTHING
+                 RETURNING *",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(&job.model_id)
+            .bind(job.priority)
+            .bind(&job.preset)
+            .bind(serde_json::to_string(job.pipeline.spec()).expect("a pipeline spec serializes"))
+            .bind(job.output_format.name())
+            .bind(&job.webhook_url)
+            .bind(serde_json::Value::Object(job.labels.clone()).to_string())
+            .bind(&key)
+            .bind(&hash)
+            .bind(now)
+            .bind(&job.request_id)
+            .bind(&job.statistics_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let outcome = match (record, key, hash) {
+                (Some(record), _, _) => InsertOutcome::Created(record),
+                (None, Some(key), Some(hash)) => {
+                    let existing: JobRecord =
+                        sqlx::query_as("SELECT * FROM jobs WHERE idempotency_key = $1")
+                            .bind(&key)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    same_request(existing, &hash)
+                }
+                (None, _, _) => unreachable!("only the idempotency key can conflict"),
+            };
+            tx.commit().await?;
+            Ok(outcome)
+        })
     }
 
     pub async fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        Ok(sqlx::query_as("SELECT * FROM jobs WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(on_pool!(self, |pool: Db| {
+            sqlx::query_as("SELECT * FROM jobs WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        }))
     }
 
     pub async fn job_by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT * FROM jobs WHERE idempotency_key = ?")
+        Ok(on_pool!(self, |pool: Db| {
+            sqlx::query_as("SELECT * FROM jobs WHERE idempotency_key = $1")
                 .bind(key)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+                .fetch_optional(pool)
+                .await?
+        }))
     }
 
     /// Jobs, newest first.
     pub async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM jobs
-             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR model_id = ?2)
-               AND (?3 IS NULL OR id < ?3)
-             ORDER BY id DESC LIMIT ?4",
-        )
-        .bind(filter.status)
-        .bind(filter.model_id.as_deref())
-        .bind(filter.cursor.as_deref())
-        .bind(filter.limit)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(on_pool!(self, |pool: Db| {
+            sqlx::query_as(
+                "SELECT * FROM jobs
+                 WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR model_id = $2)
+                   AND ($3 IS NULL OR id < $3)
+                 ORDER BY id DESC LIMIT $4",
+            )
+            .bind(filter.status)
+            .bind(filter.model_id.as_deref())
+            .bind(filter.cursor.as_deref())
+            .bind(i64::from(filter.limit))
+            .fetch_all(pool)
+            .await?
+        }))
     }
 
     /// The artifacts of several jobs in one query: job id → its artifacts,
@@ -424,13 +485,18 @@ impl Store {
         ids: &[&str],
     ) -> Result<std::collections::HashMap<String, Vec<NewArtifact>>, StoreError> {
         let ids = serde_json::to_string(ids).expect("strings serialize");
-        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
-            "SELECT job_id, name, sha256, bytes FROM job_artifacts
-             WHERE job_id IN (SELECT value FROM json_each(?1)) ORDER BY job_id, position",
-        )
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(String, String, String, i64)> = on_pool!(self, |pool: Db| {
+            sqlx::query_as(Db::pick(
+                "SELECT job_id, name, sha256, bytes FROM job_artifacts
+                 WHERE job_id IN (SELECT value FROM json_each($1)) ORDER BY job_id, position",
+                "SELECT job_id, name, sha256, bytes FROM job_artifacts
+                 WHERE job_id IN (SELECT json_array_elements_text($1::json))
+                 ORDER BY job_id, position",
+            ))
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?
+        });
         let mut out: std::collections::HashMap<String, Vec<NewArtifact>> = Default::default();
         for (job_id, name, sha256, bytes) in rows {
             out.entry(job_id).or_default().push(NewArtifact {
@@ -443,12 +509,14 @@ impl Store {
     }
 
     pub async fn job_artifacts(&self, id: &str) -> Result<Vec<NewArtifact>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT name, sha256, bytes FROM job_artifacts WHERE job_id = ? ORDER BY position",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(on_pool!(self, |pool: Db| {
+            sqlx::query_as(
+                "SELECT name, sha256, bytes FROM job_artifacts WHERE job_id = $1 ORDER BY position",
+            )
+            .bind(id)
+            .fetch_all(pool)
+            .await?
+        }))
     }
 
     /// Claims the next queued job — highest priority first, then oldest —
@@ -458,42 +526,54 @@ impl Store {
         owner: &str,
         lease_until: i64,
     ) -> Result<Option<JobRecord>, StoreError> {
-        let row: Option<JobRow> = sqlx::query_as(
-            "UPDATE jobs
-             SET status = 'running', attempts = attempts + 1, lease_owner = ?1,
-                 lease_expires_at = ?2, started_at = COALESCE(started_at, ?3), updated_at = ?3,
-                 progress_stage = NULL, tensors_done = 0, tensors_total = 0
-             WHERE id = (SELECT id FROM jobs WHERE status = 'queued'
-                         ORDER BY priority DESC, id LIMIT 1)
-             RETURNING *",
-        )
-        .bind(owner)
-        .bind(lease_until)
-        .bind(now_ms())
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let id = row.id.clone();
-        match JobRecord::try_from(row) {
-            Ok(job) => Ok(Some(job)),
-            Err(corrupt) => {
-                // Failed at once, so the queue moves past it rather than
-                // claiming it again and again.
-                sqlx::query(
-                    "UPDATE jobs
-                     SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,
-                         finished_at = ?3, updated_at = ?3, error_code = 'internal_error',
-                         error_message = 'The stored job cannot be read; the server log has the details.'
-                     WHERE id = ?1 AND lease_owner = ?2",
-                )
-                .bind(&id)
-                .bind(owner)
-                .bind(now_ms())
-                .execute(&self.pool)
-                .await?;
-                Err(StoreError::Database(sqlx::Error::Decode(Box::new(corrupt))))
+        on_pool!(self, |pool: Db| {
+            // SQLite runs one writer at a time. On PostgreSQL, claimers run
+            // at once: each skips the rows the others have locked, rather
+            // than waiting for them and then finding them taken.
+            let row: Option<JobRow> = sqlx::query_as(Db::pick(
+                "UPDATE jobs
+                 SET status = 'running', attempts = attempts + 1, lease_owner = $1,
+                     lease_expires_at = $2, started_at = COALESCE(started_at, $3),
+                     updated_at = $3, progress_stage = NULL, tensors_done = 0, tensors_total = 0
+                 WHERE id = (SELECT id FROM jobs WHERE status = 'queued'
+                             ORDER BY priority DESC, id LIMIT 1)
+                 RETURNING *",
+                "UPDATE jobs
+                 SET status = 'running', attempts = attempts + 1, lease_owner = $1,
+                     lease_expires_at = $2, started_at = COALESCE(started_at, $3),
+                     updated_at = $3, progress_stage = NULL, tensors_done = 0, tensors_total = 0
+                 WHERE id = (SELECT id FROM jobs WHERE status = 'queued'
+                             ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 RETURNING *",
+            ))
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now_ms())
+            .fetch_optional(pool)
+            .await?;
+            let Some(row) = row else { return Ok(None) };
+            let id = row.id.clone();
+            match JobRecord::try_from(row) {
+                Ok(job) => Ok(Some(job)),
+                Err(corrupt) => {
+                    // Failed at once, so the queue moves past it rather than
+                    // claiming it again and again.
+                    sqlx::query(
+                        "UPDATE jobs
+                         SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,
+                             finished_at = $3, updated_at = $3, error_code = 'internal_error',
+                             error_message = 'The stored job cannot be read; the server log has the details.'
+                         WHERE id = $1 AND lease_owner = $2",
+                    )
+                    .bind(&id)
+                    .bind(owner)
+                    .bind(now_ms())
+                    .execute(pool)
+                    .await?;
+                    Err(StoreError::Database(sqlx::Error::Decode(Box::new(corrupt))))
+                }
             }
-        }
+        })
     }
 
     /// Extends the lease of a running job and records its progress.
@@ -504,24 +584,26 @@ impl Store {
         lease_until: i64,
         progress: Option<&ProgressUpdate>,
     ) -> Result<LeaseState, StoreError> {
-        let cancel: Option<bool> = sqlx::query_scalar(
-            "UPDATE jobs
-             SET lease_expires_at = ?3, updated_at = ?4,
-                 progress_stage = COALESCE(?5, progress_stage),
-                 tensors_done = COALESCE(?6, tensors_done),
-                 tensors_total = COALESCE(?7, tensors_total)
-             WHERE id = ?1 AND lease_owner = ?2 AND status = 'running'
-             RETURNING cancel_requested",
-        )
-        .bind(id)
-        .bind(owner)
-        .bind(lease_until)
-        .bind(now_ms())
-        .bind(progress.map(|p| p.stage.clone()))
-        .bind(progress.map(|p| p.tensors_done))
-        .bind(progress.map(|p| p.tensors_total))
-        .fetch_optional(&self.pool)
-        .await?;
+        let cancel: Option<bool> = on_pool!(self, |pool: Db| {
+            sqlx::query_scalar(
+                "UPDATE jobs
+                 SET lease_expires_at = $3, updated_at = $4,
+                     progress_stage = COALESCE($5, progress_stage),
+                     tensors_done = COALESCE($6, tensors_done),
+                     tensors_total = COALESCE($7, tensors_total)
+                 WHERE id = $1 AND lease_owner = $2 AND status = 'running'
+                 RETURNING cancel_requested",
+            )
+            .bind(id)
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now_ms())
+            .bind(progress.map(|p| p.stage.clone()))
+            .bind(progress.map(|p| p.tensors_done))
+            .bind(progress.map(|p| p.tensors_total))
+            .fetch_optional(pool)
+            .await?
+        });
         Ok(match cancel {
             Some(cancel_requested) => LeaseState::Held { cancel_requested },
             None => LeaseState::Lost,
@@ -537,56 +619,59 @@ impl Store {
         summary: &Summary,
         artifacts: &[NewArtifact],
     ) -> Result<FinishOutcome, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let now = now_ms();
-        let record: Option<JobRecord> = sqlx::query_as(
-            "UPDATE jobs
-             SET status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL,
-                 finished_at = ?3, updated_at = ?3, tensors_done = tensors_total,
-                 bytes_before = ?4, bytes_after = ?5, ratio = ?6, parameters_kept = ?7,
-                 duration_seconds = ?8, error_code = NULL, error_message = NULL
-             WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' AND cancel_requested = 0
-             RETURNING *",
-        )
-        .bind(id)
-        .bind(owner)
-        .bind(now)
-        .bind(summary.bytes_before)
-        .bind(summary.bytes_after)
-        .bind(summary.ratio)
-        .bind(summary.parameters_kept)
-        .bind(summary.duration_seconds)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(record) = record else {
-            let held: Option<bool> = sqlx::query_scalar(
-                "SELECT cancel_requested FROM jobs
-                 WHERE id = ? AND lease_owner = ? AND status = 'running'",
+        on_pool!(self, |pool: Db| {
+            let mut tx = Db::begin_write(pool).await?;
+            let now = now_ms();
+            let record: Option<JobRecord> = sqlx::query_as(
+                "UPDATE jobs
+                 SET status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL,
+                     finished_at = $3, updated_at = $3, tensors_done = tensors_total,
+                     bytes_before = $4, bytes_after = $5, ratio = $6, parameters_kept = $7,
+                     duration_seconds = $8, error_code = NULL, error_message = NULL
+                 WHERE id = $1 AND lease_owner = $2 AND status = 'running'
+                   AND cancel_requested = FALSE
+                 RETURNING *",
             )
             .bind(id)
             .bind(owner)
+            .bind(now)
+            .bind(summary.bytes_before)
+            .bind(summary.bytes_after)
+            .bind(summary.ratio)
+            .bind(summary.parameters_kept)
+            .bind(summary.duration_seconds)
             .fetch_optional(&mut *tx)
             .await?;
-            return Ok(match held {
-                Some(true) => FinishOutcome::CancelRequested,
-                _ => FinishOutcome::LeaseLost,
-            });
-        };
-        for (position, a) in artifacts.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO job_artifacts (job_id, name, sha256, bytes, position)
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(id)
-            .bind(&a.name)
-            .bind(&a.sha256)
-            .bind(a.bytes)
-            .bind(position as i64)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(FinishOutcome::Finished(Box::new(record)))
+            let Some(record) = record else {
+                let held: Option<bool> = sqlx::query_scalar(
+                    "SELECT cancel_requested FROM jobs
+                     WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+                )
+                .bind(id)
+                .bind(owner)
+                .fetch_optional(&mut *tx)
+                .await?;
+                return Ok(match held {
+                    Some(true) => FinishOutcome::CancelRequested,
+                    _ => FinishOutcome::LeaseLost,
+                });
+            };
+            for (position, a) in artifacts.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO job_artifacts (job_id, name, sha256, bytes, position)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(id)
+                .bind(&a.name)
+                .bind(&a.sha256)
+                .bind(a.bytes)
+                .bind(position as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(FinishOutcome::Finished(Box::new(record)))
+        })
     }
 
     /// Records a failure, if the job is still this worker's.
@@ -597,20 +682,22 @@ impl Store {
         code: &str,
         message: &str,
     ) -> Result<Option<JobRecord>, StoreError> {
-        Ok(sqlx::query_as(
-            "UPDATE jobs
-             SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,
-                 finished_at = ?3, updated_at = ?3, error_code = ?4, error_message = ?5
-             WHERE id = ?1 AND lease_owner = ?2 AND status = 'running'
-             RETURNING *",
-        )
-        .bind(id)
-        .bind(owner)
-        .bind(now_ms())
-        .bind(code)
-        .bind(message)
-        .fetch_optional(&self.pool)
-        .await?)
+        Ok(on_pool!(self, |pool: Db| {
+            sqlx::query_as(
+                "UPDATE jobs
+                 SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,
+                     finished_at = $3, updated_at = $3, error_code = $4, error_message = $5
+                 WHERE id = $1 AND lease_owner = $2 AND status = 'running'
+                 RETURNING *",
+            )
+            .bind(id)
+            .bind(owner)
+            .bind(now_ms())
+            .bind(code)
+            .bind(message)
+            .fetch_optional(pool)
+            .await?
+        }))
     }
 
     /// Records that a running job stopped on a cancel.
@@ -619,36 +706,43 @@ impl Store {
         id: &str,
         owner: &str,
     ) -> Result<Option<JobRecord>, StoreError> {
-        Ok(sqlx::query_as(
-            "UPDATE jobs
-             SET status = 'canceled', lease_owner = NULL, lease_expires_at = NULL,
-                 finished_at = ?3, updated_at = ?3
-             WHERE id = ?1 AND lease_owner = ?2 AND status = 'running'
-             RETURNING *",
-        )
-        .bind(id)
-        .bind(owner)
-        .bind(now_ms())
-        .fetch_optional(&self.pool)
-        .await?)
+        Ok(on_pool!(self, |pool: Db| {
+            sqlx::query_as(
+                "UPDATE jobs
+                 SET status = 'canceled', lease_owner = NULL, lease_expires_at = NULL,
+                     finished_at = $3, updated_at = $3
+                 WHERE id = $1 AND lease_owner = $2 AND status = 'running'
+                 RETURNING *",
+            )
+            .bind(id)
+            .bind(owner)
+            .bind(now_ms())
+            .fetch_optional(pool)
+            .await?
+        }))
     }
 
     /// Puts a running job back in the queue because this process is
     /// stopping; the interrupted attempt does not count.
     pub async fn release_job(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE jobs
-             SET status = 'queued', attempts = MAX(attempts - 1, 0), lease_owner = NULL,
-                 lease_expires_at = NULL, updated_at = ?3, progress_stage = NULL,
-                 tensors_done = 0, tensors_total = 0
-             WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' AND cancel_requested = 0",
-        )
-        .bind(id)
-        .bind(owner)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let released = on_pool!(self, |pool: Db| {
+            sqlx::query(
+                "UPDATE jobs
+                 SET status = 'queued',
+                     attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,
+                     lease_owner = NULL, lease_expires_at = NULL, updated_at = $3,
+                     progress_stage = NULL, tensors_done = 0, tensors_total = 0
+                 WHERE id = $1 AND lease_owner = $2 AND status = 'running'
+                   AND cancel_requested = FALSE",
+            )
+            .bind(id)
+            .bind(owner)
+            .bind(now_ms())
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(released == 1)
     }
 
     /// Takes back running jobs whose lease expired before `now` (or every
@@ -661,121 +755,137 @@ impl Store {
         all: bool,
         retry_limit: u32,
     ) -> Result<Requeued, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let mut finished: Vec<JobRecord> = sqlx::query_as(
-            "UPDATE jobs
-             SET status = 'canceled', lease_owner = NULL, lease_expires_at = NULL,
-                 finished_at = ?1, updated_at = ?1
-             WHERE status = 'running' AND (?2 OR lease_expires_at < ?1) AND cancel_requested = 1
-             RETURNING *",
-        )
-        .bind(now)
-        .bind(all)
-        .fetch_all(&mut *tx)
-        .await?;
-        let failed: Vec<JobRecord> = sqlx::query_as(
-            "UPDATE jobs
-             SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,
-                 finished_at = ?1, updated_at = ?1, error_code = 'retry_limit_reached',
-                 error_message = 'The job was interrupted ' || attempts || ' times (the server stopped or stalled while running it) and is not retried again.'
-             WHERE status = 'running' AND (?2 OR lease_expires_at < ?1) AND attempts > ?3
-             RETURNING *",
-        )
-        .bind(now)
-        .bind(all)
-        .bind(retry_limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        finished.extend(failed);
-        let queued: Vec<String> = sqlx::query_scalar(
-            "UPDATE jobs
-             SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1,
-                 progress_stage = NULL, tensors_done = 0, tensors_total = 0
-             WHERE status = 'running' AND (?2 OR lease_expires_at < ?1)
-             RETURNING id",
-        )
-        .bind(now)
-        .bind(all)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Requeued { queued, finished })
+        on_pool!(self, |pool: Db| {
+            let mut tx = Db::begin_write(pool).await?;
+            let mut finished: Vec<JobRecord> = sqlx::query_as(
+                "UPDATE jobs
+                 SET status = 'canceled', lease_owner = NULL, lease_expires_at = NULL,
+                     finished_at = $1, updated_at = $1
+                 WHERE status = 'running' AND ($2 OR lease_expires_at < $1)
+                   AND cancel_requested = TRUE
+                 RETURNING *",
+            )
+            .bind(now)
+            .bind(all)
+            .fetch_all(&mut *tx)
+            .await?;
+            let failed: Vec<JobRecord> = sqlx::query_as(
+                "UPDATE jobs
+                 SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,
+                     finished_at = $1, updated_at = $1, error_code = 'retry_limit_reached',
+                     error_message = 'The job was interrupted ' || attempts || ' times (the server stopped or stalled while running it) and is not retried again.'
+                 WHERE status = 'running' AND ($2 OR lease_expires_at < $1) AND attempts > $3
+                 RETURNING *",
+            )
+            .bind(now)
+            .bind(all)
+            .bind(i64::from(retry_limit))
+            .fetch_all(&mut *tx)
+            .await?;
+            finished.extend(failed);
+            let queued: Vec<String> = sqlx::query_scalar(
+                "UPDATE jobs
+                 SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL,
+                     updated_at = $1, progress_stage = NULL, tensors_done = 0, tensors_total = 0
+                 WHERE status = 'running' AND ($2 OR lease_expires_at < $1)
+                 RETURNING id",
+            )
+            .bind(now)
+            .bind(all)
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Requeued { queued, finished })
+        })
     }
 
     /// Cancels a queued job at once, or asks a running one to stop.
     pub async fn request_cancel(&self, id: &str) -> Result<CancelOutcome, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let status: Option<JobStatus> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+        on_pool!(self, |pool: Db| {
+            let mut tx = Db::begin_write(pool).await?;
+            // Locked until the end: a claim skips the job meanwhile, so a
+            // job seen queued is canceled before any worker can start it.
+            let status: Option<JobStatus> = sqlx::query_scalar(Db::pick(
+                "SELECT status FROM jobs WHERE id = $1",
+                "SELECT status FROM jobs WHERE id = $1 FOR UPDATE",
+            ))
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
-        let now = now_ms();
-        let outcome = match status {
-            None => CancelOutcome::NotFound,
-            Some(JobStatus::Queued) => CancelOutcome::Canceled(
-                sqlx::query_as(
-                    "UPDATE jobs SET status = 'canceled', cancel_requested = 1,
-                            finished_at = ?2, updated_at = ?2
-                     WHERE id = ?1 RETURNING *",
-                )
-                .bind(id)
-                .bind(now)
-                .fetch_one(&mut *tx)
-                .await?,
-            ),
-            Some(JobStatus::Running) => CancelOutcome::Requested(
-                sqlx::query_as(
-                    "UPDATE jobs SET cancel_requested = 1, updated_at = ?2
-                     WHERE id = ?1 RETURNING *",
-                )
-                .bind(id)
-                .bind(now)
-                .fetch_one(&mut *tx)
-                .await?,
-            ),
-            Some(_) => CancelOutcome::AlreadyFinished(
-                sqlx::query_as("SELECT * FROM jobs WHERE id = ?")
+            let now = now_ms();
+            let outcome = match status {
+                None => CancelOutcome::NotFound,
+                Some(JobStatus::Queued) => CancelOutcome::Canceled(
+                    sqlx::query_as(
+                        "UPDATE jobs SET status = 'canceled', cancel_requested = TRUE,
+                                finished_at = $2, updated_at = $2
+                         WHERE id = $1 RETURNING *",
+                    )
                     .bind(id)
+                    .bind(now)
                     .fetch_one(&mut *tx)
                     .await?,
-            ),
-        };
-        tx.commit().await?;
-        Ok(outcome)
+                ),
+                Some(JobStatus::Running) => CancelOutcome::Requested(
+                    sqlx::query_as(
+                        "UPDATE jobs SET cancel_requested = TRUE, updated_at = $2
+                         WHERE id = $1 RETURNING *",
+                    )
+                    .bind(id)
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await?,
+                ),
+                Some(_) => CancelOutcome::AlreadyFinished(
+                    sqlx::query_as("SELECT * FROM jobs WHERE id = $1")
+                        .bind(id)
+                        .fetch_one(&mut *tx)
+                        .await?,
+                ),
+            };
+            tx.commit().await?;
+            Ok(outcome)
+        })
     }
 
     /// Deletes a finished job and its artifacts.
     pub async fn delete_job(&self, id: &str) -> Result<DeleteOutcome, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let status: Option<JobStatus> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+        on_pool!(self, |pool: Db| {
+            let mut tx = Db::begin_write(pool).await?;
+            let status: Option<JobStatus> = sqlx::query_scalar(Db::pick(
+                "SELECT status FROM jobs WHERE id = $1",
+                "SELECT status FROM jobs WHERE id = $1 FOR UPDATE",
+            ))
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
-        match status {
-            None => return Ok(DeleteOutcome::NotFound),
-            Some(s) if !s.is_finished() => return Ok(DeleteOutcome::InUse),
-            Some(_) => {}
-        }
-        let blobs: Vec<String> =
-            sqlx::query_scalar("DELETE FROM job_artifacts WHERE job_id = ? RETURNING sha256")
+            match status {
+                None => return Ok(DeleteOutcome::NotFound),
+                Some(s) if !s.is_finished() => return Ok(DeleteOutcome::InUse),
+                Some(_) => {}
+            }
+            let blobs: Vec<String> =
+                sqlx::query_scalar("DELETE FROM job_artifacts WHERE job_id = $1 RETURNING sha256")
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            sqlx::query("DELETE FROM jobs WHERE id = $1")
                 .bind(id)
-                .fetch_all(&mut *tx)
+                .execute(&mut *tx)
                 .await?;
-        sqlx::query("DELETE FROM jobs WHERE id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        let unreferenced_blobs = unreferenced(&mut tx, blobs).await?;
-        tx.commit().await?;
-        Ok(DeleteOutcome::Deleted { unreferenced_blobs })
+            let unreferenced_blobs = Db::unreferenced(&mut *tx, blobs).await?;
+            tx.commit().await?;
+            Ok(DeleteOutcome::Deleted { unreferenced_blobs })
+        })
     }
 
     /// How many jobs are in each status (statuses with none included).
     pub async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
-        let rows: Vec<(JobStatus, i64)> =
+        let rows: Vec<(JobStatus, i64)> = on_pool!(self, |pool: Db| {
             sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status")
-                .fetch_all(&self.pool)
-                .await?;
+                .fetch_all(pool)
+                .await?
+        });
         Ok(JobStatus::ALL
             .into_iter()
             .map(|s| {
@@ -783,5 +893,15 @@ impl Store {
                 (s, n)
             })
             .collect())
+    }
+}
+
+/// The outcome of a request whose idempotency key names `existing`: the
+/// same job if the request is the same, else a conflict.
+fn same_request(existing: JobRecord, hash: &str) -> InsertOutcome {
+    if existing.request_hash.as_deref() == Some(hash) {
+        InsertOutcome::Existing(existing)
+    } else {
+        InsertOutcome::KeyConflict
     }
 }

@@ -1,6 +1,6 @@
 //! Uploaded models and the files they are made of.
 
-use super::{now_ms, unreferenced, DeleteOutcome, Store, StoreError};
+use super::{now_ms, DeleteOutcome, Dialect, Store, StoreError};
 
 /// A model as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -42,52 +42,59 @@ pub struct NewModel {
 impl Store {
     pub async fn insert_model(&self, model: NewModel) -> Result<ModelRecord, StoreError> {
         let id = uuid::Uuid::now_v7().to_string();
-        let mut tx = self.write_tx().await?;
-        let record: ModelRecord = sqlx::query_as(
-            "INSERT INTO models (id, name, version, labels, total_bytes, tensor_count,
-                                 parameter_count, tensors, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-        )
-        .bind(&id)
-        .bind(model.name)
-        .bind(model.version)
-        .bind(model.labels)
-        .bind(model.total_bytes)
-        .bind(model.tensor_count)
-        .bind(model.parameter_count)
-        .bind(model.tensors)
-        .bind(now_ms())
-        .fetch_one(&mut *tx)
-        .await?;
-        for f in &model.files {
-            sqlx::query(
-                "INSERT INTO model_files (model_id, name, sha256, bytes) VALUES (?, ?, ?, ?)",
+        on_pool!(self, |pool: Db| {
+            let mut tx = Db::begin_write(pool).await?;
+            let record: ModelRecord = sqlx::query_as(
+                "INSERT INTO models (id, name, version, labels, total_bytes, tensor_count,
+                                     parameter_count, tensors, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
             )
             .bind(&id)
-            .bind(&f.name)
-            .bind(&f.sha256)
-            .bind(f.bytes)
-            .execute(&mut *tx)
+            .bind(&model.name)
+            .bind(&model.version)
+            .bind(&model.labels)
+            .bind(model.total_bytes)
+            .bind(model.tensor_count)
+            .bind(model.parameter_count)
+            .bind(&model.tensors)
+            .bind(now_ms())
+            .fetch_one(&mut *tx)
             .await?;
-        }
-        tx.commit().await?;
-        Ok(record)
+            for f in &model.files {
+                sqlx::query(
+                    "INSERT INTO model_files (model_id, name, sha256, bytes)
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(&id)
+                .bind(&f.name)
+                .bind(&f.sha256)
+                .bind(f.bytes)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(record)
+        })
     }
 
     pub async fn get_model(&self, id: &str) -> Result<Option<ModelRecord>, StoreError> {
-        Ok(sqlx::query_as("SELECT * FROM models WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(on_pool!(self, |pool: Db| {
+            sqlx::query_as("SELECT * FROM models WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        }))
     }
 
     pub async fn model_files(&self, id: &str) -> Result<Vec<ModelFile>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT name, sha256, bytes FROM model_files WHERE model_id = ? ORDER BY name",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(on_pool!(self, |pool: Db| {
+            sqlx::query_as(
+                "SELECT name, sha256, bytes FROM model_files WHERE model_id = $1 ORDER BY name",
+            )
+            .bind(id)
+            .fetch_all(pool)
+            .await?
+        }))
     }
 
     /// The files of several models in one query: model id → its files,
@@ -97,13 +104,18 @@ impl Store {
         ids: &[&str],
     ) -> Result<std::collections::HashMap<String, Vec<ModelFile>>, StoreError> {
         let ids = serde_json::to_string(ids).expect("strings serialize");
-        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
-            "SELECT model_id, name, sha256, bytes FROM model_files
-             WHERE model_id IN (SELECT value FROM json_each(?1)) ORDER BY model_id, name",
-        )
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(String, String, String, i64)> = on_pool!(self, |pool: Db| {
+            sqlx::query_as(Db::pick(
+                "SELECT model_id, name, sha256, bytes FROM model_files
+                 WHERE model_id IN (SELECT value FROM json_each($1)) ORDER BY model_id, name",
+                "SELECT model_id, name, sha256, bytes FROM model_files
+                 WHERE model_id IN (SELECT json_array_elements_text($1::json))
+                 ORDER BY model_id, name",
+            ))
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?
+        });
         let mut out: std::collections::HashMap<String, Vec<ModelFile>> = Default::default();
         for (model_id, name, sha256, bytes) in rows {
             out.entry(model_id).or_default().push(ModelFile {
@@ -121,54 +133,63 @@ impl Store {
         limit: u32,
         cursor: Option<&str>,
     ) -> Result<Vec<ModelRecord>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM models WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
-        )
-        .bind(cursor)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(on_pool!(self, |pool: Db| {
+            sqlx::query_as(
+                "SELECT * FROM models WHERE ($1 IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+            )
+            .bind(cursor)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        }))
     }
 
     /// Deletes a model, and its statistics, unless a queued or running job
     /// uses it.
     pub async fn delete_model(&self, id: &str) -> Result<DeleteOutcome, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let exists: Option<String> = sqlx::query_scalar("SELECT id FROM models WHERE id = ?")
+        on_pool!(self, |pool: Db| {
+            let mut tx = Db::begin_write(pool).await?;
+            // Locked until the end: a job queued on the model, or
+            // statistics added to it, wait for this decision (and see it).
+            let exists: Option<String> = sqlx::query_scalar(Db::pick(
+                "SELECT id FROM models WHERE id = $1",
+                "SELECT id FROM models WHERE id = $1 FOR UPDATE",
+            ))
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
-        if exists.is_none() {
-            return Ok(DeleteOutcome::NotFound);
-        }
-        let active: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs WHERE model_id = ? AND status IN ('queued', 'running')",
-        )
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
-        if active > 0 {
-            return Ok(DeleteOutcome::InUse);
-        }
-        let mut blobs: Vec<String> =
-            sqlx::query_scalar("DELETE FROM model_files WHERE model_id = ? RETURNING sha256")
-                .bind(id)
-                .fetch_all(&mut *tx)
-                .await?;
-        // Its statistics go with it; no queued or running job uses them,
-        // since such a job would be a job of this model.
-        let statistics: Vec<String> =
-            sqlx::query_scalar("DELETE FROM statistics WHERE model_id = ? RETURNING sha256")
-                .bind(id)
-                .fetch_all(&mut *tx)
-                .await?;
-        blobs.extend(statistics);
-        sqlx::query("DELETE FROM models WHERE id = ?")
+            if exists.is_none() {
+                return Ok(DeleteOutcome::NotFound);
+            }
+            let active: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM jobs WHERE model_id = $1 AND status IN ('queued', 'running')",
+            )
             .bind(id)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
-        let unreferenced_blobs = unreferenced(&mut tx, blobs).await?;
-        tx.commit().await?;
-        Ok(DeleteOutcome::Deleted { unreferenced_blobs })
+            if active > 0 {
+                return Ok(DeleteOutcome::InUse);
+            }
+            let mut blobs: Vec<String> =
+                sqlx::query_scalar("DELETE FROM model_files WHERE model_id = $1 RETURNING sha256")
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            // Its statistics go with it; no queued or running job uses them,
+            // since such a job would be a job of this model.
+            let statistics: Vec<String> =
+                sqlx::query_scalar("DELETE FROM statistics WHERE model_id = $1 RETURNING sha256")
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            blobs.extend(statistics);
+            sqlx::query("DELETE FROM models WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            let unreferenced_blobs = Db::unreferenced(&mut *tx, blobs).await?;
+            tx.commit().await?;
+            Ok(DeleteOutcome::Deleted { unreferenced_blobs })
+        })
     }
 }

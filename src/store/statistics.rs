@@ -1,6 +1,6 @@
 //! Calibration statistics uploaded for a model, each a blob.
 
-use super::{now_ms, unreferenced, DeleteOutcome, Store, StoreError};
+use super::{now_ms, DeleteOutcome, Dialect, Store, StoreError};
 
 /// Statistics as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -35,31 +35,36 @@ impl Store {
         &self,
         new: NewStatistics,
     ) -> Result<Option<StatisticsRecord>, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let model: Option<String> = sqlx::query_scalar("SELECT id FROM models WHERE id = ?")
+        on_pool!(self, |pool: Db| {
+            let mut tx = Db::begin_write(pool).await?;
+            let model: Option<String> = sqlx::query_scalar(Db::pick(
+                "SELECT id FROM models WHERE id = $1",
+                "SELECT id FROM models WHERE id = $1 FOR SHARE",
+            ))
             .bind(&new.model_id)
             .fetch_optional(&mut *tx)
             .await?;
-        if model.is_none() {
-            return Ok(None);
-        }
-        let record: StatisticsRecord = sqlx::query_as(
-            "INSERT INTO statistics (id, model_id, sha256, bytes, tensors, has_xtx, tokens,
-                                     created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-        )
-        .bind(uuid::Uuid::now_v7().to_string())
-        .bind(new.model_id)
-        .bind(new.sha256)
-        .bind(new.bytes)
-        .bind(new.tensors)
-        .bind(new.has_xtx)
-        .bind(new.tokens)
-        .bind(now_ms())
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Some(record))
+            if model.is_none() {
+                return Ok(None);
+            }
+            let record: StatisticsRecord = sqlx::query_as(
+                "INSERT INTO statistics (id, model_id, sha256, bytes, tensors, has_xtx, tokens,
+                                         created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(&new.model_id)
+            .bind(&new.sha256)
+            .bind(new.bytes)
+            .bind(&new.tensors)
+            .bind(new.has_xtx)
+            .bind(new.tokens)
+            .bind(now_ms())
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Some(record))
+        })
     }
 
     /// The statistics `id` of the model `model_id`.
@@ -68,13 +73,13 @@ impl Store {
         model_id: &str,
         id: &str,
     ) -> Result<Option<StatisticsRecord>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT * FROM statistics WHERE id = ? AND model_id = ?")
+        Ok(on_pool!(self, |pool: Db| {
+            sqlx::query_as("SELECT * FROM statistics WHERE id = $1 AND model_id = $2")
                 .bind(id)
                 .bind(model_id)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+                .fetch_optional(pool)
+                .await?
+        }))
     }
 
     /// A model's statistics, newest first, after `cursor` (an id) if given.
@@ -84,15 +89,17 @@ impl Store {
         limit: u32,
         cursor: Option<&str>,
     ) -> Result<Vec<StatisticsRecord>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM statistics WHERE model_id = ?1 AND (?2 IS NULL OR id < ?2)
-             ORDER BY id DESC LIMIT ?3",
-        )
-        .bind(model_id)
-        .bind(cursor)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(on_pool!(self, |pool: Db| {
+            sqlx::query_as(
+                "SELECT * FROM statistics WHERE model_id = $1 AND ($2 IS NULL OR id < $2)
+                 ORDER BY id DESC LIMIT $3",
+            )
+            .bind(model_id)
+            .bind(cursor)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        }))
     }
 
     /// Deletes statistics unless a queued or running job uses them.
@@ -101,32 +108,38 @@ impl Store {
         model_id: &str,
         id: &str,
     ) -> Result<DeleteOutcome, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let sha256: Option<String> =
-            sqlx::query_scalar("SELECT sha256 FROM statistics WHERE id = ? AND model_id = ?")
-                .bind(id)
-                .bind(model_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(sha256) = sha256 else {
-            return Ok(DeleteOutcome::NotFound);
-        };
-        let active: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs
-             WHERE statistics_id = ? AND status IN ('queued', 'running')",
-        )
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
-        if active > 0 {
-            return Ok(DeleteOutcome::InUse);
-        }
-        sqlx::query("DELETE FROM statistics WHERE id = ?")
+        on_pool!(self, |pool: Db| {
+            let mut tx = Db::begin_write(pool).await?;
+            // Locked until the end: a job queued with them waits for this
+            // decision (and sees it).
+            let sha256: Option<String> = sqlx::query_scalar(Db::pick(
+                "SELECT sha256 FROM statistics WHERE id = $1 AND model_id = $2",
+                "SELECT sha256 FROM statistics WHERE id = $1 AND model_id = $2 FOR UPDATE",
+            ))
             .bind(id)
-            .execute(&mut *tx)
+            .bind(model_id)
+            .fetch_optional(&mut *tx)
             .await?;
-        let unreferenced_blobs = unreferenced(&mut tx, vec![sha256]).await?;
-        tx.commit().await?;
-        Ok(DeleteOutcome::Deleted { unreferenced_blobs })
+            let Some(sha256) = sha256 else {
+                return Ok(DeleteOutcome::NotFound);
+            };
+            let active: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM jobs
+                 WHERE statistics_id = $1 AND status IN ('queued', 'running')",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if active > 0 {
+                return Ok(DeleteOutcome::InUse);
+            }
+            sqlx::query("DELETE FROM statistics WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            let unreferenced_blobs = Db::unreferenced(&mut *tx, vec![sha256]).await?;
+            tx.commit().await?;
+            Ok(DeleteOutcome::Deleted { unreferenced_blobs })
+        })
     }
 }

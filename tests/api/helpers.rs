@@ -1,12 +1,19 @@
 //! The service under test: a real server on a free port with its own data
-//! directory, and a typed client for it.
+//! directory and database, and a typed client for it.
+//!
+//! The database is SQLite in the data directory, or, with
+//! `MODELPRESS_TEST_BACKEND=postgres`, a PostgreSQL database made for the
+//! one test on the server of `MODELPRESS_TEST_POSTGRES_URL` (`.ci/run` runs
+//! the API tests both ways).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use modelpress::config::ServeConfig;
 use modelpress::startup::Application;
+use modelpress::store::testing::{say_skipped, TestDatabase, POSTGRES_URL_VAR};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
@@ -16,9 +23,62 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub data_dir: PathBuf,
+    database: Database,
     _dir: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Where a test service keeps its database.
+#[derive(Clone)]
+pub enum Database {
+    /// The SQLite file of its data directory.
+    DataDir,
+    /// A PostgreSQL database of its own, dropped with the last holder.
+    Postgres(Arc<TestDatabase>),
+}
+
+impl Database {
+    /// The backend the API tests run on: `MODELPRESS_TEST_BACKEND`.
+    pub async fn for_test() -> Database {
+        if !on_postgres() {
+            return Database::DataDir;
+        }
+        let url = std::env::var(POSTGRES_URL_VAR).unwrap_or_else(|_| {
+            panic!("MODELPRESS_TEST_BACKEND=postgres needs {POSTGRES_URL_VAR}, the URL of a PostgreSQL server's database")
+        });
+        Database::Postgres(Arc::new(TestDatabase::create(&url).await))
+    }
+
+    /// The `serve` flags that choose it.
+    pub fn flags(&self) -> Vec<String> {
+        match self {
+            Database::DataDir => vec![],
+            Database::Postgres(db) => vec!["--database-url".into(), db.url().into()],
+        }
+    }
+}
+
+/// Whether the API tests run on PostgreSQL (`MODELPRESS_TEST_BACKEND=postgres`).
+pub fn on_postgres() -> bool {
+    match std::env::var("MODELPRESS_TEST_BACKEND").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("MODELPRESS_TEST_BACKEND is `{other}`: use sqlite or postgres"),
+    }
+}
+
+/// For a test of what only SQLite in the data directory does (its file on
+/// a full disk, recovery of the data directory): whether to run it, saying
+/// so when the tests run on PostgreSQL and it is skipped.
+pub fn sqlite_only(test: &str) -> bool {
+    if on_postgres() {
+        say_skipped(&format!(
+            "{test} on PostgreSQL: it is about SQLite in the data directory"
+        ));
+        return false;
+    }
+    true
 }
 
 /// A service with 2 workers and otherwise default settings.
@@ -30,13 +90,25 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let mut app = spawn_on(&data_dir, flags).await;
+    let mut app = spawn_with(&data_dir, Database::for_test().await, flags).await;
     app._dir = Some(dir);
     app
 }
 
-/// A service on an existing data directory.
+/// A service on a fresh data directory and the given database.
+pub async fn spawn_app_on(database: Database, flags: &[&str]) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = spawn_with(&dir.path().join("data"), database, flags).await;
+    app._dir = Some(dir);
+    app
+}
+
+/// A service on an existing data directory, with its SQLite database.
 pub async fn spawn_on(data_dir: &Path, flags: &[&str]) -> TestApp {
+    spawn_with(data_dir, Database::DataDir, flags).await
+}
+
+async fn spawn_with(data_dir: &Path, database: Database, flags: &[&str]) -> TestApp {
     let mut args = vec![
         "serve".to_string(),
         "--addr".into(),
@@ -48,6 +120,7 @@ pub async fn spawn_on(data_dir: &Path, flags: &[&str]) -> TestApp {
         "--shutdown-grace-seconds".into(),
         "5".into(),
     ];
+    args.extend(database.flags());
     args.extend(flags.iter().map(|f| f.to_string()));
     let config = ServeConfig::parse_from(args);
     let app = Application::build(&config)
@@ -62,9 +135,27 @@ pub async fn spawn_on(data_dir: &Path, flags: &[&str]) -> TestApp {
         address,
         client: client(),
         data_dir: data_dir.to_path_buf(),
+        database,
         _dir: None,
         stop: Some(tx),
         server: Some(server),
+    }
+}
+
+/// A stopped service's data directory and database, kept to start it
+/// again.
+pub struct Stopped {
+    data_dir: PathBuf,
+    database: Database,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Stopped {
+    /// The service again, on the same data directory and database.
+    pub async fn restart(self, flags: &[&str]) -> TestApp {
+        let mut app = spawn_with(&self.data_dir, self.database, flags).await;
+        app._dir = self.dir;
+        app
     }
 }
 
@@ -115,11 +206,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 impl TestApp {
     /// A client for a service running elsewhere (another process).
-    pub fn external(address: String, data_dir: &Path) -> TestApp {
+    pub fn external(address: String, data_dir: &Path, database: Database) -> TestApp {
         TestApp {
             address,
             client: client(),
             data_dir: data_dir.to_path_buf(),
+            database,
             _dir: None,
             stop: None,
             server: None,
@@ -293,20 +385,32 @@ impl TestApp {
     }
 
     /// Rows in the tables an upload writes (`models`, `model_files`), read
-    /// from the database file itself rather than through the API.
+    /// from the database itself rather than through the API.
     pub async fn upload_rows(&self) -> i64 {
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(self.data_dir.join("modelpress.db"))
-            .read_only(true);
-        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-        let rows = sqlx::query_scalar(
-            "SELECT (SELECT COUNT(*) FROM models) + (SELECT COUNT(*) FROM model_files)",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        pool.close().await;
-        rows
+        self.count_rows("SELECT (SELECT COUNT(*) FROM models) + (SELECT COUNT(*) FROM model_files)")
+            .await
+    }
+
+    /// The number a counting query gives, asked of the service's database
+    /// directly.
+    pub async fn count_rows(&self, sql: &'static str) -> i64 {
+        match &self.database {
+            Database::DataDir => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(self.data_dir.join("modelpress.db"))
+                    .read_only(true);
+                let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+                let rows = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+                pool.close().await;
+                rows
+            }
+            Database::Postgres(db) => {
+                let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+                let rows = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+                pool.close().await;
+                rows
+            }
+        }
     }
 
     /// Asserts that refused uploads left nothing behind: no file under
@@ -329,15 +433,19 @@ impl TestApp {
     }
 
     /// Stops the service gracefully and waits for it; the data directory
-    /// lives as long as the returned guard.
-    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+    /// and the database live as long as the returned guard.
+    pub async fn stop(mut self) -> Stopped {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         if let Some(server) = self.server.take() {
             server.await.unwrap().unwrap();
         }
-        self._dir.take()
+        Stopped {
+            data_dir: self.data_dir.clone(),
+            database: self.database.clone(),
+            dir: self._dir.take(),
+        }
     }
 }
 

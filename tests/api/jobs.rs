@@ -3,9 +3,7 @@ use std::sync::atomic::AtomicBool;
 use serde_json::{json, Value};
 
 use crate::common;
-use crate::helpers::{
-    assert_error, layered_model, spawn_app, spawn_app_with, spawn_on, tiny_model, TestApp,
-};
+use crate::helpers::{assert_error, layered_model, spawn_app, spawn_app_with, tiny_model, TestApp};
 
 fn id(v: &Value) -> &str {
     v["id"].as_str().unwrap()
@@ -419,9 +417,7 @@ async fn a_graceful_stop_lets_a_running_job_finish() {
     let job_id = id(&job).to_string();
     app.wait_for(&job_id, "running", |j| j["status"] == "running")
         .await;
-    let data_dir = app.data_dir.clone();
-    let _keep = app.stop().await;
-    let again = spawn_on(&data_dir, &[]).await;
+    let again = app.stop().await.restart(&[]).await;
     let job = again.job(&job_id).await;
     assert_eq!(
         job["status"], "succeeded",
@@ -446,9 +442,7 @@ async fn a_stop_past_the_grace_period_queues_the_running_job_again() {
     let job_id = id(&job).to_string();
     app.wait_for(&job_id, "running", |j| j["status"] == "running")
         .await;
-    let data_dir = app.data_dir.clone();
-    let _keep = app.stop().await;
-    let again = spawn_on(&data_dir, &[]).await;
+    let again = app.stop().await.restart(&[]).await;
     let job = again.wait_succeeded(&job_id).await;
     assert_eq!(
         job["attempts"], 1,

@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod contract;
+mod database;
 mod errors;
 mod helpers;
 mod jobs;

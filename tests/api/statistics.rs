@@ -121,18 +121,9 @@ impl TestApp {
         body
     }
 
-    /// Rows of the `statistics` table, read from the database file.
+    /// Rows of the `statistics` table, read from the database.
     async fn statistics_rows(&self) -> i64 {
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(self.data_dir.join("modelpress.db"))
-            .read_only(true);
-        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-        let rows = sqlx::query_scalar("SELECT COUNT(*) FROM statistics")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        pool.close().await;
-        rows
+        self.count_rows("SELECT COUNT(*) FROM statistics").await
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_error, spawn_app, tiny_model, TestApp};
+use crate::helpers::{assert_error, spawn_app, tiny_model, Database, TestApp};
 
 /// The value of the first sample of `metrics` whose line starts with
 /// `prefix` (a name with its labels).
@@ -115,6 +115,7 @@ struct LoggedServer {
     app: TestApp,
     lines: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
+    _database: Database,
 }
 
 impl Drop for LoggedServer {
@@ -125,8 +126,9 @@ impl Drop for LoggedServer {
 }
 
 impl LoggedServer {
-    fn start(log_format: &str) -> LoggedServer {
+    async fn start(log_format: &str) -> LoggedServer {
         let dir = tempfile::tempdir().unwrap();
+        let database = Database::for_test().await;
         let mut child = Command::new(env!("CARGO_BIN_EXE_modelpress"))
             .args([
                 "serve",
@@ -139,6 +141,7 @@ impl LoggedServer {
             ])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
+            .args(database.flags())
             .env_remove("RUST_LOG")
             .env_remove("MODELPRESS_API_KEYS")
             .stdout(Stdio::null())
@@ -168,12 +171,13 @@ impl LoggedServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        let app = TestApp::external(address, &dir.path().join("data"));
+        let app = TestApp::external(address, &dir.path().join("data"), database.clone());
         LoggedServer {
             child,
             app,
             lines,
             _dir: dir,
+            _database: database,
         }
     }
 
@@ -200,7 +204,7 @@ impl LoggedServer {
 
 #[tokio::test]
 async fn each_request_leaves_one_json_access_line_and_job_lines_carry_its_request_id() {
-    let server = LoggedServer::start("json");
+    let server = LoggedServer::start("json").await;
     let app = &server.app;
     let model = app.upload_model(tiny_model(1)).await;
     let resp = app
@@ -252,7 +256,7 @@ async fn each_request_leaves_one_json_access_line_and_job_lines_carry_its_reques
 
 #[tokio::test]
 async fn the_text_log_has_the_same_access_line() {
-    let server = LoggedServer::start("text");
+    let server = LoggedServer::start("text").await;
     let resp = server
         .app
         .client
