@@ -26,7 +26,9 @@ pub struct ServeConfig {
     /// exists; default `sqlite://DATA_DIR/modelpress.db`.
     #[arg(long, env = "MODELPRESS_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Jobs run at once; default: the number of cores.
+    /// Jobs run at once; default: the number of cores. 0 runs none: the
+    /// process serves the API while others sharing its database run the
+    /// jobs.
     #[arg(long, env = "MODELPRESS_WORKERS")]
     pub workers: Option<usize>,
     /// Largest upload accepted, in bytes (all files of one upload together).
@@ -83,6 +85,15 @@ pub struct ServeConfig {
         hide = true
     )]
     pub lease_ms: u64,
+    /// Milliseconds between an idle worker's looks for a job when nothing
+    /// woke it (a job queued by another process that sent no notification).
+    #[arg(
+        long,
+        env = "MODELPRESS_IDLE_POLL_MS",
+        default_value_t = 1_000,
+        hide = true
+    )]
+    pub idle_poll_ms: u64,
     /// Milliseconds before a failed webhook delivery is retried (doubling).
     #[arg(
         long,

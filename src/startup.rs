@@ -188,12 +188,19 @@ impl Application {
         }
         remove_orphan_blobs(&store, &blobs).await?;
 
+        // Subscribed before the API answers, so a job queued or canceled
+        // through another process from now on is heard.
+        let events = store.job_events().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot listen for queued jobs and cancels yet; polling meanwhile");
+            None
+        });
         let hook_tx = finished_tx.clone();
         let pool = WorkerPool::start(
             store.clone(),
             blobs.clone(),
             WorkerConfig {
                 workers: config.worker_count(),
+                idle_poll: Duration::from_millis(config.idle_poll_ms.max(10)),
                 lease: Duration::from_millis(config.lease_ms.max(100)),
                 retry_limit: config.retry_limit,
                 shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
@@ -203,6 +210,7 @@ impl Application {
             Arc::new(move |job: &JobRecord| {
                 let _ = hook_tx.send(job.clone());
             }),
+            events,
         );
         let state = AppState {
             store: store.clone(),

@@ -29,7 +29,8 @@ use crate::format::writer::Durability;
 use crate::run::{self, CompressRequest, OutputFormat, Progress, RunError};
 use crate::service::jobs::STATISTICS_FILE;
 use crate::store::{
-    now_ms, FinishOutcome, JobRecord, LeaseState, NewArtifact, ProgressUpdate, Store, Summary,
+    now_ms, FinishOutcome, JobEvent, JobEvents, JobRecord, LeaseState, NewArtifact, ProgressUpdate,
+    Store, Summary,
 };
 
 /// Called with every job that reaches a final status, wherever it happens.
@@ -37,7 +38,12 @@ pub type FinishedHook = Arc<dyn Fn(&JobRecord) + Send + Sync>;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// Jobs run at once; 0 runs none (a process that only serves the API,
+    /// beside others that run the jobs).
     pub workers: usize,
+    /// How often an idle worker looks for a job when nothing woke it: a
+    /// job queued by another process, when no notification came.
+    pub idle_poll: Duration,
     /// How long a claimed job is held without renewal before it counts as
     /// abandoned.
     pub lease: Duration,
@@ -56,6 +62,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             workers: 2,
+            idle_poll: Duration::from_secs(1),
             lease: Duration::from_secs(30),
             retry_limit: 2,
             shutdown_grace: Duration::from_secs(30),
@@ -141,15 +148,7 @@ impl WorkerHandle {
     /// cancel is also recorded in the database, where the worker would see
     /// it at its next lease renewal).
     pub fn cancel_running(&self, job_id: &str) {
-        let stop = self
-            .shared
-            .running
-            .lock()
-            .ok()
-            .and_then(|r| r.get(job_id).cloned());
-        if let Some(stop) = stop {
-            stop.raise(StopReason::CancelRequested);
-        }
+        raise_cancel(&self.shared, job_id);
     }
 
     /// Reports a job that reached a final status outside a worker.
@@ -170,12 +169,17 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Starts the workers and the task that takes back abandoned jobs.
+    /// Starts the workers, the task that takes back abandoned jobs and,
+    /// on a database other processes share, the task that hears their
+    /// queued jobs and cancel requests (`events`, subscribed beforehand so
+    /// that nothing sent once this returns is missed; made here, with
+    /// retries, when `None`).
     pub fn start(
         store: Store,
         blobs: Arc<Blobs>,
         config: WorkerConfig,
         on_finished: FinishedHook,
+        events: Option<JobEvents>,
     ) -> Self {
         let shared = Arc::new(Shared {
             store,
@@ -188,10 +192,13 @@ impl WorkerPool {
             interrupt: CancellationToken::new(),
             on_finished,
         });
-        let mut tasks: Vec<JoinHandle<()>> = (0..shared.config.workers.max(1))
+        let mut tasks: Vec<JoinHandle<()>> = (0..shared.config.workers)
             .map(|n| tokio::spawn(worker_loop(shared.clone(), n)))
             .collect();
         tasks.push(tokio::spawn(reaper_loop(shared.clone())));
+        if shared.store.is_shared() {
+            tasks.push(tokio::spawn(listen_loop(shared.clone(), events)));
+        }
         Self {
             handle: WorkerHandle { shared },
             tasks,
@@ -235,7 +242,7 @@ fn lease_until(config: &WorkerConfig) -> i64 {
 }
 
 async fn worker_loop(shared: Arc<Shared>, n: usize) {
-    let idle_poll = Duration::from_secs(1);
+    let idle_poll = shared.config.idle_poll;
     loop {
         if shared.stopping.is_cancelled() {
             break;
@@ -286,6 +293,83 @@ async fn worker_loop(shared: Arc<Shared>, n: usize) {
     }
 }
 
+/// Raises the stop flag of a job if this process runs it.
+fn raise_cancel(shared: &Shared, job_id: &str) -> bool {
+    let stop = shared
+        .running
+        .lock()
+        .ok()
+        .and_then(|r| r.get(job_id).cloned());
+    match stop {
+        Some(stop) => {
+            stop.raise(StopReason::CancelRequested);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Hears other processes (and this one) through the shared database: a
+/// queued job wakes the idle workers, a cancel request stops the job if it
+/// runs here. Polling and lease renewals stay the fallback: while the
+/// connection is down, or after it was lost (notifications sent meanwhile
+/// are gone), nothing is slower than without this task.
+async fn listen_loop(shared: Arc<Shared>, events: Option<JobEvents>) {
+    let retry = Duration::from_secs(1)..Duration::from_secs(30);
+    let mut delay = retry.start;
+    let mut events = events;
+    loop {
+        if events.is_none() {
+            match shared.store.job_events().await {
+                Ok(Some(e)) => {
+                    tracing::info!("listening for queued jobs and cancels again");
+                    delay = retry.start;
+                    events = Some(e);
+                    // Whatever was sent while not listening was missed.
+                    shared.wake.notify_waiters();
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for queued jobs and cancels; polling meanwhile");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shared.stopping.cancelled() => return,
+                    }
+                    delay = (delay * 2).min(retry.end);
+                    continue;
+                }
+            }
+        }
+        let Some(subscribed) = events.as_mut() else {
+            continue;
+        };
+        let event = tokio::select! {
+            e = subscribed.next() => e,
+            _ = shared.stopping.cancelled() => return,
+        };
+        match event {
+            Ok(JobEvent::Queued) => shared.wake.notify_waiters(),
+            Ok(JobEvent::CancelRequested(id)) => {
+                if raise_cancel(&shared, &id) {
+                    tracing::info!(job = %id, "cancel requested; stopping the job");
+                }
+            }
+            Ok(JobEvent::Reconnected) => shared.wake.notify_waiters(),
+            Err(e) => {
+                // The subscription is dropped and made again: its
+                // connection may be gone with the server.
+                tracing::warn!(error = %e, "lost the connection that listens for queued jobs and cancels; polling meanwhile");
+                events = None;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.stopping.cancelled() => return,
+                }
+                delay = (delay * 2).min(retry.end);
+            }
+        }
+    }
+}
+
 /// Takes back jobs whose lease expired: a worker that stalls or a process
 /// that stopped renewing.
 async fn reaper_loop(shared: Arc<Shared>) {
@@ -326,6 +410,8 @@ struct JobProgress {
     state: Mutex<ProgressUpdate>,
     version: AtomicU64,
     delay: Duration,
+    /// Cuts the delay short.
+    stop: Arc<Stop>,
 }
 
 impl JobProgress {
@@ -353,8 +439,15 @@ impl Progress for JobProgress {
             s.tensors_total = total as i64;
         }
         self.version.fetch_add(1, Ordering::SeqCst);
-        if !self.delay.is_zero() {
-            std::thread::sleep(self.delay);
+        // The pause ends early once the job is asked to stop, so that a
+        // stop is seen as soon as with no pause.
+        let until = Instant::now() + self.delay;
+        while !self.stop.flag.load(Ordering::SeqCst) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(20)));
         }
     }
 }
@@ -573,6 +666,7 @@ async fn execute(
         }),
         version: AtomicU64::new(0),
         delay: shared.config.tensor_delay,
+        stop: stop.clone(),
     });
     let Prepared {
         dir,

@@ -13,6 +13,15 @@ pub(super) trait Dialect: sqlx::Database {
         pool: &sqlx::Pool<Self>,
     ) -> Result<sqlx::Transaction<'static, Self>, sqlx::Error>;
 
+    /// Tells every process listening on `channel` (PostgreSQL's `NOTIFY`,
+    /// sent when the transaction commits, not at all if it rolls back).
+    /// Nothing on SQLite: one process per database, told in process.
+    async fn notify(
+        conn: &mut Self::Connection,
+        channel: &str,
+        payload: &str,
+    ) -> Result<(), sqlx::Error>;
+
     /// Of `candidates`, those that nothing in the database refers to any
     /// more.
     async fn unreferenced(
@@ -54,6 +63,14 @@ impl Dialect for sqlx::Sqlite {
         pool.begin_with("BEGIN IMMEDIATE").await
     }
 
+    async fn notify(
+        _conn: &mut Self::Connection,
+        _channel: &str,
+        _payload: &str,
+    ) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+
     async fn unreferenced(
         conn: &mut Self::Connection,
         candidates: Vec<String>,
@@ -74,6 +91,19 @@ impl Dialect for sqlx::Postgres {
         pool: &sqlx::Pool<Self>,
     ) -> Result<sqlx::Transaction<'static, Self>, sqlx::Error> {
         pool.begin().await
+    }
+
+    async fn notify(
+        conn: &mut Self::Connection,
+        channel: &str,
+        payload: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(conn)
+            .await?;
+        Ok(())
     }
 
     async fn unreferenced(

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::compress::spec::{Pipeline, PipelineSpec};
 use crate::run::OutputFormat;
 
+use super::notify::{CANCEL_CHANNEL, JOBS_CHANNEL};
 use super::{now_ms, DeleteOutcome, Dialect, Store, StoreError};
 
 /// Where a job is in its life. `succeeded`, `failed` and `canceled` are final.
@@ -426,7 +427,11 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             let outcome = match (record, key, hash) {
-                (Some(record), _, _) => InsertOutcome::Created(record),
+                (Some(record), _, _) => {
+                    // Idle workers of every process wake when it commits.
+                    Db::notify(&mut *tx, JOBS_CHANNEL, &record.id).await?;
+                    InsertOutcome::Created(record)
+                }
                 (None, Some(key), Some(hash)) => {
                     let existing: JobRecord =
                         sqlx::query_as("SELECT * FROM jobs WHERE idempotency_key = $1")
@@ -726,7 +731,8 @@ impl Store {
     /// stopping; the interrupted attempt does not count.
     pub async fn release_job(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
         let released = on_pool!(self, |pool: Db| {
-            sqlx::query(
+            let mut tx = Db::begin_write(pool).await?;
+            let released = sqlx::query(
                 "UPDATE jobs
                  SET status = 'queued',
                      attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,
@@ -738,9 +744,15 @@ impl Store {
             .bind(id)
             .bind(owner)
             .bind(now_ms())
-            .execute(pool)
+            .execute(&mut *tx)
             .await?
-            .rows_affected()
+            .rows_affected();
+            if released == 1 {
+                // Another process's idle worker may take it at once.
+                Db::notify(&mut *tx, JOBS_CHANNEL, id).await?;
+            }
+            tx.commit().await?;
+            released
         });
         Ok(released == 1)
     }
@@ -794,6 +806,16 @@ impl Store {
             .bind(all)
             .fetch_all(&mut *tx)
             .await?;
+            if !queued.is_empty() {
+                // The payload is one job's id; several would outgrow
+                // NOTIFY's 8000 bytes, and listeners only need the wake-up.
+                let payload = if queued.len() == 1 {
+                    queued[0].as_str()
+                } else {
+                    ""
+                };
+                Db::notify(&mut *tx, JOBS_CHANNEL, payload).await?;
+            }
             tx.commit().await?;
             Ok(Requeued { queued, finished })
         })
@@ -826,16 +848,20 @@ impl Store {
                     .fetch_one(&mut *tx)
                     .await?,
                 ),
-                Some(JobStatus::Running) => CancelOutcome::Requested(
-                    sqlx::query_as(
+                Some(JobStatus::Running) => {
+                    let job = sqlx::query_as(
                         "UPDATE jobs SET cancel_requested = TRUE, updated_at = $2
                          WHERE id = $1 RETURNING *",
                     )
                     .bind(id)
                     .bind(now)
                     .fetch_one(&mut *tx)
-                    .await?,
-                ),
+                    .await?;
+                    // The process running it stops it at once rather than
+                    // at its next lease renewal.
+                    Db::notify(&mut *tx, CANCEL_CHANNEL, id).await?;
+                    CancelOutcome::Requested(job)
+                }
                 Some(_) => CancelOutcome::AlreadyFinished(
                     sqlx::query_as("SELECT * FROM jobs WHERE id = $1")
                         .bind(id)

@@ -47,6 +47,7 @@ macro_rules! on_pool {
 mod dialect;
 mod jobs;
 mod models;
+mod notify;
 mod statistics;
 #[doc(hidden)]
 pub mod testing;
@@ -67,6 +68,7 @@ pub use jobs::{
     LeaseState, NewArtifact, NewJob, ProgressUpdate, Requeued, Summary,
 };
 pub use models::{ModelFile, ModelRecord, NewModel};
+pub use notify::{JobEvent, JobEvents};
 pub use statistics::{NewStatistics, StatisticsRecord};
 
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,7 @@ mod helpers;
 mod jobs;
 mod openapi;
 mod recovery;
+mod replicas;
 mod statistics;
 mod storage;
 mod telemetry;
