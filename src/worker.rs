@@ -331,11 +331,9 @@ async fn listen_loop(shared: Arc<Shared>, events: Option<JobEvents>) {
                 Ok(None) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot listen for queued jobs and cancels; polling meanwhile");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shared.stopping.cancelled() => return,
+                    if !back_off(&shared, &mut delay, retry.end).await {
+                        return;
                     }
-                    delay = (delay * 2).min(retry.end);
                     continue;
                 }
             }
@@ -360,14 +358,23 @@ async fn listen_loop(shared: Arc<Shared>, events: Option<JobEvents>) {
                 // connection may be gone with the server.
                 tracing::warn!(error = %e, "lost the connection that listens for queued jobs and cancels; polling meanwhile");
                 events = None;
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shared.stopping.cancelled() => return,
+                if !back_off(&shared, &mut delay, retry.end).await {
+                    return;
                 }
-                delay = (delay * 2).min(retry.end);
             }
         }
     }
+}
+
+/// Waits `delay` and doubles it up to `max`; false when the service stops
+/// meanwhile.
+async fn back_off(shared: &Shared, delay: &mut Duration, max: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(*delay) => {}
+        _ = shared.stopping.cancelled() => return false,
+    }
+    *delay = (*delay * 2).min(max);
+    true
 }
 
 /// Takes back jobs whose lease expired: a worker that stalls or a process

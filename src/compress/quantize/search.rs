@@ -102,11 +102,17 @@ pub(super) fn fold_lanes(l: [f64; LANES]) -> f64 {
 #[inline(always)]
 pub(super) fn add_blocks<const N: usize>(blocks: impl IntoIterator<Item = [f64; N]>) -> [f64; N] {
     blocks.into_iter().fold([0.0; N], |mut acc, b| {
-        for (a, v) in acc.iter_mut().zip(b) {
-            *a += v;
-        }
+        add_block(&mut acc, b);
         acc
     })
+}
+
+/// One block's sums added to the running ones, in the canonical order.
+#[inline(always)]
+fn add_block<const N: usize>(acc: &mut [f64; N], b: [f64; N]) {
+    for (a, v) in acc.iter_mut().zip(b) {
+        *a += v;
+    }
 }
 
 /// `N` sums of `term(w)` in the canonical order, element `i` of a block into
@@ -144,7 +150,7 @@ pub(super) trait BlockSums<const N: usize>: Sync {
 }
 
 /// `N` sums of a term of each element, in the canonical order.
-pub(super) struct TermSums<F>(pub(super) F);
+struct TermSums<F>(F);
 
 impl<const N: usize, F: Fn(f32) -> [f64; N] + Sync> BlockSums<N> for TermSums<F> {
     #[inline(always)]
@@ -178,11 +184,11 @@ pub(super) fn group_blocks_fast<const N: usize>(w: &[f32], sums: &impl BlockSums
         let parts: Vec<[f64; N]> = w.par_chunks(BLOCK).map(|b| sums.block(b)).collect();
         add_blocks(parts)
     } else {
+        // A loop, not `add_blocks` over a mapped iterator: its closure
+        // would hold the kernel, compiled for the baseline CPU.
         let mut acc = [0.0; N];
         for b in w.chunks(BLOCK) {
-            for (a, v) in acc.iter_mut().zip(sums.block(b)) {
-                *a += v;
-            }
+            add_block(&mut acc, sums.block(b));
         }
         acc
     }
