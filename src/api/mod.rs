@@ -108,7 +108,8 @@ impl Modify for BearerOnV1 {
 }
 
 /// Statuses every operation can answer whatever its handler does: 401 on
-/// `/v1` when the server has API keys, 500 anywhere. Also gives any
+/// `/v1` when the server has API keys, 503 on `/v1` when the database or
+/// the blob store does not answer, 500 anywhere. Also gives any
 /// response documented without a description its status' reason phrase, so
 /// the document stays valid OpenAPI.
 struct StandardResponses;
@@ -144,6 +145,9 @@ impl Modify for StandardResponses {
                 if path.starts_with("/v1/") {
                     responses.entry("401".into()).or_insert_with(|| {
                         error("No or an unknown API key (`missing_api_key`, `invalid_api_key`); only when the server has API keys")
+                    });
+                    responses.entry("503".into()).or_insert_with(|| {
+                        error("The database or the blob store cannot be reached (`storage_unavailable`); try again later")
                     });
                 }
                 responses.entry("500".into()).or_insert_with(|| {

@@ -70,6 +70,11 @@ def _parse_response(
 
         return response_500
 
+    if response.status_code == 503:
+        response_503 = ErrorBody.from_dict(response.json())
+
+        return response_503
+
     if response.status_code == 507:
         response_507 = ErrorBody.from_dict(response.json())
 
