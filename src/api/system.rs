@@ -122,12 +122,15 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     let mut text = String::new();
     match state.store.count_jobs_by_status().await {
         Ok(counts) => {
-            text.push_str("# HELP modelpress_jobs Jobs stored in the database now, by status, counted at each scrape; deleting a job lowers it (modelpress_jobs_finished_total counts finishes in this process).\n");
+            // Database-wide: every replica on one database reports the same
+            // values, so they carry `scope="database"` to be told apart from
+            // the per-process series (aggregate them with max, not sum).
+            text.push_str("# HELP modelpress_jobs Jobs stored in the database now, by status, counted at each scrape; the same on every replica sharing the database; deleting a job lowers it (modelpress_jobs_finished_total counts finishes in this process).\n");
             text.push_str("# TYPE modelpress_jobs gauge\n");
             for (status, n) in &counts {
                 let _ = writeln!(
                     text,
-                    "modelpress_jobs{{status=\"{}\"}} {n}",
+                    "modelpress_jobs{{scope=\"database\",status=\"{}\"}} {n}",
                     status.as_str()
                 );
             }
@@ -135,9 +138,14 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
                 .iter()
                 .find(|(s, _)| *s == JobStatus::Queued)
                 .map_or(0, |c| c.1);
-            text.push_str("# HELP modelpress_queue_depth Jobs waiting for a worker.\n");
+            text.push_str(
+                "# HELP modelpress_queue_depth Jobs waiting for a worker, in the whole database.\n",
+            );
             text.push_str("# TYPE modelpress_queue_depth gauge\n");
-            let _ = writeln!(text, "modelpress_queue_depth {queued}");
+            let _ = writeln!(
+                text,
+                "modelpress_queue_depth{{scope=\"database\"}} {queued}"
+            );
         }
         Err(e) => tracing::error!(error = %e, "metrics: could not count jobs"),
     }

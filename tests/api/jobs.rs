@@ -391,10 +391,13 @@ async fn fifty_jobs_on_four_workers_each_run_exactly_once() {
 
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
-        metrics.contains("modelpress_jobs{status=\"succeeded\"} 50"),
+        metrics.contains("modelpress_jobs{scope=\"database\",status=\"succeeded\"} 50"),
         "{metrics}"
     );
-    assert!(metrics.contains("modelpress_queue_depth 0"), "{metrics}");
+    assert!(
+        metrics.contains("modelpress_queue_depth{scope=\"database\"} 0"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("modelpress_job_duration_seconds_bucket"),
         "{metrics}"
