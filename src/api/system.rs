@@ -66,8 +66,8 @@ pub async fn healthz() -> axum::Json<Health> {
     })
 }
 
-/// Readiness: the database takes a write, the data directory has room
-/// for one, and the bucket of blobs (when blobs are kept in one) answers.
+/// Readiness: the database takes a write and the data directory has room
+/// for one.
 ///
 /// Checked afresh on every call, so it turns back to 200 by itself once
 /// space is freed.
@@ -86,6 +86,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         tracing::error!(error = %e, "readiness: the database does not take a write");
         failed.push("the database does not take a write");
     }
+    // With blobs in a bucket, the bucket must answer too.
     if let Err(e) = state.blobs.check_writable().await {
         if StorageFault::of_io(&e) == Some(StorageFault::Unavailable) {
             tracing::error!(error = %e, "readiness: the bucket of blobs does not answer");

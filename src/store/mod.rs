@@ -162,7 +162,7 @@ pub enum DeleteOutcome {
 }
 
 /// The advisory lock key of the blob lock ("mpblobs" in ASCII).
-const BLOBS_LOCK_KEY: i64 = 0x6d70_626c_6f62_73;
+const BLOBS_LOCK_KEY: i64 = 0x006d_7062_6c6f_6273;
 
 /// Holds the blob lock across every process on a PostgreSQL database;
 /// released when dropped: the transaction holding it is rolled back when
