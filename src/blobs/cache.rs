@@ -105,6 +105,9 @@ impl Cache {
         let partial = self
             .tmp
             .join(format!("fetch-{sha256}-{}", uuid::Uuid::new_v4()));
+        // Removes the partial file also when this future is dropped
+        // half-way.
+        let mut guard = Partial(Some(partial.clone()));
         let outcome = async {
             let mut stream = bucket.read(sha256, None).await?.stream;
             let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
@@ -151,8 +154,8 @@ impl Cache {
             fs::rename(&partial, dest)
         }
         .await;
-        if outcome.is_err() {
-            let _ = fs::remove_file(&partial);
+        if outcome.is_ok() {
+            guard.0 = None;
         }
         outcome
     }
@@ -184,6 +187,17 @@ impl Cache {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "could not evict blobs from the cache"),
             Err(e) => tracing::warn!(error = %e, "evicting blobs from the cache panicked"),
+        }
+    }
+}
+
+/// A file removed when dropped, unless taken out.
+struct Partial(Option<PathBuf>);
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = fs::remove_file(path);
         }
     }
 }

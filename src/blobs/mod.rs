@@ -27,7 +27,7 @@
 //! which the worker pool calls periodically, so it does not wait for the
 //! next start.
 
-pub mod cache;
+mod cache;
 pub mod s3;
 #[cfg(test)]
 mod tests;
@@ -254,11 +254,6 @@ impl Blobs {
     pub fn locking_with(mut self, store: Store) -> Self {
         self.shared_lock = Some(store);
         self
-    }
-
-    /// Whether blobs are kept in a bucket.
-    pub fn in_bucket(&self) -> bool {
-        matches!(self.backend, Backend::S3 { .. })
     }
 
     /// Tries again to remove temporary directories whose removal failed;
