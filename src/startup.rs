@@ -125,7 +125,6 @@ impl Application {
         let data_dir = std::fs::canonicalize(&config.data_dir)
             .with_context(|| format!("cannot resolve {}", config.data_dir.display()))?;
         let lock = lock_data_dir(&data_dir)?;
-        let blobs = Arc::new(Blobs::open(&data_dir).context("cannot open the blob store")?);
         let database_url = config
             .database_url
             .clone()
@@ -133,6 +132,14 @@ impl Application {
         let store = Store::open(&database_url)
             .await
             .context("cannot open the database")?;
+        let location = config
+            .blob_location(&data_dir)
+            .context("cannot resolve the blob directory")?;
+        let blobs = Arc::new(
+            Blobs::open(&data_dir, &location)
+                .context("cannot open the blob store")?
+                .locking_with(store.clone()),
+        );
 
         let listener = tokio::net::TcpListener::bind(config.addr)
             .await
@@ -291,14 +298,19 @@ impl Application {
 }
 
 /// Removes blobs that nothing refers to: left by a process that died
-/// between storing a file and recording it.
+/// between storing a file and recording it. Under the blob lock, which
+/// every process sharing the database (and so the bucket) takes to add a
+/// reference: a blob another process has stored but not yet recorded is
+/// stored and recorded under that lock, so it is never seen unreferenced
+/// here.
 async fn remove_orphan_blobs(store: &Store, blobs: &Blobs) -> anyhow::Result<()> {
+    let _guard = blobs.lock().await?;
     let referenced: std::collections::HashSet<String> =
         store.referenced_blobs().await?.into_iter().collect();
-    for sha in blobs.list().context("cannot list the blob store")? {
+    for sha in blobs.list().await.context("cannot list the blob store")? {
         if !referenced.contains(&sha) {
             tracing::info!(blob = %sha, "removing an unreferenced blob");
-            blobs.remove(&sha);
+            blobs.remove(&sha).await;
         }
     }
     Ok(())

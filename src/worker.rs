@@ -483,6 +483,10 @@ impl Failure {
                 code: "storage_unavailable",
                 message: "The server's storage could not be written while the job ran. Submit it again once the operator has fixed it.".into(),
             },
+            StorageFault::Unavailable => Self {
+                code: "storage_unavailable",
+                message: "The server's blob storage could not be reached while the job ran. Submit it again later.".into(),
+            },
         }
     }
 
@@ -528,12 +532,14 @@ async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> 
         .map_err(|e| Failure::of_server(&job.id, "could not create the job's directory", &e))?;
     let input = dir.path().join("in");
     let output = dir.path().join("out");
-    let laid_out = std::fs::create_dir(&input).and_then(|_| {
-        shared.blobs.checkout(
-            files.iter().map(|f| (f.name.as_str(), f.sha256.as_str())),
-            &input,
-        )
-    });
+    let names: Vec<(&str, &str)> = files
+        .iter()
+        .map(|f| (f.name.as_str(), f.sha256.as_str()))
+        .collect();
+    let laid_out = match std::fs::create_dir(&input) {
+        Ok(()) => shared.blobs.checkout(&names, &input).await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = laid_out {
         return Err(Failure::of_server(
             &job.id,
@@ -559,7 +565,8 @@ async fn prepare(shared: &Shared, job: &JobRecord) -> Result<Prepared, Failure> 
                 })?;
             shared
                 .blobs
-                .checkout([(STATISTICS_FILE, record.sha256.as_str())], dir.path())
+                .checkout(&[(STATISTICS_FILE, record.sha256.as_str())], dir.path())
+                .await
                 .map_err(|e| {
                     Failure::of_server(&job.id, "could not lay out the job's statistics", &e)
                 })?;
@@ -856,10 +863,19 @@ async fn store_outcome(
     };
     let artifacts: Vec<NewArtifact> = files.iter().map(|(_, a)| a.clone()).collect();
 
-    let _guard = shared.blobs.lock().await;
+    let _guard = match shared.blobs.lock().await {
+        Ok(guard) => guard,
+        Err(e) => {
+            tracing::error!(job = %job.id, error = %e, "could not take the blob lock");
+            return Outcome::Failed(
+                e.storage_fault()
+                    .map_or_else(Failure::internal, Failure::storage),
+            );
+        }
+    };
     let mut added = Vec::new();
     for (path, a) in &files {
-        match shared.blobs.commit(path, &a.sha256) {
+        match shared.blobs.commit(path, &a.sha256).await {
             Ok(true) => added.push(a.sha256.clone()),
             Ok(false) => {}
             Err(e) => {
@@ -908,7 +924,7 @@ async fn store_outcome(
 async fn remove_unreferenced(shared: &Shared, added: &[String]) {
     for sha in added {
         if let Ok(false) = shared.store.blob_is_referenced(sha).await {
-            shared.blobs.remove(sha);
+            shared.blobs.remove(sha).await;
         }
     }
 }

@@ -354,3 +354,39 @@ fn inspect_and_presets_answer_in_json() {
         .collect();
     assert_eq!(names, [PRESETS, CALIBRATED_PRESETS].concat());
 }
+
+#[test]
+fn serve_refuses_blob_store_settings_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (args, says) in [
+        (
+            vec!["--blob-store", "ftp://x/y"],
+            "neither file://DIR nor s3://",
+        ),
+        (
+            vec!["--blob-store", "s3://Not_A_Bucket/p"],
+            "is not a bucket name",
+        ),
+        (
+            vec!["--blob-store", "s3://models/a/../b"],
+            "not a usable key prefix",
+        ),
+        (
+            vec!["--blob-store", "s3://models", "--s3-endpoint", "ftp://h"],
+            "not an http:// or https:// URL",
+        ),
+        (vec!["--blob-cache-bytes", "much"], "--blob-cache-bytes"),
+    ] {
+        let mut all = vec!["serve", "--data-dir", s(&data), "--addr", "127.0.0.1:0"];
+        all.extend(args.iter().copied());
+        let o = run(&all);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(says),
+            "{args:?}: {}",
+            text(&o)
+        );
+        assert!(!data.exists(), "{args:?}: nothing is created");
+    }
+}

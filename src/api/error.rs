@@ -79,7 +79,7 @@ impl ApiError {
     }
 
     /// The answer to a storage fault: 507 when the disk is full, 503 when
-    /// it cannot be written at all.
+    /// it cannot be written at all or the bucket of blobs cannot be reached.
     pub fn storage(fault: StorageFault, context: &str, error: impl std::fmt::Display) -> Self {
         tracing::error!(error = %error, "{context}");
         match fault {
@@ -92,6 +92,11 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "storage_unavailable",
                 "The server's storage cannot be written at the moment; try again later.",
+            ),
+            StorageFault::Unavailable => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                "The server's blob storage cannot be reached at the moment; try again later.",
             ),
         }
     }

@@ -1,14 +1,11 @@
 //! `/v1/jobs`: submitting compression jobs, following them, and fetching
 //! what they produced.
 
-use std::path::Path as FsPath;
-
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, PartialSchema, ToSchema};
@@ -455,11 +452,11 @@ pub async fn delete_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let _guard = state.blobs.lock().await;
+    let _guard = state.blobs.lock().await?;
     match state.store.delete_job(&id).await? {
         DeleteOutcome::Deleted { unreferenced_blobs } => {
             for sha in unreferenced_blobs {
-                state.blobs.remove(&sha);
+                state.blobs.remove(&sha).await;
             }
             Ok(StatusCode::NO_CONTENT)
         }
@@ -509,11 +506,12 @@ pub async fn job_report(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let artifact = find_artifact(&state, &id, "report.json").await?;
-    let path = state.blobs.path(&artifact.sha256);
-    let file = tokio::fs::File::open(&path)
+    let read = state
+        .blobs
+        .read(&artifact.sha256, None)
         .await
-        .map_err(|e| ApiError::internal("a stored report is missing", e))?;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+        .map_err(|e| ApiError::io("could not open a stored report", e))?;
+    let body = Body::from_stream(read.stream);
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
@@ -667,7 +665,6 @@ pub async fn download_artifact(
     } else {
         RangeRequest::Whole
     };
-    let path = state.blobs.path(&artifact.sha256);
     let disposition = content_disposition(&name);
     let mut resp_headers = HeaderMap::new();
     let put = |h: &mut HeaderMap, k: header::HeaderName, v: String| {
@@ -709,23 +706,12 @@ pub async fn download_artifact(
         }
     };
     put(&mut resp_headers, header::CONTENT_LENGTH, count.to_string());
-    let body = open_range(&path, start, count).await?;
-    Ok((status, resp_headers, body).into_response())
-}
-
-async fn open_range(path: &FsPath, start: u64, count: u64) -> Result<Body, ApiError> {
-    let mut file = tokio::fs::File::open(path)
+    let read = state
+        .blobs
+        .read(&artifact.sha256, Some(start..start + count))
         .await
-        .map_err(|e| ApiError::internal("a stored artifact is missing", e))?;
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| ApiError::internal("could not read an artifact", e))?;
-    }
-    let reader = file.take(count);
-    Ok(Body::from_stream(
-        tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024),
-    ))
+        .map_err(|e| ApiError::io("could not open a stored artifact", e))?;
+    Ok((status, resp_headers, Body::from_stream(read.stream)).into_response())
 }
 
 #[cfg(test)]

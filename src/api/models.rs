@@ -654,11 +654,11 @@ pub async fn delete_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let _guard = state.blobs.lock().await;
+    let _guard = state.blobs.lock().await?;
     match state.store.delete_model(&id).await? {
         DeleteOutcome::Deleted { unreferenced_blobs } => {
             for sha in unreferenced_blobs {
-                state.blobs.remove(&sha);
+                state.blobs.remove(&sha).await;
             }
             Ok(StatusCode::NO_CONTENT)
         }

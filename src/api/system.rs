@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 
 use super::error::{error_response, ErrorBody};
 use super::AppState;
+use crate::blobs::StorageFault;
 use crate::compress::spec::PRESETS;
 use crate::store::JobStatus;
 
@@ -85,11 +86,15 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         tracing::error!(error = %e, "readiness: the database does not take a write");
         failed.push("the database does not take a write");
     }
-    let blobs = state.blobs.clone();
-    let disk = tokio::task::spawn_blocking(move || blobs.check_writable()).await;
-    if !matches!(disk, Ok(Ok(()))) {
-        tracing::error!(outcome = ?disk, "readiness: the data directory is not writable");
-        failed.push("the data directory is not writable");
+    // With blobs in a bucket, the bucket must answer too.
+    if let Err(e) = state.blobs.check_writable().await {
+        if StorageFault::of_io(&e) == Some(StorageFault::Unavailable) {
+            tracing::error!(error = %e, "readiness: the bucket of blobs does not answer");
+            failed.push("the bucket of blobs does not answer");
+        } else {
+            tracing::error!(error = %e, "readiness: the data directory is not writable");
+            failed.push("the data directory is not writable");
+        }
     }
     if failed.is_empty() {
         axum::Json(Health {

@@ -151,43 +151,48 @@ async fn check_against_model(
                 .sha256,
         ),
     };
-    let blobs = blobs.clone();
-    let checked =
-        tokio::task::spawn_blocking(move || -> Result<Result<(), RunError>, std::io::Error> {
-            // A job needs room for its output: refused now rather than
-            // failing once it runs.
-            blobs.check_space()?;
-            let dir = blobs.tmp_dir("check")?;
-            let input = dir.path().join("in");
-            std::fs::create_dir(&input)?;
-            blobs.checkout(
-                files.iter().map(|f| (f.name.as_str(), f.sha256.as_str())),
-                &input,
-            )?;
+    // A job needs room for its output: refused now rather than failing
+    // once it runs.
+    let laid_out = async {
+        let space = blobs.clone();
+        tokio::task::spawn_blocking(move || space.check_space())
+            .await
+            .map_err(std::io::Error::other)??;
+        let dir = blobs.tmp_dir("check")?;
+        let input = dir.path().join("in");
+        std::fs::create_dir(&input)?;
+        let names: Vec<(&str, &str)> = files
+            .iter()
+            .map(|f| (f.name.as_str(), f.sha256.as_str()))
+            .collect();
+        blobs.checkout(&names, &input).await?;
+        if let Some(sha) = &stats_blob {
+            blobs
+                .checkout(&[(STATISTICS_FILE, sha.as_str())], dir.path())
+                .await?;
+        }
+        Ok::<_, std::io::Error>((dir, input))
+    }
+    .await;
+    let checked = match laid_out {
+        Err(e) => Err(e),
+        Ok((dir, input)) => tokio::task::spawn_blocking(move || -> Result<(), RunError> {
             let stats = match &stats_blob {
                 None => None,
                 Some(sha) => {
-                    blobs.checkout([(STATISTICS_FILE, sha.as_str())], dir.path())?;
                     // Stored under its hash, its values checked at upload:
                     // names and shapes are what this job can change.
-                    match StatsFile::open_hashed(&dir.path().join(STATISTICS_FILE), sha) {
-                        Ok(mut s) => {
-                            s.trust_values();
-                            Some(s)
-                        }
-                        Err(e) => return Ok(Err(e.into())),
-                    }
+                    let mut s = StatsFile::open_hashed(&dir.path().join(STATISTICS_FILE), sha)?;
+                    s.trust_values();
+                    Some(s)
                 }
             };
-            Ok(run::check_with_stats(
-                &input,
-                &pipeline,
-                format,
-                stats.as_ref(),
-            ))
+            run::check_with_stats(&input, &pipeline, format, stats.as_ref())
         })
         .await
-        .map_err(|e| ApiError::internal("checking a job panicked", e))?;
+        .map_err(|e| ApiError::internal("checking a job panicked", e))
+        .map(Ok)?,
+    };
     // A model (or statistics) deleted while it was being checked loses its
     // files under the check: that is the input missing, not a failure of
     // the server.

@@ -23,7 +23,7 @@ use crate::store::Store;
 pub async fn forget(store: &Store, blobs: &Blobs, added: &[String]) {
     for sha in added {
         if let Ok(false) = store.blob_is_referenced(sha).await {
-            blobs.remove(sha);
+            blobs.remove(sha).await;
         }
     }
 }

@@ -167,10 +167,10 @@ async fn commit_upload(
             })
             .collect(),
     };
-    let _guard = blobs.lock().await;
+    let _guard = blobs.lock().await?;
     let mut added = Vec::new();
     for f in &files {
-        match blobs.commit(&tmp.path().join(&f.name), &f.sha256) {
+        match blobs.commit(&tmp.path().join(&f.name), &f.sha256).await {
             Ok(true) => added.push(f.sha256.clone()),
             Ok(false) => {}
             Err(e) => {

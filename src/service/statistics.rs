@@ -128,9 +128,10 @@ where
             has_xtx: checked.has_xtx,
             tokens: checked.tokens,
         };
-        let _guard = blobs.lock().await;
+        let _guard = blobs.lock().await?;
         let added = blobs
             .commit(&tmp.path().join(FILE_NAME), &sha256)
+            .await
             .map_err(|e| ApiError::io("could not store uploaded statistics", e))?;
         let added: Vec<String> = if added { vec![sha256] } else { Vec::new() };
         match store.insert_statistics(new).await {
@@ -185,11 +186,11 @@ pub async fn delete(
     model_id: &str,
     id: &str,
 ) -> Result<(), ApiError> {
-    let _guard = blobs.lock().await;
+    let _guard = blobs.lock().await?;
     match store.delete_statistics(model_id, id).await? {
         DeleteOutcome::Deleted { unreferenced_blobs } => {
             for sha in unreferenced_blobs {
-                blobs.remove(&sha);
+                blobs.remove(&sha).await;
             }
             Ok(())
         }

@@ -161,6 +161,16 @@ pub enum DeleteOutcome {
     InUse,
 }
 
+/// The advisory lock key of the blob lock ("mpblobs" in ASCII).
+const BLOBS_LOCK_KEY: i64 = 0x006d_7062_6c6f_6273;
+
+/// Holds the blob lock across every process on a PostgreSQL database;
+/// released when dropped: the transaction holding it is rolled back when
+/// its connection returns to the pool, or ends with the connection.
+pub struct BlobsLock {
+    _tx: sqlx::Transaction<'static, sqlx::Postgres>,
+}
+
 /// The database of the service.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -266,6 +276,24 @@ impl Store {
     /// another process's, and only an expired lease shows it abandoned.
     pub fn is_shared(&self) -> bool {
         matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// The database-wide half of the blob lock (see [`crate::blobs::Blobs::lock`]):
+    /// on PostgreSQL, which several processes may share, a transaction
+    /// holding an advisory lock until it is dropped (and rolled back); on
+    /// SQLite, one process per database, nothing.
+    pub async fn lock_blobs(&self) -> Result<Option<BlobsLock>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(BLOBS_LOCK_KEY)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(Some(BlobsLock { _tx: tx }))
+            }
+        }
     }
 
     /// Whether the database answers.

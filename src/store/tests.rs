@@ -599,3 +599,29 @@ async fn a_write_postgresql_refuses_as_read_only_is_a_read_only_storage_fault() 
     assert!(!e.is_unavailable());
     store.close().await;
 }
+
+/// The blob lock on PostgreSQL holds across processes (here two pools on
+/// one database): the second waits until the first is dropped.
+#[tokio::test]
+async fn the_blob_lock_holds_across_processes_sharing_a_postgres_database() {
+    let Some((first, _scratch)) = pg_store("the_blob_lock_holds_across_processes").await else {
+        return;
+    };
+    let Scratch::Database(database) = &_scratch else {
+        unreachable!("a PostgreSQL store lives on a database");
+    };
+    let second = Store::open(database.url()).await.unwrap();
+    let held = first.lock_blobs().await.unwrap();
+    assert!(held.is_some());
+    let waiting = tokio::time::timeout(Duration::from_millis(300), second.lock_blobs()).await;
+    assert!(waiting.is_err(), "taken twice at once");
+    drop(held);
+    let taken = tokio::time::timeout(Duration::from_secs(5), second.lock_blobs())
+        .await
+        .expect("taken once the first is released")
+        .unwrap();
+    assert!(taken.is_some());
+    // SQLite: one process per database, nothing to take.
+    let (sqlite, _dir) = store().await;
+    assert!(sqlite.lock_blobs().await.unwrap().is_none());
+}

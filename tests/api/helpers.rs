@@ -4,7 +4,9 @@
 //! The database is SQLite in the data directory, or, with
 //! `MODELPRESS_TEST_BACKEND=postgres`, a PostgreSQL database made for the
 //! one test on the server of `MODELPRESS_TEST_POSTGRES_URL` (`.ci/run` runs
-//! the API tests both ways).
+//! the API tests both ways). Blobs are kept in the data directory, or, with
+//! `MODELPRESS_TEST_BLOBS=s3`, in a bucket of an S3-compatible server the
+//! test runs in process.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,12 +20,15 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::common::{self, gaussian, Rng, T};
+use crate::s3_server::{self, S3Server};
 
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub data_dir: PathBuf,
     database: Database,
+    /// The S3 server blobs are kept on, if they are kept in a bucket.
+    pub bucket: Option<Arc<S3Server>>,
     _dir: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -59,6 +64,43 @@ impl Database {
     }
 }
 
+/// Whether the API tests keep blobs in a bucket (`MODELPRESS_TEST_BLOBS=s3`)
+/// rather than in the data directory.
+pub fn on_s3() -> bool {
+    match std::env::var("MODELPRESS_TEST_BLOBS").as_deref() {
+        Ok("s3") => true,
+        Ok("file") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("MODELPRESS_TEST_BLOBS is `{other}`: use file or s3"),
+    }
+}
+
+/// For a test of blobs in the data directory (files under `blobs/`, a full
+/// disk holding them): whether to run it, saying so when the tests keep
+/// blobs in a bucket and it is skipped.
+pub fn local_blobs_only(test: &str) -> bool {
+    if on_s3() {
+        say_skipped(&format!(
+            "{test} with blobs in a bucket: it is about blobs in the data directory"
+        ));
+        return false;
+    }
+    true
+}
+
+/// The `serve` flags that keep blobs in `server`'s bucket.
+pub fn s3_flags(server: &S3Server) -> Vec<String> {
+    vec![
+        "--blob-store".into(),
+        format!("s3://{}/test", s3_server::BUCKET),
+        "--s3-endpoint".into(),
+        server.endpoint(),
+        "--s3-access-key-id".into(),
+        s3_server::ACCESS_KEY.into(),
+        "--s3-secret-access-key".into(),
+        s3_server::SECRET_KEY.into(),
+    ]
+}
+
 /// Whether the API tests run on PostgreSQL (`MODELPRESS_TEST_BACKEND=postgres`).
 pub fn on_postgres() -> bool {
     match std::env::var("MODELPRESS_TEST_BACKEND").as_deref() {
@@ -90,7 +132,40 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let mut app = spawn_with(&data_dir, Database::for_test().await, flags).await;
+    let bucket = blobs_for_test().await;
+    let mut app = spawn_with(&data_dir, Database::for_test().await, bucket, flags).await;
+    app._dir = Some(dir);
+    app
+}
+
+/// A bucket of its own when the tests keep blobs in one.
+async fn blobs_for_test() -> Option<Arc<S3Server>> {
+    if on_s3() {
+        Some(Arc::new(S3Server::start().await))
+    } else {
+        None
+    }
+}
+
+/// A service whose blobs are kept in the bucket of `server`, whatever
+/// `MODELPRESS_TEST_BLOBS` says.
+pub async fn spawn_app_on_s3(server: Arc<S3Server>, flags: &[&str]) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut app = spawn_with(&data_dir, Database::for_test().await, Some(server), flags).await;
+    app._dir = Some(dir);
+    app
+}
+
+/// A service on a fresh data directory and the given database, its blobs
+/// kept in the bucket of `server`.
+pub async fn spawn_app_on_with_bucket(
+    database: Database,
+    server: Arc<S3Server>,
+    flags: &[&str],
+) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = spawn_with(&dir.path().join("data"), database, Some(server), flags).await;
     app._dir = Some(dir);
     app
 }
@@ -98,17 +173,23 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
 /// A service on a fresh data directory and the given database.
 pub async fn spawn_app_on(database: Database, flags: &[&str]) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
-    let mut app = spawn_with(&dir.path().join("data"), database, flags).await;
+    let bucket = blobs_for_test().await;
+    let mut app = spawn_with(&dir.path().join("data"), database, bucket, flags).await;
     app._dir = Some(dir);
     app
 }
 
 /// A service on an existing data directory, with its SQLite database.
 pub async fn spawn_on(data_dir: &Path, flags: &[&str]) -> TestApp {
-    spawn_with(data_dir, Database::DataDir, flags).await
+    spawn_with(data_dir, Database::DataDir, blobs_for_test().await, flags).await
 }
 
-async fn spawn_with(data_dir: &Path, database: Database, flags: &[&str]) -> TestApp {
+async fn spawn_with(
+    data_dir: &Path,
+    database: Database,
+    bucket: Option<Arc<S3Server>>,
+    flags: &[&str],
+) -> TestApp {
     let mut args = vec![
         "serve".to_string(),
         "--addr".into(),
@@ -121,6 +202,9 @@ async fn spawn_with(data_dir: &Path, database: Database, flags: &[&str]) -> Test
         "5".into(),
     ];
     args.extend(database.flags());
+    if let Some(server) = &bucket {
+        args.extend(s3_flags(server));
+    }
     args.extend(flags.iter().map(|f| f.to_string()));
     let config = ServeConfig::parse_from(args);
     let app = Application::build(&config)
@@ -136,6 +220,7 @@ async fn spawn_with(data_dir: &Path, database: Database, flags: &[&str]) -> Test
         client: client(),
         data_dir: data_dir.to_path_buf(),
         database,
+        bucket,
         _dir: None,
         stop: Some(tx),
         server: Some(server),
@@ -147,13 +232,14 @@ async fn spawn_with(data_dir: &Path, database: Database, flags: &[&str]) -> Test
 pub struct Stopped {
     data_dir: PathBuf,
     database: Database,
+    bucket: Option<Arc<S3Server>>,
     dir: Option<tempfile::TempDir>,
 }
 
 impl Stopped {
     /// The service again, on the same data directory and database.
     pub async fn restart(self, flags: &[&str]) -> TestApp {
-        let mut app = spawn_with(&self.data_dir, self.database, flags).await;
+        let mut app = spawn_with(&self.data_dir, self.database, self.bucket, flags).await;
         app._dir = self.dir;
         app
     }
@@ -212,6 +298,7 @@ impl TestApp {
             client: client(),
             data_dir: data_dir.to_path_buf(),
             database,
+            bucket: None,
             _dir: None,
             stop: None,
             server: None,
@@ -375,13 +462,33 @@ impl TestApp {
             .collect()
     }
 
-    /// Blobs stored under `blobs/`.
+    /// Blobs stored under `blobs/`, or in the bucket.
     pub fn blob_count(&self) -> usize {
+        if let Some(server) = &self.bucket {
+            return server.objects().len();
+        }
         let mut n = 0;
         for d in std::fs::read_dir(self.data_dir.join("blobs")).unwrap() {
             n += std::fs::read_dir(d.unwrap().path()).unwrap().count();
         }
         n
+    }
+
+    /// The files holding a stored blob: under `blobs/`, or the bucket's
+    /// object and its cached copy.
+    pub fn files_of_blob(&self, sha: &str) -> Vec<PathBuf> {
+        match &self.bucket {
+            None => vec![self.data_dir.join("blobs").join(&sha[..2]).join(sha)],
+            Some(server) => {
+                let mut files =
+                    vec![server.object_file(&format!("test/blobs/{}/{sha}", &sha[..2]))];
+                let cached = self.data_dir.join("cache").join(sha);
+                if cached.exists() {
+                    files.push(cached);
+                }
+                files
+            }
+        }
     }
 
     /// Rows in the tables an upload writes (`models`, `model_files`), read
@@ -444,6 +551,7 @@ impl TestApp {
         Stopped {
             data_dir: self.data_dir.clone(),
             database: self.database.clone(),
+            bucket: self.bucket.clone(),
             dir: self._dir.take(),
         }
     }

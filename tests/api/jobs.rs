@@ -468,8 +468,9 @@ async fn a_job_that_fails_is_recorded_with_its_error_and_the_worker_goes_on() {
     // Its stored file is damaged behind the service's back after it was
     // accepted, before a worker takes it.
     let sha = broken["files"][0]["sha256"].as_str().unwrap();
-    let blob = app.data_dir.join("blobs").join(&sha[..2]).join(sha);
-    std::fs::write(&blob, b"no longer a checkpoint").unwrap();
+    for file in app.files_of_blob(sha) {
+        std::fs::write(&file, b"no longer a checkpoint").unwrap();
+    }
     assert_eq!(app.job(id(&failing)).await["status"], "queued");
 
     let failed = app.wait_finished(id(&failing)).await;

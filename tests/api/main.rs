@@ -11,6 +11,9 @@ mod jobs;
 mod openapi;
 mod recovery;
 mod replicas;
+mod s3;
+#[path = "../common/s3.rs"]
+mod s3_server;
 mod statistics;
 mod storage;
 mod telemetry;

@@ -8,7 +8,9 @@
 use serde_json::{json, Value};
 
 use crate::common::{gaussian, Rng};
-use crate::helpers::{assert_error, safetensors_bytes, spawn_on, sqlite_only, tiny_model, Tmpfs};
+use crate::helpers::{
+    assert_error, local_blobs_only, safetensors_bytes, spawn_on, sqlite_only, tiny_model, Tmpfs,
+};
 
 fn id(v: &Value) -> &str {
     v["id"].as_str().unwrap()
@@ -16,7 +18,8 @@ fn id(v: &Value) -> &str {
 
 #[tokio::test]
 async fn a_full_disk_answers_507_and_the_service_recovers_when_space_returns() {
-    if !sqlite_only("a_full_disk_answers_507_and_the_service_recovers_when_space_returns") {
+    let test = "a_full_disk_answers_507_and_the_service_recovers_when_space_returns";
+    if !sqlite_only(test) || !local_blobs_only(test) {
         return;
     }
     let Some(fs) = Tmpfs::mount(32) else { return };
@@ -63,9 +66,8 @@ async fn a_full_disk_answers_507_and_the_service_recovers_when_space_returns() {
 
 #[tokio::test]
 async fn a_job_that_runs_out_of_space_fails_with_insufficient_storage_and_leaves_nothing() {
-    if !sqlite_only(
-        "a_job_that_runs_out_of_space_fails_with_insufficient_storage_and_leaves_nothing",
-    ) {
+    let test = "a_job_that_runs_out_of_space_fails_with_insufficient_storage_and_leaves_nothing";
+    if !sqlite_only(test) || !local_blobs_only(test) {
         return;
     }
     let Some(fs) = Tmpfs::mount(32) else { return };
