@@ -863,6 +863,16 @@ async fn store_outcome(
     };
     let artifacts: Vec<NewArtifact> = files.iter().map(|(_, a)| a.clone()).collect();
 
+    // Uploaded before the lock is taken, which other processes wait for.
+    for (path, a) in &files {
+        if let Err(e) = shared.blobs.stage(path, &a.sha256).await {
+            return Outcome::Failed(Failure::of_server(
+                &job.id,
+                "could not store an artifact",
+                &e,
+            ));
+        }
+    }
     let _guard = match shared.blobs.lock().await {
         Ok(guard) => guard,
         Err(e) => {

@@ -302,20 +302,37 @@ impl Blobs {
         })
     }
 
+    /// Before [`Self::commit`], and outside [`Self::lock`]: in a bucket,
+    /// uploads a complete file (sealed by [`seal_file`] or
+    /// [`SealingWriter::finish`]) unless its content is stored already, so
+    /// that no process waits for the lock while a large upload runs. In a
+    /// directory there is nothing to do before the rename.
+    ///
+    /// A staged object nothing refers to yet may be removed by another
+    /// process's cleanup before this one commits; [`Self::commit`] checks
+    /// again under the lock and uploads it again then.
+    pub async fn stage(&self, file: &Path, sha256: &str) -> io::Result<()> {
+        check_sha256(sha256)?;
+        if let Backend::S3 { bucket, .. } = &self.backend {
+            if !bucket.exists(sha256).await? {
+                bucket.upload(file, sha256).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Moves a complete file (under `tmp/`) whose sha256 is `sha256`, sealed
     /// by [`seal_file`] or [`SealingWriter::finish`], into the store. In a
     /// directory: a rename, with no long disk wait under the lock. In a
-    /// bucket: an upload (in parts for a large file), after which the file
-    /// is kept in the local cache, where a job reading it finds it. When
-    /// the content is already stored, the file is dropped instead. Returns
-    /// whether the blob is new. Call under [`Self::lock`].
+    /// bucket: the object [`Self::stage`] uploaded, checked to be there
+    /// (uploaded now if it is not), after which the file is kept in the
+    /// local cache, where a job reading it finds it. Returns whether the
+    /// blob may have been added by this call: in a directory, whether it is
+    /// new; in a bucket always, since a staged object cannot be told from
+    /// one another process stored (a caller that fails afterwards removes
+    /// it only if nothing refers to it). Call under [`Self::lock`].
     pub async fn commit(&self, file: &Path, sha256: &str) -> io::Result<bool> {
-        if !is_sha256(sha256) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("not a sha256: {sha256}"),
-            ));
-        }
+        check_sha256(sha256)?;
         match &self.backend {
             Backend::Local(dir) => {
                 let dest = Self::local_path(dir, sha256);
@@ -330,11 +347,9 @@ impl Blobs {
                 Ok(true)
             }
             Backend::S3 { bucket, cache } => {
-                if bucket.exists(sha256).await? {
-                    fs::remove_file(file)?;
-                    return Ok(false);
+                if !bucket.exists(sha256).await? {
+                    bucket.upload(file, sha256).await?;
                 }
-                bucket.upload(file, sha256).await?;
                 cache.adopt(file, sha256).await;
                 Ok(true)
             }
@@ -462,6 +477,17 @@ impl Blobs {
             Backend::Local(dir) => list_dir(dir),
             Backend::S3 { bucket, .. } => bucket.list().await,
         }
+    }
+}
+
+fn check_sha256(sha256: &str) -> io::Result<()> {
+    if is_sha256(sha256) {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not a sha256: {sha256}"),
+        ))
     }
 }
 

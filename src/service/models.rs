@@ -167,6 +167,12 @@ async fn commit_upload(
             })
             .collect(),
     };
+    for f in &files {
+        blobs
+            .stage(&tmp.path().join(&f.name), &f.sha256)
+            .await
+            .map_err(|e| ApiError::io("could not store an uploaded file", e))?;
+    }
     let _guard = blobs.lock().await?;
     let mut added = Vec::new();
     for f in &files {

@@ -128,6 +128,10 @@ where
             has_xtx: checked.has_xtx,
             tokens: checked.tokens,
         };
+        blobs
+            .stage(&tmp.path().join(FILE_NAME), &sha256)
+            .await
+            .map_err(|e| ApiError::io("could not store uploaded statistics", e))?;
         let _guard = blobs.lock().await?;
         let added = blobs
             .commit(&tmp.path().join(FILE_NAME), &sha256)
