@@ -14,6 +14,7 @@ mod replicas;
 mod s3;
 #[path = "../common/s3.rs"]
 mod s3_server;
+mod scale;
 mod statistics;
 mod storage;
 mod telemetry;
