@@ -123,8 +123,10 @@ pub(crate) fn quadratic_rows_factored(
 }
 
 /// Right-hand sides per triangular solve: bounds the scratch
-/// (`RHS · cols` f32), and each solve reads the whole factor once.
-const RHS: usize = 3 * ROWS;
+/// (`RHS · cols` f32), and each solve reads the whole factor once. For an
+/// 11008-column factor, 1536 right-hand sides run at 93 GFLOP per CPU
+/// second where 768 ran at 79.
+const RHS: usize = 6 * ROWS;
 
 /// For `n` vectors `m` of length `cols`, the quadratic form `m H mᵀ`, from
 /// the factor of the dampened Hessian: with `(H + λI + diag(dead))⁻¹ =
