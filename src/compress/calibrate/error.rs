@@ -107,11 +107,7 @@ pub(crate) fn quadratic_rows(
 }
 
 /// [`quadratic_rows`] from the factor of the dampened Hessian instead of
-/// `xtx`: with `(H + λI + diag(dead))⁻¹ = L₂L₂ᵀ` in processing order,
-/// `m (H + λI + diag(dead)) mᵀ = ‖L₂⁻¹ mᵀ‖²`, one triangular solve (half
-/// the arithmetic of a product with `H`, and in place). `H`'s rows and
-/// columns of dead columns are zero, so those entries of `m` are dropped,
-/// and `m H mᵀ` is the result less `λ‖m‖²` over the live columns.
+/// `xtx`; see [`quadratic_forms_factored`].
 pub(crate) fn quadratic_rows_factored(
     k: usize,
     rows: usize,
@@ -119,23 +115,51 @@ pub(crate) fn quadratic_rows_factored(
     u: &InverseFactor,
     fill: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<Vec<f64>> {
-    let mut out: Vec<Vec<f64>> = vec![Vec::with_capacity(rows); k];
+    if cols == 0 || rows == 0 {
+        return vec![Vec::new(); k];
+    }
+    let q = quadratic_forms_factored(k * rows, cols, u, |t, out| fill(t / rows, t % rows, out));
+    q.chunks(rows.max(1)).map(<[f64]>::to_vec).collect()
+}
+
+/// Right-hand sides per triangular solve: bounds the scratch
+/// (`RHS · cols` f32), and each solve reads the whole factor once. For an
+/// 11008-column factor, 1536 right-hand sides run at 93 GFLOP per CPU
+/// second where 768 ran at 79.
+const RHS: usize = 6 * ROWS;
+
+/// For `n` vectors `m` of length `cols`, the quadratic form `m H mᵀ`, from
+/// the factor of the dampened Hessian: with `(H + λI + diag(dead))⁻¹ =
+/// L₂L₂ᵀ` in processing order, `m (H + λI + diag(dead)) mᵀ = ‖L₂⁻¹ mᵀ‖²`,
+/// one triangular solve (half the arithmetic of a product with `H`, and in
+/// place). `H`'s rows and columns of dead columns are zero, so those
+/// entries of `m` are dropped, and `m H mᵀ` is the result less `λ‖m‖²`
+/// over the live columns. `fill(t, out)` writes vector `t`; `RHS` vectors
+/// are held at a time, solved together.
+pub(crate) fn quadratic_forms_factored(
+    n: usize,
+    cols: usize,
+    u: &InverseFactor,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f64> {
+    let mut out: Vec<f64> = Vec::with_capacity(n);
     if cols == 0 {
+        out.resize(n, 0.0);
         return out;
     }
-    assert_eq!(u.dim(), cols, "quadratic_rows_factored: dimensions differ");
-    let mut r0 = 0;
-    while r0 < rows {
-        let n = ROWS.min(rows - r0);
-        let mut stacked = vec![0.0f32; k * n * cols];
-        // Each row in processing order, dead columns zeroed, and λ‖m‖².
+    assert_eq!(u.dim(), cols, "quadratic_forms_factored: dimensions differ");
+    let mut t0 = 0;
+    while t0 < n {
+        let k = RHS.min(n - t0);
+        let mut stacked = vec![0.0f32; k * cols];
+        // Each vector in processing order, dead columns zeroed, and λ‖m‖².
         let shifts: Vec<f64> = stacked
             .par_chunks_mut(cols)
             .enumerate()
             .map_init(
                 || vec![0.0f32; cols],
                 |scratch, (t, row)| {
-                    fill(t / n, r0 + t % n, scratch);
+                    fill(t0 + t, scratch);
                     let mut sq = 0.0f64;
                     for (j, o) in row.iter_mut().enumerate() {
                         let c = u.column(j);
@@ -147,19 +171,17 @@ pub(crate) fn quadratic_rows_factored(
                 },
             )
             .collect();
-        // Row-major (k·n) × cols is column-major cols × (k·n): the
-        // right-hand sides of L₂ Z = Mᵀ.
-        let rhs = faer::MatMut::from_column_major_slice_mut(&mut stacked, cols, k * n);
+        // Row-major k × cols is column-major cols × k: the right-hand
+        // sides of L₂ Z = Mᵀ.
+        let rhs = faer::MatMut::from_column_major_slice_mut(&mut stacked, cols, k);
         faer::linalg::triangular_solve::solve_lower_triangular_in_place(u.l2(), rhs, Par::rayon(0));
         let dots: Vec<f64> = stacked
             .par_chunks(cols)
             .zip(shifts.par_iter())
             .map(|(z, &shift)| z.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() - shift)
             .collect();
-        for (o, d) in out.iter_mut().zip(dots.chunks(n)) {
-            o.extend_from_slice(d);
-        }
-        r0 += n;
+        out.extend_from_slice(&dots);
+        t0 += k;
     }
     out
 }

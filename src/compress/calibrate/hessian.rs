@@ -15,6 +15,7 @@ use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
 use faer::linalg::triangular_inverse::invert_lower_triangular;
 use faer::{Mat, Par};
+use rayon::prelude::*;
 
 use super::CalibError;
 
@@ -127,19 +128,33 @@ pub fn inverse_factor(
     // built in reversed processing order.
     let src = |i: usize| perm.as_ref().map_or(i, |p| p[i]);
     let rev = |i: usize| src(d - 1 - i);
-    let mut l = Mat::<f32>::from_fn(d, d, |i, j| {
-        let (a, b) = (rev(i), rev(j));
-        if a == b {
-            let x = if dead[a] {
-                1.0
-            } else {
-                f64::from(xtx[a * d + a])
-            };
-            (x + lambda) as f32
-        } else {
-            xtx[a * d + b]
-        }
-    });
+    // Column-major, by tiles of columns in parallel (a serial fill was
+    // over a tenth of the factor's time for d = 11008); each tile reads
+    // `FILL` consecutive entries of a row of `xtx` at a time.
+    const FILL: usize = 64;
+    let mut l = Mat::<f32>::zeros(d, d);
+    l.as_mut()
+        .par_col_chunks_mut(FILL)
+        .enumerate()
+        .for_each(|(t, mut block)| {
+            let j0 = t * FILL;
+            for i in 0..d {
+                let a = rev(i);
+                for jj in 0..block.ncols() {
+                    let b = rev(j0 + jj);
+                    block[(i, jj)] = if a == b {
+                        let x = if dead[a] {
+                            1.0
+                        } else {
+                            f64::from(xtx[a * d + a])
+                        };
+                        (x + lambda) as f32
+                    } else {
+                        xtx[a * d + b]
+                    };
+                }
+            }
+        });
     let mut mem = MemBuffer::new(cholesky_in_place_scratch::<f32>(d, par, Default::default()));
     cholesky_in_place(
         l.as_mut(),
