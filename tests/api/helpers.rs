@@ -67,10 +67,17 @@ impl Database {
 /// Whether the API tests keep blobs in a bucket (`MODELPRESS_TEST_BLOBS=s3`)
 /// rather than in the data directory.
 pub fn on_s3() -> bool {
-    match std::env::var("MODELPRESS_TEST_BLOBS").as_deref() {
-        Ok("s3") => true,
-        Ok("file") | Ok("") | Err(_) => false,
-        Ok(other) => panic!("MODELPRESS_TEST_BLOBS is `{other}`: use file or s3"),
+    switched_to("MODELPRESS_TEST_BLOBS", "file", "s3")
+}
+
+/// Whether the variable `var` names the alternative `to` rather than the
+/// default `from` (also when unset or empty); any other value is a mistake.
+fn switched_to(var: &str, from: &str, to: &str) -> bool {
+    match std::env::var(var).as_deref() {
+        Ok(v) if v == to => true,
+        Ok("") | Err(_) => false,
+        Ok(v) if v == from => false,
+        Ok(other) => panic!("{var} is `{other}`: use {from} or {to}"),
     }
 }
 
@@ -78,13 +85,18 @@ pub fn on_s3() -> bool {
 /// disk holding them): whether to run it, saying so when the tests keep
 /// blobs in a bucket and it is skipped.
 pub fn local_blobs_only(test: &str) -> bool {
-    if on_s3() {
-        say_skipped(&format!(
-            "{test} with blobs in a bucket: it is about blobs in the data directory"
-        ));
-        return false;
+    run_unless(
+        on_s3(),
+        &format!("{test} with blobs in a bucket: it is about blobs in the data directory"),
+    )
+}
+
+/// `!skip`, saying `why` the test is skipped when it is.
+fn run_unless(skip: bool, why: &str) -> bool {
+    if skip {
+        say_skipped(why);
     }
-    true
+    !skip
 }
 
 /// The `serve` flags that keep blobs in `server`'s bucket.
@@ -103,24 +115,17 @@ pub fn s3_flags(server: &S3Server) -> Vec<String> {
 
 /// Whether the API tests run on PostgreSQL (`MODELPRESS_TEST_BACKEND=postgres`).
 pub fn on_postgres() -> bool {
-    match std::env::var("MODELPRESS_TEST_BACKEND").as_deref() {
-        Ok("postgres") => true,
-        Ok("sqlite") | Ok("") | Err(_) => false,
-        Ok(other) => panic!("MODELPRESS_TEST_BACKEND is `{other}`: use sqlite or postgres"),
-    }
+    switched_to("MODELPRESS_TEST_BACKEND", "sqlite", "postgres")
 }
 
 /// For a test of what only SQLite in the data directory does (its file on
 /// a full disk, recovery of the data directory): whether to run it, saying
 /// so when the tests run on PostgreSQL and it is skipped.
 pub fn sqlite_only(test: &str) -> bool {
-    if on_postgres() {
-        say_skipped(&format!(
-            "{test} on PostgreSQL: it is about SQLite in the data directory"
-        ));
-        return false;
-    }
-    true
+    run_unless(
+        on_postgres(),
+        &format!("{test} on PostgreSQL: it is about SQLite in the data directory"),
+    )
 }
 
 /// A service with 2 workers and otherwise default settings.
@@ -130,12 +135,7 @@ pub async fn spawn_app() -> TestApp {
 
 /// A service started with these extra `serve` flags.
 pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let bucket = blobs_for_test().await;
-    let mut app = spawn_with(&data_dir, Database::for_test().await, bucket, flags).await;
-    app._dir = Some(dir);
-    app
+    spawn_fresh(Database::for_test().await, blobs_for_test().await, flags).await
 }
 
 /// A bucket of its own when the tests keep blobs in one.
@@ -150,11 +150,7 @@ async fn blobs_for_test() -> Option<Arc<S3Server>> {
 /// A service whose blobs are kept in the bucket of `server`, whatever
 /// `MODELPRESS_TEST_BLOBS` says.
 pub async fn spawn_app_on_s3(server: Arc<S3Server>, flags: &[&str]) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let mut app = spawn_with(&data_dir, Database::for_test().await, Some(server), flags).await;
-    app._dir = Some(dir);
-    app
+    spawn_fresh(Database::for_test().await, Some(server), flags).await
 }
 
 /// A service on a fresh data directory and the given database, its blobs
@@ -164,16 +160,17 @@ pub async fn spawn_app_on_with_bucket(
     server: Arc<S3Server>,
     flags: &[&str],
 ) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
-    let mut app = spawn_with(&dir.path().join("data"), database, Some(server), flags).await;
-    app._dir = Some(dir);
-    app
+    spawn_fresh(database, Some(server), flags).await
 }
 
 /// A service on a fresh data directory and the given database.
 pub async fn spawn_app_on(database: Database, flags: &[&str]) -> TestApp {
+    spawn_fresh(database, blobs_for_test().await, flags).await
+}
+
+/// A service on a fresh data directory, removed with the app.
+async fn spawn_fresh(database: Database, bucket: Option<Arc<S3Server>>, flags: &[&str]) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
-    let bucket = blobs_for_test().await;
     let mut app = spawn_with(&dir.path().join("data"), database, bucket, flags).await;
     app._dir = Some(dir);
     app
@@ -283,6 +280,21 @@ pub fn layered_model(seed: u64, n: usize) -> Vec<u8> {
         .map(|i| gaussian(&format!("layers.{i}.weight"), &[32, 32], 0.05, &mut rng))
         .collect();
     safetensors_bytes(&tensors)
+}
+
+/// The `id` of a JSON record.
+pub fn id(v: &Value) -> &str {
+    v["id"].as_str().unwrap()
+}
+
+/// The artifact of a finished job with this name.
+pub fn artifact<'a>(job: &'a Value, name: &str) -> &'a Value {
+    job["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name)
+        .unwrap_or_else(|| panic!("no artifact {name} in {job}"))
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {

@@ -3,20 +3,9 @@ use std::sync::atomic::AtomicBool;
 use serde_json::{json, Value};
 
 use crate::common;
-use crate::helpers::{assert_error, layered_model, spawn_app, spawn_app_with, tiny_model, TestApp};
-
-fn id(v: &Value) -> &str {
-    v["id"].as_str().unwrap()
-}
-
-fn artifact<'a>(job: &'a Value, name: &str) -> &'a Value {
-    job["artifacts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == name)
-        .unwrap_or_else(|| panic!("no artifact {name} in {job}"))
-}
+use crate::helpers::{
+    artifact, assert_error, id, layered_model, spawn_app, spawn_app_with, tiny_model, TestApp,
+};
 
 async fn run_to_success(app: &TestApp, model: &str, preset: &str, format: &str) -> Value {
     let job = app.submit(model, preset, format).await;

@@ -9,13 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use modelpress::store::testing::{postgres_url_or_skip, TestDatabase};
-use serde_json::Value;
 
-use crate::helpers::{layered_model, spawn_app_on, tiny_model, Database, TestApp};
-
-fn id(v: &Value) -> &str {
-    v["id"].as_str().unwrap()
-}
+use crate::helpers::{id, layered_model, spawn_app_on, tiny_model, Database, TestApp};
 
 /// An idle worker's poll when nothing wakes it, in the replica that runs
 /// the jobs: far longer than any bound below, so only a notification can

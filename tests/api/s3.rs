@@ -3,23 +3,10 @@
 
 use std::sync::Arc;
 
-use serde_json::Value;
-
-use crate::helpers::{assert_error, sha256_hex, spawn_app_on_s3, tiny_model, TestApp};
+use crate::helpers::{
+    artifact, assert_error, id, sha256_hex, spawn_app_on_s3, tiny_model, TestApp,
+};
 use crate::s3_server::S3Server;
-
-fn id(v: &Value) -> &str {
-    v["id"].as_str().unwrap()
-}
-
-fn artifact<'a>(job: &'a Value, name: &str) -> &'a Value {
-    job["artifacts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == name)
-        .unwrap_or_else(|| panic!("no artifact {name} in {job}"))
-}
 
 async fn range(app: &TestApp, url: &str, spec: &str) -> reqwest::Response {
     app.client

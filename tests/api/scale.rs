@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use modelpress::store::testing::{postgres_url_or_skip, TestDatabase};
 use serde_json::Value;
 
-use crate::helpers::{layered_model, s3_flags, tiny_model, Database, TestApp};
+use crate::helpers::{self, layered_model, s3_flags, tiny_model, Database, TestApp};
 use crate::s3_server::S3Server;
 
 /// A lease short enough that a killed replica's job is taken back soon.
@@ -98,7 +98,7 @@ impl Replica {
 }
 
 fn id(v: &Value) -> String {
-    v["id"].as_str().unwrap().to_string()
+    helpers::id(v).to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

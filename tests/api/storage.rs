@@ -5,16 +5,12 @@
 //! PostgreSQL, the server's own disk-full code, 53100, is recognised as
 //! such by `StoreError::storage_fault`.)
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::common::{gaussian, Rng};
 use crate::helpers::{
-    assert_error, local_blobs_only, safetensors_bytes, spawn_on, sqlite_only, tiny_model, Tmpfs,
+    assert_error, id, local_blobs_only, safetensors_bytes, spawn_on, sqlite_only, tiny_model, Tmpfs,
 };
-
-fn id(v: &Value) -> &str {
-    v["id"].as_str().unwrap()
-}
 
 #[tokio::test]
 async fn a_full_disk_answers_507_and_the_service_recovers_when_space_returns() {
