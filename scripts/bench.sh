@@ -17,7 +17,9 @@ cd "$(dirname "$0")/.."
 
 GIB=${GIB:-1}
 WORK=${WORK:-$(mktemp -d)}
-PRESETS=${PRESETS:-"int8 int4-g128 deep-compression"}
+# `int4-g128-minmax` is the int4-g128 preset without its squared-error scale
+# search (one min-max scale per group), run from a pipeline file.
+PRESETS=${PRESETS:-"int8 int4-g128 int4-g128-minmax deep-compression"}
 RUNS=${RUNS:-3}
 DURABLE=${DURABLE:-0}
 BASE_BIN=${BASE_BIN:-}
@@ -84,11 +86,18 @@ printf '%-30s %9s %9s %14s %10s\n' run seconds 'x cp' 'peak anon MiB' ratio
 printf '%-30s %9.2f %9.2f %14s %10s\n' "cp" "$cp_t" 1.00 - -
 [ "$DURABLE" = 1 ] && printf '%-30s %9.2f %9.2f %14s %10s\n' "cp + sync" "$cp_sync_t" 1.00 - -
 
+MINMAX=$WORK/int4-g128-minmax.json
+cat >"$MINMAX" <<'JSON'
+{"stages":[{"stage":"quantize","bits":4,"symmetric":true,"granularity":"group","group_size":128,"ignore":["re:.*(embed|wte|wpe|lm_head).*"]}]}
+JSON
+
 # One line per (binary, preset, durability): seconds, x the matching cp.
 row() {
-  local label=$1 bin=$2 preset=$3 floor=$4 out=$WORK/out-$preset t peak ratio
+  local label=$1 bin=$2 preset=$3 floor=$4 out=$WORK/out-$preset t peak ratio how
   shift 4
-  read -r t peak < <(best "$out" "$bin" compress "$IN" -o "$out" --preset "$preset" "$@")
+  how=(--preset "$preset")
+  [ "$preset" = int4-g128-minmax ] && how=(--pipeline "$MINMAX")
+  read -r t peak < <(best "$out" "$bin" compress "$IN" -o "$out" "${how[@]}" "$@")
   ratio=$(python3 -c "import json;print('%.2f' % json.load(open('$out/report.json'))['totals']['ratio'])")
   printf '%-30s %9.2f %9.2f %14.0f %10s\n' "$label" "$t" "$(echo "$t / $floor" | bc -l)" \
     "$(echo "$peak / 1048576" | bc -l)" "${ratio}x"
