@@ -22,6 +22,7 @@ use crate::compress::calibrate::{output_error_with, FactorCache};
 use crate::compress::metrics::{fidelity, fidelity_with, Fidelity};
 use crate::compress::prune::GlobalThreshold;
 use crate::compress::report::{Report, ReportBuilder, TensorReport};
+use crate::compress::rowwise;
 use crate::compress::spec::{Pipeline, PruneKind, SpecError, Stage, TensorShape};
 use crate::compress::structural::{self, Plan, PlannedTensor, StructuralError, TensorSource};
 use crate::compress::tensor::{process_with_stats, Processed, TensorCut, TensorError, Values};
@@ -841,18 +842,38 @@ impl<'a> TensorRunner<'a> {
             Some(s) if !stages.is_empty() => s.get(&planned.name)?,
             _ => None,
         };
-        let p = process_with_stats(
-            &planned.name,
-            exact,
-            &planned.shape,
-            pipeline,
-            stages,
-            self.cuts.get(&planned.name).copied(),
-            &round,
-            &mut self.work,
-            layer_stats.as_ref(),
-            &self.factors,
-        )?;
+        // Stages that work row by row are run and measured block by block
+        // while each block is in the cache (compress::rowwise).
+        let blocked = match layer_stats {
+            None if !self.wants_dense => rowwise::process_measured(
+                &planned.name,
+                exact,
+                &planned.shape,
+                pipeline,
+                stages,
+                &round,
+            )
+            .transpose()?,
+            _ => None,
+        };
+        let (p, measured) = match blocked {
+            Some((p, f)) => (p, Some(f)),
+            None => {
+                let p = process_with_stats(
+                    &planned.name,
+                    exact,
+                    &planned.shape,
+                    pipeline,
+                    stages,
+                    self.cuts.get(&planned.name).copied(),
+                    &round,
+                    &mut self.work,
+                    layer_stats.as_ref(),
+                    &self.factors,
+                )?;
+                (p, None)
+            }
+        };
         // The dense values are built only when they are written;
         // otherwise fidelity decodes chunk by chunk.
         let dense = match &p.values {
@@ -864,14 +885,15 @@ impl<'a> TensorRunner<'a> {
             round_to(dtype, &mut d);
             d
         });
-        let f = match (&dense, &p.values) {
-            (Some(d), _) => fidelity(exact, d),
-            (None, Values::Raw(v)) => fidelity(exact, v),
-            (None, Values::Coded(c)) => fidelity_with(exact, |start, out| {
+        let f = match (measured, &dense, &p.values) {
+            (Some(f), _, _) => f,
+            (None, Some(d), _) => fidelity(exact, d),
+            (None, None, Values::Raw(v)) => fidelity(exact, v),
+            (None, None, Values::Coded(c)) => fidelity_with(exact, |start, out| {
                 c.decode_range(start, out);
                 round_to(dtype, out);
             }),
-            (None, Values::LowRank(_)) => unreachable!("low-rank values are reconstructed"),
+            (None, None, Values::LowRank(_)) => unreachable!("low-rank values are reconstructed"),
         };
         // Computed by the stage when it could (the same sums), else from
         // the stage's Hessian factor when it made one.

@@ -18,8 +18,10 @@ pub struct Fidelity {
     pub sparsity: f64,
 }
 
+/// The sums a [`Fidelity`] is made of, for measuring a tensor in parts:
+/// [`sums_with`] of each part, [`Sums::merge`] in order, then [`Sums::finish`].
 #[derive(Default, Clone, Copy)]
-struct Sums {
+pub struct Sums {
     err2: f64,
     max_abs: f64,
     x2: f64,
@@ -41,7 +43,7 @@ impl Sums {
         self
     }
 
-    fn merge(self, o: Self) -> Self {
+    pub fn merge(self, o: Self) -> Self {
         Self {
             err2: self.err2 + o.err2,
             max_abs: self.max_abs.max(o.max_abs),
@@ -162,7 +164,9 @@ fn chunk_sums_portable(a: &[f32], b: &[f32]) -> Sums {
     ra.iter().zip(rb).fold(lanes, |s, (&x, &y)| s.add(x, y))
 }
 
-const CHUNK: usize = 4096;
+/// Elements per chunk of the parallel sums; a tensor measured in parts
+/// gets the same sums per chunk when its parts are whole chunks.
+pub const CHUNK: usize = 4096;
 
 fn finish(s: Sums, n: usize) -> Fidelity {
     let n = n.max(1) as f64;
@@ -208,7 +212,13 @@ pub fn fidelity(exact: &[f32], approx: &[f32]) -> Fidelity {
 /// fills `out` with elements `start..start + out.len()`. Nothing the size of
 /// the tensor is allocated.
 pub fn fidelity_with(exact: &[f32], approx: impl Fn(usize, &mut [f32]) + Sync) -> Fidelity {
-    let s = exact
+    finish(sums_with(exact, approx), exact.len())
+}
+
+/// The sums of [`fidelity_with`], in parallel over chunks of [`CHUNK`]
+/// elements from the start of `exact`.
+pub fn sums_with(exact: &[f32], approx: impl Fn(usize, &mut [f32]) + Sync) -> Sums {
+    exact
         .par_chunks(CHUNK)
         .enumerate()
         .map(|(k, a)| {
@@ -217,8 +227,14 @@ pub fn fidelity_with(exact: &[f32], approx: impl Fn(usize, &mut [f32]) + Sync) -
             approx(k * CHUNK, b);
             chunk_sums(a, b)
         })
-        .reduce(Sums::default, Sums::merge);
-    finish(s, exact.len())
+        .reduce(Sums::default, Sums::merge)
+}
+
+impl Sums {
+    /// The fidelity of `n` elements measured by these sums.
+    pub fn finish(self, n: usize) -> Fidelity {
+        finish(self, n)
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod prune;
 pub mod quantize;
 pub mod report;
+pub mod rowwise;
 pub mod share;
 pub mod sparse;
 pub mod spec;
