@@ -89,11 +89,16 @@ pub fn process_measured(
     let rows = block_rows(matrix.cols)?;
     let started = Instant::now();
     let factors = FactorCache::default();
+    let block_len = rows * matrix.cols;
+    // Each block's symbols go straight into their place in the tensor's,
+    // while they are still in the cache; the block keeps its parameters.
+    let mut symbols: Vec<u8> = Vec::with_capacity(values.len());
     let parts: Result<Vec<(Processed, Sums)>, TensorError> = values
-        .par_chunks(rows * matrix.cols)
-        .map(|block| {
+        .par_chunks(block_len)
+        .zip(symbols.spare_capacity_mut()[..values.len()].par_chunks_mut(block_len))
+        .map(|(block, place)| {
             let block_shape = [block.len() / matrix.cols, matrix.cols];
-            let p = process_with_stats(
+            let mut p = process_with_stats(
                 name,
                 block,
                 &block_shape,
@@ -105,13 +110,15 @@ pub fn process_measured(
                 None,
                 &factors,
             )?;
-            let Values::Coded(c) = &p.values else {
+            let Values::Coded(c) = &mut p.values else {
                 unreachable!("a value stage codes the tensor")
             };
             let sums = metrics::sums_with(block, |start, out| {
                 c.decode_range(start, out);
                 round_to_storage(out);
             });
+            place.write_copy_of_slice(&c.symbols);
+            c.symbols = Vec::new();
             Ok((p, sums))
         })
         .collect();
@@ -119,6 +126,9 @@ pub fn process_measured(
         Ok(parts) => parts,
         Err(e) => return Some(Err(e)),
     };
+    // SAFETY: the blocks cover `0..values.len()` and each wrote its whole
+    // place (a block's symbols are one per element).
+    unsafe { symbols.set_len(values.len()) };
     let sums = parts
         .iter()
         .fold(Sums::default(), |acc, (_, s)| acc.merge(*s));
@@ -127,13 +137,14 @@ pub fn process_measured(
     let Values::Coded(first) = std::mem::replace(&mut whole.values, Values::Raw(Vec::new())) else {
         unreachable!("a value stage codes the tensor")
     };
-    let coded = join(
+    let mut coded = join(
         first,
         blocks.map(|p| match p.values {
             Values::Coded(c) => c,
             _ => unreachable!("a value stage codes the tensor"),
         }),
     );
+    coded.symbols = symbols;
     whole.values = Values::Coded(coded);
     whole.shape = shape.to_vec();
     // The blocks ran side by side: the stage took the whole wall time.
@@ -146,12 +157,12 @@ pub fn process_measured(
     Some(Ok((whole, sums.finish(values.len()))))
 }
 
-/// The blocks' symbols and per-group parameters, in order. Groups never
-/// cross a row, so the groups of consecutive blocks follow each other.
+/// The blocks' per-group parameters, in order (their symbols are already
+/// in place). Groups never cross a row, so the groups of consecutive blocks
+/// follow each other.
 fn join(mut whole: Coded, rest: impl Iterator<Item = Coded>) -> Coded {
     for c in rest {
         debug_assert_eq!((c.bits, c.group_len), (whole.bits, whole.group_len));
-        whole.symbols.extend_from_slice(&c.symbols);
         match (&mut whole.decode, c.decode) {
             (
                 Decode::Affine {

@@ -189,10 +189,46 @@ pub(super) fn minmax_choice(span: Span, bits: u8, symmetric: bool) -> Choice {
     }
 }
 
+/// [`Span`] of a block. Minimum and maximum are exact, so any number of
+/// lanes gives the same bounds: 32 lanes with no test per value, plus an
+/// integer flag that an infinity or NaN sets (its all-ones exponent carries
+/// into bit 31). Blocks that have one take [`block_span_checked`].
+#[inline(always)]
+pub(super) fn block_span_fast(b: &[f32]) -> Span {
+    const WIDE: usize = 32;
+    let mut lo = [0.0f32; WIDE];
+    let mut hi = [0.0f32; WIDE];
+    let mut special = [0u32; WIDE];
+    let mut chunks = b.chunks_exact(WIDE);
+    for c in &mut chunks {
+        for j in 0..WIDE {
+            let x = c[j];
+            lo[j] = if x < lo[j] { x } else { lo[j] };
+            hi[j] = if x > hi[j] { x } else { hi[j] };
+            special[j] |= (x.to_bits() & 0x7f80_0000) + 0x0080_0000;
+        }
+    }
+    if special.iter().fold(0, |a, &s| a | s) & 0x8000_0000 != 0 {
+        return block_span_checked(b);
+    }
+    let mut span = chunks
+        .remainder()
+        .iter()
+        .fold(Span::ZERO, |s, &x| s.with(x));
+    for j in 0..WIDE {
+        span = span.merge(Span {
+            lo: lo[j],
+            hi: hi[j],
+            all_finite: true,
+        });
+    }
+    span
+}
+
 /// [`Span`] of a block in [`LANES`] independent lanes, non-finite values
 /// replaced by 0 (which every span contains) and flagged.
 #[inline(always)]
-pub(super) fn block_span_fast(b: &[f32]) -> Span {
+pub(super) fn block_span_checked(b: &[f32]) -> Span {
     let mut lo = [0.0f32; LANES];
     let mut hi = [0.0f32; LANES];
     let mut finite = [true; LANES];

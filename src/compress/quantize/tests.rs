@@ -466,6 +466,27 @@ fn case() -> impl Strategy<Value = (Vec<f32>, MatrixShape, IntQuant)> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
+    /// The 32-lane span equals the value-by-value one, bounds to the bit,
+    /// with infinities, NaN, signed zeros and subnormals anywhere.
+    #[test]
+    fn block_span_matches_the_value_by_value_span(
+        mut w in prop::collection::vec(-3.0f32..3.0, 0..300),
+        specials in prop::collection::vec((0usize..300, 0usize..6), 0..4),
+    ) {
+        let kinds = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 1e-40, -1e-40];
+        for (at, kind) in specials {
+            if let Some(x) = w.get_mut(at) {
+                *x = kinds[kind];
+            }
+        }
+        let want = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
+        for got in [block_span_fast(&w), block_span_checked(&w)] {
+            prop_assert_eq!(got.lo.to_bits(), want.lo.to_bits());
+            prop_assert_eq!(got.hi.to_bits(), want.hi.to_bits());
+            prop_assert_eq!(got.all_finite, want.all_finite);
+        }
+    }
+
     /// The kernels compiled for wide vector registers (chosen at run time)
     /// give the same bits as the same code compiled for the baseline CPU.
     #[test]
