@@ -111,9 +111,18 @@ pub fn affine_value(q: i32, zero_point: i32, scale: f32) -> f32 {
     (q - zero_point) as f32 * scale
 }
 
-/// FP8 E4M3 (the `float8_e4m3fn` of PyTorch: no infinities, max 448) to f32.
+/// FP8 E4M3 (the `float8_e4m3fn` of PyTorch: no infinities, max 448) to f32,
+/// looked up in a table of the 256 codes ([`e4m3_to_f32_reference`]):
+/// decoding calls it once per element.
 #[inline]
 pub fn e4m3_to_f32(code: u8) -> f32 {
+    static TABLE: std::sync::LazyLock<[f32; 256]> =
+        std::sync::LazyLock::new(|| std::array::from_fn(|c| e4m3_to_f32_reference(c as u8)));
+    TABLE[usize::from(code)]
+}
+
+/// The conversion itself, by the `float8` crate.
+pub fn e4m3_to_f32_reference(code: u8) -> f32 {
     float8::F8E4M3::from_bits(code).to_f32()
 }
 
@@ -271,6 +280,17 @@ mod tests {
             for q in lo..=hi {
                 assert_eq!(affine_q(affine_symbol(q, bits), bits), q);
             }
+        }
+    }
+
+    #[test]
+    fn the_e4m3_table_holds_every_codes_bits() {
+        for code in 0..=255u8 {
+            assert_eq!(
+                e4m3_to_f32(code).to_bits(),
+                e4m3_to_f32_reference(code).to_bits(),
+                "code {code:#04x}"
+            );
         }
     }
 
