@@ -370,6 +370,35 @@ fn a_long_input_gives_the_same_histogram_on_any_number_of_threads() {
     assert_eq!(parallel.bins.len(), bins.len());
 }
 
+/// Two tables agree exactly, slot by slot.
+fn assert_same_table(a: &BinTable, b: &BinTable) {
+    let key = |s: &BinSums| (s.count, s.low, s.low_squares);
+    let first = (0..a.len()).find(|&i| key(&a[i]) != key(&b[i]));
+    assert_eq!(first, None, "tables differ");
+}
+
+#[test]
+fn adding_to_bins_matches_the_reference_on_pruned_and_special_values() {
+    let mut values = layer_like(3, 100_003);
+    for (i, v) in values.iter_mut().enumerate() {
+        match i % 11 {
+            0 | 3 | 4 | 7 => *v = 0.0,
+            5 => *v = -0.0,
+            _ => {}
+        }
+    }
+    values.extend([
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE / 4.0,
+    ]);
+    values.extend(std::iter::repeat_n(0.0, 1000));
+    let fast = add_to_bins(new_bin_table(), &values);
+    let reference = add_to_bins_reference(new_bin_table(), &values);
+    assert_same_table(&fast, &reference);
+}
+
 #[test]
 fn a_large_tensor_is_clustered_over_its_histogram_nearly_as_well_as_by_plain_lloyd() {
     let mut data = layer_like(11, HISTOGRAM_MIN + 1000);
@@ -534,6 +563,18 @@ proptest! {
         assign_by_search(&data, &mut by_search, &mids, 1);
         let first = by_bin.iter().zip(&by_search).position(|(a, b)| a != b);
         prop_assert_eq!(first, None);
+    }
+
+    #[test]
+    fn adding_to_bins_matches_the_reference(
+        values in prop::collection::vec(
+            prop_oneof![Just(0.0f32), Just(-0.0f32), any::<f32>(), -1.0f32..1.0],
+            0..3000,
+        ),
+    ) {
+        let fast = add_to_bins(new_bin_table(), &values);
+        let reference = add_to_bins_reference(new_bin_table(), &values);
+        assert_same_table(&fast, &reference);
     }
 
     #[test]
