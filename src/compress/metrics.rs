@@ -133,15 +133,19 @@ pub fn fidelity(exact: &[f32], approx: &[f32]) -> Fidelity {
 /// fills `out` with elements `start..start + out.len()`. Nothing the size of
 /// the tensor is allocated.
 pub fn fidelity_with(exact: &[f32], approx: impl Fn(usize, &mut [f32]) + Sync) -> Fidelity {
+    // One buffer per unit of rayon work, not one cleared per chunk: the
+    // chunks are the same, so are the sums.
     let s = exact
         .par_chunks(CHUNK)
         .enumerate()
-        .map(|(k, a)| {
-            let mut buf = [0f32; CHUNK];
-            let b = &mut buf[..a.len()];
-            approx(k * CHUNK, b);
-            chunk_sums(a, b)
-        })
+        .map_init(
+            || vec![0f32; CHUNK],
+            |buf, (k, a)| {
+                let b = &mut buf[..a.len()];
+                approx(k * CHUNK, b);
+                chunk_sums(a, b)
+            },
+        )
         .reduce(Sums::default, Sums::merge);
     finish(s, exact.len())
 }
