@@ -405,8 +405,11 @@ fn add_histogram(hist: &mut [u64], values: &[f32], bin: impl Fn(u32) -> Option<u
         }
         return;
     }
+    // Each unit of rayon work clears and merges a 512 KiB histogram: at
+    // least half a million values each keeps that small beside the counting.
     let merged = values
         .par_chunks(CHUNK)
+        .with_min_len(8)
         .fold(
             || vec![0u64; BINS],
             |mut h, chunk| {

@@ -41,6 +41,10 @@ pub(super) fn new_bin_table() -> Box<BinTable> {
         .expect("the vector has BINS + 1 slots")
 }
 
+/// Fewest chunks of `ASSIGN_CHUNK` values counted into one table by
+/// [`ValueHistogram::of`].
+const HISTOGRAM_CHUNKS_PER_TABLE: usize = 16;
+
 /// Values [`add_to_bins`] gathers before adding them to the table.
 const NONZERO_BATCH: usize = 1024;
 
@@ -154,8 +158,12 @@ impl ValueHistogram {
     /// the result does not depend on the split.
     pub fn of(values: &[f32]) -> ValueHistogram {
         let table = if values.len() >= PARALLEL_MIN {
+            // Each unit of rayon work clears and merges a table of a few
+            // MiB: at least a million values each keeps that small beside
+            // the counting.
             values
                 .par_chunks(ASSIGN_CHUNK)
+                .with_min_len(HISTOGRAM_CHUNKS_PER_TABLE)
                 .fold(new_bin_table, add_to_bins)
                 .reduce_with(merge_bin_tables)
                 .unwrap_or_else(new_bin_table)
