@@ -288,6 +288,24 @@ fn looking_clusters_up_by_bin_matches_searching_at_every_boundary() {
 }
 
 #[test]
+fn the_cluster_table_names_each_bin_by_the_bits_of_its_values() {
+    let mids = midpoints(&[-2.0, -0.03, 0.0, 1e-6, 0.5, 7.0]);
+    let (by_raw, by_key) = (bin_clusters(&mids), bin_clusters_by_key(&mids));
+    for x in
+        layer_like(5, 10_000)
+            .into_iter()
+            .chain([0.0, -0.0, f32::NAN, f32::INFINITY, -1e-40, 3e38])
+    {
+        let bits = x.to_bits();
+        assert_eq!(
+            by_raw[(bits >> BIN_LOW_BITS) as usize],
+            by_key[(order_key(bits) >> BIN_LOW_BITS) as usize],
+            "{x}"
+        );
+    }
+}
+
+#[test]
 fn a_histogram_keeps_exact_counts_means_and_spreads() {
     let eps = f32::EPSILON; // 2^-23, one step of the last mantissa bit at 1.0
     let values = [
