@@ -28,6 +28,16 @@ const TABLE_BITS: u32 = 11;
 /// Inputs at least this long are counted and encoded in parallel.
 const PARALLEL_MIN: usize = 1 << 16;
 
+/// Streams at least this long are encoded a pair of symbols at a time from
+/// a table of pair codes (when every coded symbol is below
+/// [`PAIR_SYMBOLS`]); building the table costs about as much as coding a
+/// few hundred symbols.
+const PAIR_MIN: usize = 1024;
+
+/// Symbols whose pairs the pair table holds: 32 covers a codebook of up to
+/// 31 clusters and its zero, in a table of 8 KiB.
+const PAIR_SYMBOLS: usize = 32;
+
 /// Symbols per unit of work of the parallel encoder.
 const ENCODE_CHUNK: usize = 1 << 18;
 
@@ -176,7 +186,8 @@ impl Huffman {
         // codes the top eight bytes are stored whether or not they are all
         // full, and the position moves past the full ones: no branch on how
         // many bits a code took. Fewer than 8 bits stay pending, so two codes
-        // of at most MAX_CODE_LEN bits still fit in 64.
+        // of at most MAX_CODE_LEN bits still fit in 64 (and four when the
+        // longest code of the table leaves room: see `quads`).
         const _: () = assert!(7 + 2 * MAX_CODE_LEN as u32 <= 64);
         let start = out.len();
         // Room for the longest code of this table on every symbol, plus the
@@ -187,7 +198,6 @@ impl Huffman {
         let mut acc = 0u64;
         let mut pending = 0u32;
         let mut pos = 0usize;
-        let mut pairs = symbols.chunks_exact(2);
         let code = |position: usize, symbol: u8| {
             let len = u32::from(self.lengths[usize::from(symbol)]);
             if len == 0 {
@@ -206,7 +216,51 @@ impl Huffman {
             *pos += (*pending / 8) as usize;
             *pending %= 8;
         };
+        // Symbols that pair codes settle, two pairs to a store when four
+        // codes fit in what the accumulator has free.
+        let mut done = 0;
+        if symbols.len() >= PAIR_MIN {
+            if let Some(table) = self.pair_codes() {
+                let quads = 4 * longest + 7 <= 64;
+                let pair = |a: u8, b: u8| {
+                    if usize::from(a | b) < PAIR_SYMBOLS {
+                        let e = table[(usize::from(a) * PAIR_SYMBOLS + usize::from(b))
+                            & (PAIR_SYMBOLS * PAIR_SYMBOLS - 1)];
+                        // 0: one of the two has no code.
+                        (e != 0).then_some(((e & 0xff) as u32, e >> 8))
+                    } else {
+                        None
+                    }
+                };
+                if quads {
+                    for four in symbols.chunks_exact(4) {
+                        let (Some((l0, c0)), Some((l1, c1))) =
+                            (pair(four[0], four[1]), pair(four[2], four[3]))
+                        else {
+                            break;
+                        };
+                        acc = (((acc << l0) | c0) << l1) | c1;
+                        pending += l0 + l1;
+                        flush(acc, &mut pending, &mut pos);
+                        done += 4;
+                    }
+                }
+                for two in symbols[done..].chunks_exact(2) {
+                    let Some((l, c)) = pair(two[0], two[1]) else {
+                        break;
+                    };
+                    acc = (acc << l) | c;
+                    pending += l;
+                    flush(acc, &mut pending, &mut pos);
+                    done += 2;
+                }
+            }
+        }
+        // The rest (and any symbol without a code, reported at its
+        // position) one code at a time.
+        let mut pairs = symbols[done..].chunks_exact(2);
         for (i, pair) in (&mut pairs).enumerate() {
+            let i = i + done / 2;
             let (l0, c0) = code(2 * i, pair[0])?;
             let (l1, c1) = code(2 * i + 1, pair[1])?;
             acc = (((acc << l0) | c0) << l1) | c1;
@@ -223,6 +277,29 @@ impl Huffman {
         // The partial last byte was stored by the last flush.
         out.truncate(start + (bits as usize).div_ceil(8));
         Ok(bits)
+    }
+
+    /// The codes of every pair of symbols below [`PAIR_SYMBOLS`], the first
+    /// one's code before the second's, as `code << 8 | length` at index
+    /// `first * PAIR_SYMBOLS + second` (0 when either has no code); `None`
+    /// when some symbol past those has a code, as the table would not
+    /// cover its streams.
+    fn pair_codes(&self) -> Option<Vec<u64>> {
+        if self.lengths[PAIR_SYMBOLS..].iter().any(|&l| l > 0) {
+            return None;
+        }
+        let mut table = vec![0u64; PAIR_SYMBOLS * PAIR_SYMBOLS];
+        for (a, row) in table.chunks_exact_mut(PAIR_SYMBOLS).enumerate() {
+            let la = u64::from(self.lengths[a]);
+            for (b, e) in row.iter_mut().enumerate() {
+                let lb = u64::from(self.lengths[b]);
+                if la > 0 && lb > 0 {
+                    let code = (u64::from(self.codes[a]) << lb) | u64::from(self.codes[b]);
+                    *e = (code << 8) | (la + lb);
+                }
+            }
+        }
+        Some(table)
     }
 
     /// Decodes `count` symbols from `bytes`, which must end with the byte
@@ -663,6 +740,26 @@ mod tests {
     }
 
     #[test]
+    fn long_pair_codes_take_one_pair_per_store() {
+        // 30 symbols with Fibonacci weights: codes up to 24 bits, too long
+        // for four to a store, so pairs are stored one at a time.
+        let mut f = [0u64; 256];
+        let (mut a, mut b) = (1u64, 1u64);
+        for x in f.iter_mut().take(30) {
+            *x = a;
+            (a, b) = (b, a + b);
+        }
+        let code = Huffman::from_frequencies(&f);
+        assert!(code.lengths().iter().any(|&l| l > 14));
+        assert!(code.pair_codes().is_some());
+        let symbols: Vec<u8> = (0..PAIR_MIN * 3)
+            .map(|i| ((i * 7) % 30) as u8 / (1 + (i % 3) as u8))
+            .collect();
+        let stream = code.encode_sequential(&symbols).unwrap();
+        assert_eq!(stream, encode_reference(&code, &symbols));
+    }
+
+    #[test]
     fn the_length_limit_holds_on_fibonacci_frequencies() {
         // Fibonacci weights make the unlimited Huffman tree a chain.
         let mut f = [0u64; 256];
@@ -851,6 +948,42 @@ mod tests {
             let sequential = code.encode_sequential(&symbols).unwrap();
             prop_assert_eq!(first_mismatch(&chunked, &sequential, u8::eq), None);
             prop_assert_eq!(chunked.len(), sequential.len());
+        }
+
+        #[test]
+        fn pair_codes_give_the_bit_by_bit_stream(
+            symbols in prop::collection::vec(
+                prop_oneof![
+                    (0u32..1 << 16).prop_map(|x| (x.leading_zeros() - 16) as u8 * 2),
+                    0u8..32,
+                ],
+                PAIR_MIN..PAIR_MIN + 3000,
+            ),
+            bad in prop::option::of((0usize..PAIR_MIN + 3000, prop_oneof![Just(33u8), Just(31u8), any::<u8>()])),
+        ) {
+            let code = Huffman::from_frequencies(&frequencies(&symbols));
+            prop_assert!(code.pair_codes().is_some());
+            let mut symbols = symbols;
+            if let Some((at, symbol)) = bad {
+                let at = at % symbols.len();
+                symbols[at] = symbol;
+                let first_bad = symbols
+                    .iter()
+                    .position(|&s| code.lengths[usize::from(s)] == 0);
+                if let Some(position) = first_bad {
+                    prop_assert_eq!(
+                        code.encode_sequential(&symbols),
+                        Err(HuffmanError::SymbolWithoutCode {
+                            symbol: symbols[position],
+                            position
+                        })
+                    );
+                    return Ok(());
+                }
+            }
+            let stream = code.encode_sequential(&symbols).unwrap();
+            prop_assert_eq!(first_mismatch(&stream, &encode_reference(&code, &symbols), u8::eq), None);
+            prop_assert_eq!(stream.len(), encode_reference(&code, &symbols).len());
         }
 
         #[test]

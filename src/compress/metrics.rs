@@ -218,15 +218,19 @@ pub fn fidelity_with(exact: &[f32], approx: impl Fn(usize, &mut [f32]) + Sync) -
 /// The sums of [`fidelity_with`], in parallel over chunks of [`CHUNK`]
 /// elements from the start of `exact`.
 pub fn sums_with(exact: &[f32], approx: impl Fn(usize, &mut [f32]) + Sync) -> Sums {
+    // One buffer per unit of rayon work, not one cleared per chunk: the
+    // chunks are the same, so are the sums.
     exact
         .par_chunks(CHUNK)
         .enumerate()
-        .map(|(k, a)| {
-            let mut buf = [0f32; CHUNK];
-            let b = &mut buf[..a.len()];
-            approx(k * CHUNK, b);
-            chunk_sums(a, b)
-        })
+        .map_init(
+            || vec![0f32; CHUNK],
+            |buf, (k, a)| {
+                let b = &mut buf[..a.len()];
+                approx(k * CHUNK, b);
+                chunk_sums(a, b)
+            },
+        )
         .reduce(Sums::default, Sums::merge)
 }
 

@@ -74,7 +74,29 @@ fn prune_by_histogram(data: &mut [f32], sparsity: f64) -> usize {
     g.finish_pass1();
     g.pass2(data);
     let cut = g.finish();
+    if cut.ties[0] as u64 == cut.equal[0] {
+        // Every element equal to the threshold goes (with continuous
+        // weights, the usual case: one element holds that magnitude), so
+        // no pass needs to find which of them come first.
+        return zero_below_key(data, magnitude_key(cut.threshold) + 1);
+    }
     prune_below(data, cut.threshold, cut.ties[0])
+}
+
+/// Zeroes every element with magnitude key below `limit`; returns how many.
+fn zero_below_key(data: &mut [f32], limit: u32) -> usize {
+    // A select, not a branch: which weights fall below the threshold is as
+    // good as random.
+    let below = |chunk: &mut [f32]| {
+        let mut zeroed = 0;
+        for w in chunk.iter_mut() {
+            let prune = magnitude_key(*w) < limit;
+            *w = if prune { 0.0 } else { *w };
+            zeroed += usize::from(prune);
+        }
+        zeroed
+    };
+    data.par_chunks_mut(CHUNK).map(below).sum()
 }
 
 /// Plain reference for [`prune_magnitude`]: a full stable sort by magnitude.
@@ -97,19 +119,8 @@ pub fn prune_magnitude_reference(data: &mut [f32], sparsity: f64) -> usize {
 /// threshold from [`GlobalThreshold`] selects NaNs the same way.
 pub fn prune_below(data: &mut [f32], threshold: f32, ties_to_prune: usize) -> usize {
     let t = magnitude_key(threshold);
-    // Zeroes `|w| < t` with a select, not a branch: which weights fall
-    // below the threshold is as good as random.
-    let below = |chunk: &mut [f32]| {
-        let mut zeroed = 0;
-        for w in chunk.iter_mut() {
-            let prune = magnitude_key(*w) < t;
-            *w = if prune { 0.0 } else { *w };
-            zeroed += usize::from(prune);
-        }
-        zeroed
-    };
     if ties_to_prune == 0 {
-        return data.par_chunks_mut(CHUNK).map(below).sum();
+        return zero_below_key(data, t);
     }
     // Ties go to the lowest indices, so each chunk needs to know how many
     // ties the chunks before it hold.
@@ -130,7 +141,7 @@ pub fn prune_below(data: &mut [f32], threshold: f32, ties_to_prune: usize) -> us
         .zip(quotas.par_iter())
         .map(|(chunk, &quota)| {
             if quota == 0 {
-                return below(chunk);
+                return zero_below_key(chunk, t);
             }
             let mut left = quota;
             let mut zeroed = 0;
@@ -215,6 +226,9 @@ pub struct GlobalCut {
     pub ties: Vec<usize>,
     /// Elements pruned over all tensors: `round(sparsity * total)`.
     pub pruned: u64,
+    /// Per tensor, in streaming order: its elements whose magnitude equals
+    /// the threshold's (its entry of `ties` is at most this).
+    pub equal: Vec<u64>,
 }
 
 /// Global magnitude pruning: one threshold across many tensors, computed
@@ -341,6 +355,7 @@ impl GlobalThreshold {
                 threshold: 0.0,
                 ties: vec![0; self.tensors_pass1],
                 pruned: 0,
+                equal: vec![0; self.tensors_pass1],
             };
         };
         let mut below = 0u64;
@@ -354,13 +369,17 @@ impl GlobalThreshold {
         }
         let (low, mut remaining) =
             cut.expect("the second pass saw the elements the first pass counted in the bin");
-        let ties = self
+        let equal: Vec<u64> = self
             .in_bin
             .iter()
             .map(|mine| {
-                let equal = mine
-                    .binary_search_by_key(&(low as u16), |&(l, _)| l)
-                    .map_or(0, |i| mine[i].1);
+                mine.binary_search_by_key(&(low as u16), |&(l, _)| l)
+                    .map_or(0, |i| mine[i].1)
+            })
+            .collect();
+        let ties = equal
+            .iter()
+            .map(|&equal| {
                 let q = equal.min(remaining);
                 remaining -= q;
                 q as usize
@@ -370,6 +389,7 @@ impl GlobalThreshold {
             threshold: f32::from_bits((target.high << 16) | low),
             ties,
             pruned: prune_count(self.sparsity, self.total),
+            equal,
         }
     }
 }
@@ -385,8 +405,11 @@ fn add_histogram(hist: &mut [u64], values: &[f32], bin: impl Fn(u32) -> Option<u
         }
         return;
     }
+    // Each unit of rayon work clears and merges a 512 KiB histogram: at
+    // least half a million values each keeps that small beside the counting.
     let merged = values
         .par_chunks(CHUNK)
+        .with_min_len(8)
         .fold(
             || vec![0u64; BINS],
             |mut h, chunk| {
@@ -526,6 +549,35 @@ mod tests {
         assert_same_bits(&v, &want);
     }
 
+    #[test]
+    fn a_large_tensor_of_distinct_magnitudes_prunes_all_its_ties_like_the_reference() {
+        let n = SELECT_MAX * 3 + 5;
+        for sparsity in [0.0, 0.4, 0.5, 0.999, 1.0] {
+            let mut v: Vec<f32> = (0..n)
+                .map(|i| ((i * 2654435761) % n) as f32 * if i % 3 == 0 { -1e-3 } else { 1e-3 })
+                .collect();
+            let mut want = v.clone();
+            let k = prune_magnitude_reference(&mut want, sparsity);
+            assert_eq!(prune_magnitude(&mut v, sparsity), k);
+            assert_same_bits(&v, &want);
+        }
+    }
+
+    #[test]
+    fn zeroing_below_a_key_matches_pruning_every_tie() {
+        let v: Vec<f32> = (0..SELECT_MAX * 2 + 3)
+            .map(|i| ((i * 7919) % 300) as f32 - 150.0)
+            .collect();
+        for threshold in [0.0f32, 1.0, 42.0, 150.0, f32::INFINITY, f32::NAN] {
+            let t = magnitude_key(threshold);
+            let equal = v.iter().filter(|w| magnitude_key(**w) == t).count();
+            let (mut a, mut b) = (v.clone(), v.clone());
+            let zeroed = zero_below_key(&mut a, t + 1);
+            assert_eq!(zeroed, prune_below(&mut b, threshold, equal));
+            assert_same_bits(&a, &b);
+        }
+    }
+
     fn weight() -> impl Strategy<Value = f32> {
         prop_oneof![
             // Few distinct values: many ties, including ±0.
@@ -592,6 +644,12 @@ mod tests {
             let cut = global_cut(&tensors, sparsity);
             prop_assert_eq!(cut.pruned, k as u64);
             prop_assert_eq!(cut.ties.len(), tensors.len());
+            let t = magnitude_key(cut.threshold);
+            for ((tensor, &equal), &ties) in tensors.iter().zip(&cut.equal).zip(&cut.ties) {
+                let count = tensor.iter().filter(|w| magnitude_key(**w) == t).count() as u64;
+                prop_assert_eq!(equal, if k > 0 { count } else { 0 });
+                prop_assert!(ties as u64 <= equal);
+            }
             let mut pruned = 0;
             let mut got = Vec::new();
             for (t, &ties) in tensors.iter().zip(&cut.ties) {

@@ -230,22 +230,31 @@ impl RunSummary {
     /// zeros; they only ever end up in the trailing run).
     fn of(bytes: &[u8]) -> RunSummary {
         // Most runs are short: count them by length and turn the counts into
-        // symbols once, instead of eight divisions per nonzero.
-        let mut short_runs = [0u64; 256];
+        // symbols once, instead of eight divisions per nonzero. Consecutive
+        // runs count in different tables: most have the same few lengths,
+        // and one table would make each count wait for the one before.
+        const TABLES: usize = 4;
+        let mut tables = [[0u64; 256]; TABLES];
         let mut summary = RunSummary::default();
         let mut next = 0u64;
+        let mut seen = 0usize;
         for_each_set_bit(bytes, |i| {
             let run = i - next;
             if !summary.any_nonzero {
                 summary.any_nonzero = true;
                 summary.leading = run;
-            } else if let Some(count) = short_runs.get_mut(run as usize) {
+            } else if let Some(count) = tables[seen % TABLES].get_mut(run as usize) {
                 *count += 1;
             } else {
                 add_run(&mut summary.symbols, run);
             }
+            seen += 1;
             next = i + 1;
         });
+        let mut short_runs = [0u64; 256];
+        for table in &tables {
+            short_runs.iter_mut().zip(table).for_each(|(s, t)| *s += t);
+        }
         for (zeros, &count) in short_runs.iter().enumerate() {
             if count > 0 {
                 for (s, &e) in summary.symbols.iter_mut().zip(&ESCAPES) {

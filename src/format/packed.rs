@@ -461,6 +461,27 @@ fn pack_coded<'a>(
     finish_coded(name, c, symbols, sparse, pieces)
 }
 
+/// Bit `k` set when `eight[k] != zero`, for eight symbols at once: a byte
+/// of `x = symbols ^ zero` is nonzero exactly when adding 0x7f to its low
+/// seven bits or its own top bit sets its top bit (no carry crosses bytes),
+/// and one multiply gathers the eight top bits into the top byte.
+#[inline]
+fn nonzero_bits(eight: &[u8; 8], zero: u8) -> u8 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let x = u64::from_le_bytes(*eight) ^ (u64::from(zero) * 0x0101_0101_0101_0101);
+    let tops = (((x & LOW7) + LOW7) | x) & !LOW7;
+    ((tops >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8
+}
+
+/// Plain version of [`nonzero_bits`].
+#[cfg(test)]
+fn nonzero_bits_reference(eight: &[u8; 8], zero: u8) -> u8 {
+    eight
+        .iter()
+        .enumerate()
+        .fold(0u8, |b, (k, &s)| b | (u8::from(s != zero) << k))
+}
+
 /// Elements per parallel task of [`split_zeros`].
 const SPLIT_CHUNK: usize = 1 << 16;
 
@@ -504,10 +525,8 @@ fn split_zeros(c: &Coded) -> (Vec<u8>, Vec<u8>, [u64; 256]) {
                     .iter_mut()
                     .zip(sym[at..at + whole].chunks_exact(8))
                 {
-                    let bits = eight
-                        .iter()
-                        .enumerate()
-                        .fold(0u8, |b, (k, &s)| b | ((u8::from(s != zero) | all) << k));
+                    let eight: &[u8; 8] = eight.try_into().expect("chunks of 8");
+                    let bits = nonzero_bits(eight, zero) | 0u8.wrapping_sub(all);
                     *byte = bits;
                     nonzero += bits.count_ones() as usize;
                 }
@@ -1152,7 +1171,31 @@ mod tests {
         })
     }
 
+    #[test]
+    fn nonzero_bits_of_every_byte_against_every_zero() {
+        for zero in 0..=255u8 {
+            for s in 0..=255u8 {
+                let mut eight = [zero; 8];
+                eight[usize::from(s % 8)] = s;
+                eight[usize::from(s / 32)] = s.wrapping_add(zero);
+                assert_eq!(
+                    nonzero_bits(&eight, zero),
+                    nonzero_bits_reference(&eight, zero),
+                    "{eight:?} {zero}"
+                );
+            }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn nonzero_bits_match_the_reference(
+            eight in prop::array::uniform8(prop_oneof![Just(0u8), Just(0x80u8), Just(0xffu8), any::<u8>()]),
+            zero in prop_oneof![Just(0u8), Just(0x80u8), Just(0xffu8), any::<u8>()],
+        ) {
+            prop_assert_eq!(nonzero_bits(&eight, zero), nonzero_bits_reference(&eight, zero));
+        }
+
         #[test]
         fn split_zeros_matches_the_reference(c in coded_tensors()) {
             prop_assert_eq!(split_zeros(&c), split_zeros_reference(&c));

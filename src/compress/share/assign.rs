@@ -18,9 +18,19 @@ pub(super) fn assign_by_search(data: &[f32], symbols: &mut [u8], mids: &[f64], o
 pub(super) const MIXED_BIN: u8 = u8::MAX;
 
 /// The nearest cluster of every value of each histogram bin, or
-/// [`MIXED_BIN`] when a midpoint falls inside the bin. Cluster indices are
-/// below 255, so the mark is free.
+/// [`MIXED_BIN`] when a midpoint falls inside the bin, indexed by the top
+/// [`BIN_BITS`] bits of the value itself (not of its order key, which names
+/// the same bin), so a lookup needs no key. Cluster indices are below 255,
+/// so the mark is free.
 pub(super) fn bin_clusters(mids: &[f64]) -> Vec<u8> {
+    let by_key = bin_clusters_by_key(mids);
+    (0..BINS as u32)
+        .map(|raw| by_key[(order_key(raw << BIN_LOW_BITS) >> BIN_LOW_BITS) as usize])
+        .collect()
+}
+
+/// [`bin_clusters`] indexed by bin, in ascending order of value.
+pub(super) fn bin_clusters_by_key(mids: &[f64]) -> Vec<u8> {
     let mut table = vec![MIXED_BIN; BINS];
     // Bins ascend in value, so the clusters of their ends only grow.
     let (mut lowest, mut highest) = (0, 0);
@@ -55,7 +65,7 @@ pub(super) fn assign_by_bin(
     offset: u8,
 ) {
     for (s, &x) in symbols.iter_mut().zip(data) {
-        let by_bin = table[(order_key(x.to_bits()) >> BIN_LOW_BITS) as usize];
+        let by_bin = table[(x.to_bits() >> BIN_LOW_BITS) as usize];
         let cluster = if by_bin == MIXED_BIN {
             nearest_cluster(mids, x) as u8
         } else {

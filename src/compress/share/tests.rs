@@ -288,6 +288,24 @@ fn looking_clusters_up_by_bin_matches_searching_at_every_boundary() {
 }
 
 #[test]
+fn the_cluster_table_names_each_bin_by_the_bits_of_its_values() {
+    let mids = midpoints(&[-2.0, -0.03, 0.0, 1e-6, 0.5, 7.0]);
+    let (by_raw, by_key) = (bin_clusters(&mids), bin_clusters_by_key(&mids));
+    for x in
+        layer_like(5, 10_000)
+            .into_iter()
+            .chain([0.0, -0.0, f32::NAN, f32::INFINITY, -1e-40, 3e38])
+    {
+        let bits = x.to_bits();
+        assert_eq!(
+            by_raw[(bits >> BIN_LOW_BITS) as usize],
+            by_key[(order_key(bits) >> BIN_LOW_BITS) as usize],
+            "{x}"
+        );
+    }
+}
+
+#[test]
 fn a_histogram_keeps_exact_counts_means_and_spreads() {
     let eps = f32::EPSILON; // 2^-23, one step of the last mantissa bit at 1.0
     let values = [
@@ -368,6 +386,35 @@ fn a_long_input_gives_the_same_histogram_on_any_number_of_threads() {
     let first = parallel.bins.iter().zip(&bins).position(|(a, b)| a != b);
     assert_eq!(first, None);
     assert_eq!(parallel.bins.len(), bins.len());
+}
+
+/// Two tables agree exactly, slot by slot.
+fn assert_same_table(a: &BinTable, b: &BinTable) {
+    let key = |s: &BinSums| (s.count, s.low, s.low_squares);
+    let first = (0..a.len()).find(|&i| key(&a[i]) != key(&b[i]));
+    assert_eq!(first, None, "tables differ");
+}
+
+#[test]
+fn adding_to_bins_matches_the_reference_on_pruned_and_special_values() {
+    let mut values = layer_like(3, 100_003);
+    for (i, v) in values.iter_mut().enumerate() {
+        match i % 11 {
+            0 | 3 | 4 | 7 => *v = 0.0,
+            5 => *v = -0.0,
+            _ => {}
+        }
+    }
+    values.extend([
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE / 4.0,
+    ]);
+    values.extend(std::iter::repeat_n(0.0, 1000));
+    let fast = add_to_bins(new_bin_table(), &values);
+    let reference = add_to_bins_reference(new_bin_table(), &values);
+    assert_same_table(&fast, &reference);
 }
 
 #[test]
@@ -534,6 +581,18 @@ proptest! {
         assign_by_search(&data, &mut by_search, &mids, 1);
         let first = by_bin.iter().zip(&by_search).position(|(a, b)| a != b);
         prop_assert_eq!(first, None);
+    }
+
+    #[test]
+    fn adding_to_bins_matches_the_reference(
+        values in prop::collection::vec(
+            prop_oneof![Just(0.0f32), Just(-0.0f32), any::<f32>(), -1.0f32..1.0],
+            0..3000,
+        ),
+    ) {
+        let fast = add_to_bins(new_bin_table(), &values);
+        let reference = add_to_bins_reference(new_bin_table(), &values);
+        assert_same_table(&fast, &reference);
     }
 
     #[test]
