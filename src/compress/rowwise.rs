@@ -137,12 +137,14 @@ pub fn process_measured(
     let Values::Coded(first) = std::mem::replace(&mut whole.values, Values::Raw(Vec::new())) else {
         unreachable!("a value stage codes the tensor")
     };
+    let group_len = first.group_len.max(1);
     let mut coded = join(
         first,
         blocks.map(|p| match p.values {
             Values::Coded(c) => c,
             _ => unreachable!("a value stage codes the tensor"),
         }),
+        values.len().div_ceil(group_len),
     );
     coded.symbols = symbols;
     whole.values = Values::Coded(coded);
@@ -160,7 +162,20 @@ pub fn process_measured(
 /// The blocks' per-group parameters, in order (their symbols are already
 /// in place). Groups never cross a row, so the groups of consecutive blocks
 /// follow each other.
-fn join(mut whole: Coded, rest: impl Iterator<Item = Coded>) -> Coded {
+fn join(mut whole: Coded, rest: impl Iterator<Item = Coded>, groups: usize) -> Coded {
+    match &mut whole.decode {
+        Decode::Affine {
+            scales,
+            zero_points,
+        } => {
+            scales.reserve_exact(groups.saturating_sub(scales.len()));
+            if !zero_points.is_empty() {
+                zero_points.reserve_exact(groups.saturating_sub(zero_points.len()));
+            }
+        }
+        Decode::Fp8 { scales } => scales.reserve_exact(groups.saturating_sub(scales.len())),
+        Decode::Codebook { .. } => {}
+    }
     for c in rest {
         debug_assert_eq!((c.bits, c.group_len), (whole.bits, whole.group_len));
         match (&mut whole.decode, c.decode) {
