@@ -13,12 +13,13 @@
 //! Blocks are whole multiples of the fidelity's chunk ([`metrics::CHUNK`]),
 //! so each chunk's sums are the ones the whole-tensor measurement takes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use rayon::prelude::*;
 
 use super::calibrate::FactorCache;
-use super::coded::{Coded, Decode, Granularity, MatrixShape};
+use super::coded::{Decode, Granularity, MatrixShape};
 use super::metrics::{self, Fidelity, Sums};
 use super::spec::{Calibration, Pipeline, Stage, ValueStage};
 use super::tensor::{process_with_stats, Processed, TensorError, Values};
@@ -45,26 +46,28 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
     a
 }
 
-/// Whether every stage of `stage_indices` decides each row from that row
-/// alone and keeps no state across tensors: one value stage (integer
-/// quantization or fp8, per channel or per group, without calibration),
-/// optionally followed by `encode`.
-fn works_row_by_row(pipeline: &Pipeline, stage_indices: &[usize]) -> bool {
-    let mut values = 0;
+/// The granularity of the one value stage when every stage of
+/// `stage_indices` decides each row from that row alone and keeps no state
+/// across tensors: integer quantization or fp8, per channel or per group,
+/// without calibration, optionally followed by `encode`.
+fn works_row_by_row(pipeline: &Pipeline, stage_indices: &[usize]) -> Option<Granularity> {
+    let mut value = None;
     for &i in stage_indices {
-        match &pipeline.stages()[i] {
+        let g = match &pipeline.stages()[i] {
             Stage::Value(ValueStage::Int(q), _)
-                if q.granularity != Granularity::Tensor
-                    && matches!(pipeline.calibration(i), Calibration::None) =>
+                if matches!(pipeline.calibration(i), Calibration::None) =>
             {
-                values += 1
+                q.granularity
             }
-            Stage::Value(ValueStage::Fp8(g), _) if *g != Granularity::Tensor => values += 1,
-            Stage::Encode(..) => {}
-            _ => return false,
+            Stage::Value(ValueStage::Fp8(g), _) => *g,
+            Stage::Encode(..) => continue,
+            _ => return None,
+        };
+        if g == Granularity::Tensor || value.replace(g).is_some() {
+            return None;
         }
     }
-    values == 1
+    value
 }
 
 /// [`process_with_stats`] without statistics, plus the fidelity of the
@@ -80,23 +83,29 @@ pub fn process_measured(
     round_to_storage: &(dyn Fn(&mut [f32]) + Sync),
 ) -> Option<Result<(Processed, Fidelity), TensorError>> {
     let matrix = MatrixShape::of(shape)?;
-    if values.len() != matrix.len()
-        || values.len() < 2 * BLOCK_ELEMENTS
-        || !works_row_by_row(pipeline, stage_indices)
-    {
+    if values.len() != matrix.len() || values.len() < 2 * BLOCK_ELEMENTS {
         return None;
     }
+    let granularity = works_row_by_row(pipeline, stage_indices)?;
     let rows = block_rows(matrix.cols)?;
+    let group_len = granularity.group_len(matrix).max(1);
     let started = Instant::now();
     let factors = FactorCache::default();
     let block_len = rows * matrix.cols;
-    // Each block's symbols go straight into their place in the tensor's,
-    // while they are still in the cache; the block keeps its parameters.
+    let groups = values.len() / group_len;
+    // Each block's symbols and parameters go straight into their place in
+    // the tensor's (blocks are whole rows, so whole groups), while they are
+    // still in the cache; nothing the size of the tensor is held twice.
     let mut symbols: Vec<u8> = Vec::with_capacity(values.len());
+    let mut scales: Vec<f32> = Vec::with_capacity(groups);
+    let mut zeros: Vec<i32> = Vec::with_capacity(groups);
+    let with_zero_points = AtomicBool::new(false);
     let parts: Result<Vec<(Processed, Sums)>, TensorError> = values
         .par_chunks(block_len)
         .zip(symbols.spare_capacity_mut()[..values.len()].par_chunks_mut(block_len))
-        .map(|(block, place)| {
+        .zip(scales.spare_capacity_mut()[..groups].par_chunks_mut(block_len / group_len))
+        .zip(zeros.spare_capacity_mut()[..groups].par_chunks_mut(block_len / group_len))
+        .map(|(((block, symbol_place), scale_place), zero_place)| {
             let block_shape = [block.len() / matrix.cols, matrix.cols];
             let mut p = process_with_stats(
                 name,
@@ -117,8 +126,27 @@ pub fn process_measured(
                 c.decode_range(start, out);
                 round_to_storage(out);
             });
-            place.write_copy_of_slice(&c.symbols);
+            symbol_place.write_copy_of_slice(&c.symbols);
             c.symbols = Vec::new();
+            match &mut c.decode {
+                Decode::Affine {
+                    scales,
+                    zero_points,
+                } => {
+                    scale_place.write_copy_of_slice(scales);
+                    if !zero_points.is_empty() {
+                        zero_place.write_copy_of_slice(zero_points);
+                        with_zero_points.store(true, Ordering::Relaxed);
+                    }
+                    *scales = Vec::new();
+                    *zero_points = Vec::new();
+                }
+                Decode::Fp8 { scales } => {
+                    scale_place.write_copy_of_slice(scales);
+                    *scales = Vec::new();
+                }
+                Decode::Codebook { .. } => unreachable!("no row-by-row stage shares"),
+            }
             Ok((p, sums))
         })
         .collect();
@@ -126,27 +154,38 @@ pub fn process_measured(
         Ok(parts) => parts,
         Err(e) => return Some(Err(e)),
     };
-    // SAFETY: the blocks cover `0..values.len()` and each wrote its whole
-    // place (a block's symbols are one per element).
-    unsafe { symbols.set_len(values.len()) };
     let sums = parts
         .iter()
         .fold(Sums::default(), |acc, (_, s)| acc.merge(*s));
-    let mut blocks = parts.into_iter().map(|(p, _)| p);
-    let mut whole = blocks.next()?;
-    let Values::Coded(first) = std::mem::replace(&mut whole.values, Values::Raw(Vec::new())) else {
+    let mut whole = parts.into_iter().next()?.0;
+    let Values::Coded(mut coded) = std::mem::replace(&mut whole.values, Values::Raw(Vec::new()))
+    else {
         unreachable!("a value stage codes the tensor")
     };
-    let group_len = first.group_len.max(1);
-    let mut coded = join(
-        first,
-        blocks.map(|p| match p.values {
-            Values::Coded(c) => c,
-            _ => unreachable!("a value stage codes the tensor"),
-        }),
-        values.len().div_ceil(group_len),
-    );
+    // SAFETY: the blocks cover every element and every group, and each
+    // wrote its whole place (`write_copy_of_slice` panics on a length
+    // mismatch, before these lines): symbols one per element, scales one
+    // per group, zero points one per group when the stage has them.
+    unsafe {
+        symbols.set_len(values.len());
+        scales.set_len(groups);
+    }
     coded.symbols = symbols;
+    coded.decode = match coded.decode {
+        Decode::Affine { .. } => {
+            if with_zero_points.load(Ordering::Relaxed) {
+                // SAFETY: as above; the stage is asymmetric, so every block
+                // wrote a zero point per group.
+                unsafe { zeros.set_len(groups) };
+            }
+            Decode::Affine {
+                scales,
+                zero_points: zeros,
+            }
+        }
+        Decode::Fp8 { .. } => Decode::Fp8 { scales },
+        Decode::Codebook { .. } => unreachable!("no row-by-row stage shares"),
+    };
     whole.values = Values::Coded(coded);
     whole.shape = shape.to_vec();
     // The blocks ran side by side: the stage took the whole wall time.
@@ -157,46 +196,6 @@ pub fn process_measured(
         }
     }
     Some(Ok((whole, sums.finish(values.len()))))
-}
-
-/// The blocks' per-group parameters, in order (their symbols are already
-/// in place). Groups never cross a row, so the groups of consecutive blocks
-/// follow each other.
-fn join(mut whole: Coded, rest: impl Iterator<Item = Coded>, groups: usize) -> Coded {
-    match &mut whole.decode {
-        Decode::Affine {
-            scales,
-            zero_points,
-        } => {
-            scales.reserve_exact(groups.saturating_sub(scales.len()));
-            if !zero_points.is_empty() {
-                zero_points.reserve_exact(groups.saturating_sub(zero_points.len()));
-            }
-        }
-        Decode::Fp8 { scales } => scales.reserve_exact(groups.saturating_sub(scales.len())),
-        Decode::Codebook { .. } => {}
-    }
-    for c in rest {
-        debug_assert_eq!((c.bits, c.group_len), (whole.bits, whole.group_len));
-        match (&mut whole.decode, c.decode) {
-            (
-                Decode::Affine {
-                    scales,
-                    zero_points,
-                },
-                Decode::Affine {
-                    scales: s,
-                    zero_points: z,
-                },
-            ) => {
-                scales.extend(s);
-                zero_points.extend(z);
-            }
-            (Decode::Fp8 { scales }, Decode::Fp8 { scales: s }) => scales.extend(s),
-            _ => unreachable!("every block has the same stage"),
-        }
-    }
-    whole
 }
 
 #[cfg(test)]
