@@ -739,17 +739,22 @@ mod tests {
         );
     }
 
+    /// Frequencies 1, 1, 2, 3, 5, ... for the first `n` symbols.
+    fn fibonacci_frequencies(n: usize) -> [u64; 256] {
+        let mut f = [0u64; 256];
+        let (mut a, mut b) = (1u64, 1u64);
+        for x in f.iter_mut().take(n) {
+            *x = a;
+            (a, b) = (b, a + b);
+        }
+        f
+    }
+
     #[test]
     fn long_pair_codes_take_one_pair_per_store() {
         // 30 symbols with Fibonacci weights: codes up to 24 bits, too long
         // for four to a store, so pairs are stored one at a time.
-        let mut f = [0u64; 256];
-        let (mut a, mut b) = (1u64, 1u64);
-        for x in f.iter_mut().take(30) {
-            *x = a;
-            (a, b) = (b, a + b);
-        }
-        let code = Huffman::from_frequencies(&f);
+        let code = Huffman::from_frequencies(&fibonacci_frequencies(30));
         assert!(code.lengths().iter().any(|&l| l > 14));
         assert!(code.pair_codes().is_some());
         let symbols: Vec<u8> = (0..PAIR_MIN * 3)
@@ -762,12 +767,7 @@ mod tests {
     #[test]
     fn the_length_limit_holds_on_fibonacci_frequencies() {
         // Fibonacci weights make the unlimited Huffman tree a chain.
-        let mut f = [0u64; 256];
-        let (mut a, mut b) = (1u64, 1u64);
-        for x in f.iter_mut().take(60) {
-            *x = a;
-            (a, b) = (b, a + b);
-        }
+        let f = fibonacci_frequencies(60);
         let unlimited = huffman_lengths_reference(&f);
         assert!(unlimited.iter().any(|&l| l > u32::from(MAX_CODE_LEN)));
         let code = Huffman::from_frequencies(&f);
