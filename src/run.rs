@@ -22,10 +22,10 @@ use crate::compress::calibrate::{output_error_with, FactorCache};
 use crate::compress::metrics::{fidelity, fidelity_with, Fidelity};
 use crate::compress::prune::GlobalThreshold;
 use crate::compress::report::{Report, ReportBuilder, TensorReport};
-use crate::compress::rowwise;
 use crate::compress::spec::{Pipeline, PruneKind, SpecError, Stage, TensorShape};
 use crate::compress::structural::{self, Plan, PlannedTensor, StructuralError, TensorSource};
 use crate::compress::tensor::{process_with_stats, Processed, TensorCut, TensorError, Values};
+use crate::compress::{fused, rowwise};
 use crate::format::checkpoint::{Checkpoint, FormatError};
 use crate::format::compressed_tensors::{self as ct, CompressedTensorsSink};
 use crate::format::dense::DenseSink;
@@ -843,7 +843,8 @@ impl<'a> TensorRunner<'a> {
             _ => None,
         };
         // Stages that work row by row are run and measured block by block
-        // while each block is in the cache (compress::rowwise).
+        // while each block is in the cache (compress::rowwise); pruning
+        // then sharing runs in three passes (compress::fused).
         let blocked = match layer_stats {
             None if !self.wants_dense => rowwise::process_measured(
                 &planned.name,
@@ -853,7 +854,8 @@ impl<'a> TensorRunner<'a> {
                 stages,
                 &round,
             )
-            .transpose()?,
+            .transpose()?
+            .or_else(|| fused::process_measured(exact, &planned.shape, pipeline, stages, &round)),
             _ => None,
         };
         let (p, measured) = match blocked {

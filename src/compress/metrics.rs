@@ -20,7 +20,7 @@ pub struct Fidelity {
 
 /// The sums a [`Fidelity`] is made of, for measuring a tensor in parts:
 /// [`sums_with`] of each part, [`Sums::merge`] in order, then [`Sums::finish`].
-#[derive(Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct Sums {
     err2: f64,
     max_abs: f64,
@@ -232,6 +232,21 @@ pub fn sums_with(exact: &[f32], approx: impl Fn(usize, &mut [f32]) + Sync) -> Su
             },
         )
         .reduce(Sums::default, Sums::merge)
+}
+
+/// The sums of [`sums_with`] on the calling thread, chunk after chunk from
+/// the start of `exact`: for a part of a tensor measured while it is still
+/// in the cache, inside work that is already parallel.
+pub fn sums_sequential(exact: &[f32], mut approx: impl FnMut(usize, &mut [f32])) -> Sums {
+    let mut buf = [0f32; CHUNK];
+    exact
+        .chunks(CHUNK)
+        .enumerate()
+        .fold(Sums::default(), |s, (k, a)| {
+            let b = &mut buf[..a.len()];
+            approx(k * CHUNK, b);
+            s.merge(chunk_sums(a, b))
+        })
 }
 
 impl Sums {

@@ -6,6 +6,7 @@ pub mod binarize;
 pub mod bitpack;
 pub mod calibrate;
 pub mod coded;
+pub mod fused;
 pub mod huffman;
 pub mod lowrank;
 pub mod metrics;

@@ -18,15 +18,18 @@ use crate::compress::coded::MatrixShape;
 const SELECT_MAX: usize = 1 << 15;
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 16;
-const BINS: usize = 1 << 16;
+/// Bins of the magnitude histograms: one per value of the top 16 bits of
+/// the key (first pass) or of its low 16 bits (second pass).
+pub(crate) const BINS: usize = 1 << 16;
 
+/// The order of magnitudes: `|w|` as bits (see the module docs).
 #[inline]
-fn magnitude_key(w: f32) -> u32 {
+pub(crate) fn magnitude_key(w: f32) -> u32 {
     w.to_bits() & 0x7fff_ffff
 }
 
 /// `round(sparsity * n)`, clamped to `n`.
-fn prune_count(sparsity: f64, n: u64) -> u64 {
+pub(crate) fn prune_count(sparsity: f64, n: u64) -> u64 {
     debug_assert!(
         (0.0..=1.0).contains(&sparsity),
         "sparsity {sparsity} is outside 0..=1"
@@ -306,17 +309,7 @@ impl GlobalThreshold {
         if k == 0 {
             return;
         }
-        let mut below = 0u64;
-        for (bin, &count) in high.iter().enumerate() {
-            if below + count >= k {
-                self.target = Some(Target {
-                    high: bin as u32,
-                    need: k - below,
-                });
-                break;
-            }
-            below += count;
-        }
+        self.target = bin_of_rank(&high, k).map(|(high, need)| Target { high, need });
         self.low = vec![0; BINS];
         self.scratch = vec![0; BINS];
     }
@@ -358,17 +351,8 @@ impl GlobalThreshold {
                 equal: vec![0; self.tensors_pass1],
             };
         };
-        let mut below = 0u64;
-        let mut cut = None;
-        for (low, &count) in self.low.iter().enumerate() {
-            if below + count >= target.need {
-                cut = Some((low as u32, target.need - below));
-                break;
-            }
-            below += count;
-        }
-        let (low, mut remaining) =
-            cut.expect("the second pass saw the elements the first pass counted in the bin");
+        let (low, mut remaining) = bin_of_rank(&self.low, target.need)
+            .expect("the second pass saw the elements the first pass counted in the bin");
         let equal: Vec<u64> = self
             .in_bin
             .iter()
@@ -394,9 +378,30 @@ impl GlobalThreshold {
     }
 }
 
+/// The bin of a histogram that holds the `k`-th smallest element (from 1),
+/// and how many of that bin's elements are among the `k` smallest; None
+/// when `k` is 0 or the histogram holds fewer than `k`.
+pub(crate) fn bin_of_rank(hist: &[u64], k: u64) -> Option<(u32, u64)> {
+    if k == 0 {
+        return None;
+    }
+    let mut below = 0u64;
+    for (bin, &count) in hist.iter().enumerate() {
+        if below + count >= k {
+            return Some((bin as u32, k - below));
+        }
+        below += count;
+    }
+    None
+}
+
 /// Adds the counts of `bin(key)` over `values` to `hist`; parallel for large
 /// inputs (one histogram per rayon split, merged at the end).
-fn add_histogram(hist: &mut [u64], values: &[f32], bin: impl Fn(u32) -> Option<usize> + Sync) {
+pub(crate) fn add_histogram(
+    hist: &mut [u64],
+    values: &[f32],
+    bin: impl Fn(u32) -> Option<usize> + Sync,
+) {
     if values.len() <= CHUNK {
         for &w in values {
             if let Some(b) = bin(magnitude_key(w)) {

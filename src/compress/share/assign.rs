@@ -56,13 +56,17 @@ pub(super) fn bin_clusters_by_key(mids: &[f64]) -> Vec<u8> {
 }
 
 /// [`assign_by_search`] with the cluster read from the value's bin; only
-/// values in mixed bins (a few per midpoint) are searched.
+/// values in mixed bins (a few per midpoint) are searched. Values whose
+/// magnitude key (`|x|` as bits) is below `zero_below` get symbol 0: with
+/// 1, exactly the zeros; with a pruning threshold's key, also the values
+/// that pruning zeroes, as if it had run first.
 pub(super) fn assign_by_bin(
     data: &[f32],
     symbols: &mut [u8],
     mids: &[f64],
     table: &[u8],
     offset: u8,
+    zero_below: u32,
 ) {
     for (s, &x) in symbols.iter_mut().zip(data) {
         let by_bin = table[(x.to_bits() >> BIN_LOW_BITS) as usize];
@@ -71,7 +75,8 @@ pub(super) fn assign_by_bin(
         } else {
             by_bin
         };
-        *s = if x == 0.0 { 0 } else { offset + cluster };
+        let zero = x.to_bits() & 0x7fff_ffff < zero_below;
+        *s = if zero { 0 } else { offset + cluster };
     }
 }
 

@@ -43,10 +43,10 @@ pub(super) fn new_bin_table() -> Box<BinTable> {
 
 /// Fewest chunks of `ASSIGN_CHUNK` values counted into one table by
 /// [`ValueHistogram::of`].
-const HISTOGRAM_CHUNKS_PER_TABLE: usize = 16;
+pub(super) const HISTOGRAM_CHUNKS_PER_TABLE: usize = 16;
 
 /// Values [`add_to_bins`] gathers before adding them to the table.
-const NONZERO_BATCH: usize = 1024;
+pub(super) const NONZERO_BATCH: usize = 1024;
 
 /// Adds `values` to the table: zeros are only counted (in the last slot),
 /// and the other values are first gathered without a branch, so the table
@@ -65,17 +65,28 @@ pub(super) fn add_to_bins(mut table: Box<BinTable>, values: &[f32]) -> Box<BinTa
             n += usize::from(bits << 1 != 0);
         }
         table[BINS].count += (chunk.len() - n) as u64;
-        for &bits in &batch[..n] {
-            // Infinities and NaNs have bins of their own, left out when the
-            // table is read.
-            let slot = &mut table[(order_key(bits) >> BIN_LOW_BITS) as usize];
-            let low = u64::from(bits & BIN_LOW_MASK);
-            slot.count += 1;
-            slot.low += low;
-            slot.low_squares += low * low;
-        }
+        add_nonzero(&mut table, &batch[..n]);
     }
     table
+}
+
+/// Adds values given as bits, none of them ±0, to their bins. Infinities
+/// and NaNs have bins of their own, left out when the table is read.
+#[inline(always)]
+pub(super) fn add_nonzero(table: &mut BinTable, bits: &[u32]) {
+    for &bits in bits {
+        add_to_bin(table, bits, 1);
+    }
+}
+
+/// Adds `count` copies of the nonzero value with these bits to its bin.
+#[inline(always)]
+pub(super) fn add_to_bin(table: &mut BinTable, bits: u32, count: u64) {
+    let slot = &mut table[(order_key(bits) >> BIN_LOW_BITS) as usize];
+    let low = u64::from(bits & BIN_LOW_MASK);
+    slot.count += count;
+    slot.low += count * low;
+    slot.low_squares += count * (low * low);
 }
 
 /// Plain version of [`add_to_bins`]: one slot update per value, zeros in
@@ -170,6 +181,11 @@ impl ValueHistogram {
         } else {
             add_to_bins(new_bin_table(), values)
         };
+        Self::of_table(&table)
+    }
+
+    /// The histogram of the values counted in `table`.
+    pub(super) fn of_table(table: &BinTable) -> ValueHistogram {
         let bins = table[..BINS]
             .iter()
             .enumerate()

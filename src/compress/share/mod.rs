@@ -32,6 +32,7 @@ use crate::compress::coded::{Coded, Decode, MatrixShape};
 mod assign;
 mod histogram;
 mod init;
+mod pruned;
 mod sorted;
 #[cfg(test)]
 mod tests;
@@ -41,6 +42,7 @@ use histogram::*;
 pub use histogram::{initial_centroids_binned, kmeans_1d_binned, ValueHistogram};
 pub use init::initial_centroids;
 use init::*;
+pub use pruned::{prune_and_share, PrunedShare};
 use sorted::*;
 pub use sorted::{kmeans_1d, kmeans_1d_reference};
 
@@ -177,7 +179,7 @@ fn share_group(data: &[f32], symbols: &mut [u8], book: &mut [f32], p: &SharePara
     // as much as assigning a few hundred thousand values by search.
     let table = (data.len() >= HISTOGRAM_MIN).then(|| bin_clusters(&mids));
     let assign = |s: &mut [u8], d: &[f32]| match &table {
-        Some(table) => assign_by_bin(d, s, &mids, table, offset),
+        Some(table) => assign_by_bin(d, s, &mids, table, offset, 1),
         None => assign_by_search(d, s, &mids, offset),
     };
     if data.len() >= PARALLEL_MIN {

@@ -281,7 +281,7 @@ fn looking_clusters_up_by_bin_matches_searching_at_every_boundary() {
     }
     let table = bin_clusters(&mids);
     let (mut by_bin, mut by_search) = (vec![0u8; data.len()], vec![0u8; data.len()]);
-    assign_by_bin(&data, &mut by_bin, &mids, &table, 1);
+    assign_by_bin(&data, &mut by_bin, &mids, &table, 1, 1);
     assign_by_search(&data, &mut by_search, &mids, 1);
     let first = by_bin.iter().zip(&by_search).position(|(a, b)| a != b);
     assert_eq!(first, None, "{:?}", first.map(|i| data[i]));
@@ -577,7 +577,7 @@ proptest! {
         let data = values;
         let table = bin_clusters(&mids);
         let (mut by_bin, mut by_search) = (vec![0u8; data.len()], vec![0u8; data.len()]);
-        assign_by_bin(&data, &mut by_bin, &mids, &table, 1);
+        assign_by_bin(&data, &mut by_bin, &mids, &table, 1, 1);
         assign_by_search(&data, &mut by_search, &mids, 1);
         let first = by_bin.iter().zip(&by_search).position(|(a, b)| a != b);
         prop_assert_eq!(first, None);
