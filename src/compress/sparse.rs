@@ -74,6 +74,49 @@ pub fn encode_positions(nonzero: &[bool]) -> Positions {
 
 /// [`encode_positions`] of a mask already in bitmask form (padding bits 0).
 pub fn encode_positions_of_mask(bytes: Vec<u8>) -> Positions {
+    if bitmask_is_smallest(&bytes) {
+        return Positions::Bitmask { bytes };
+    }
+    encode_by_counting(bytes)
+}
+
+/// Whether no relative index can be smaller than the bitmask, from two
+/// bounds that cost a count of set bits instead of a walk over the
+/// nonzeros: at width 1 there is one gap symbol per element up to the last
+/// nonzero, and at any other width at least one symbol of 2 or more bits
+/// per nonzero. Masks with at least half their elements nonzero always end
+/// here.
+fn bitmask_is_smallest(bytes: &[u8]) -> bool {
+    let len = bytes.len() as u64;
+    // Elements up to and including the last nonzero.
+    let through_last = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| {
+        i as u64 * 8 + 8 - u64::from(bytes[i].leading_zeros())
+    });
+    if through_last.div_ceil(8) < len {
+        return false;
+    }
+    let ones = |c: &[u8]| -> u64 {
+        let words = c.chunks_exact(8);
+        let tail: u64 = words
+            .remainder()
+            .iter()
+            .map(|b| u64::from(b.count_ones()))
+            .sum();
+        words
+            .map(|w| u64::from(u64::from_le_bytes(w.try_into().expect("8 bytes")).count_ones()))
+            .sum::<u64>()
+            + tail
+    };
+    let nonzeros: u64 = if bytes.len() >= PARALLEL_MIN {
+        bytes.par_chunks(PARALLEL_MIN).map(ones).sum()
+    } else {
+        ones(bytes)
+    };
+    (2 * nonzeros).div_ceil(8) >= len
+}
+
+/// [`encode_positions_of_mask`] by counting the gap symbols of every width.
+fn encode_by_counting(bytes: Vec<u8>) -> Positions {
     // The relative index is found from the bitmask: walking set bits word by
     // word costs per nonzero, not per element, and has no unpredictable
     // branch on random masks.
@@ -482,10 +525,15 @@ mod tests {
 
     fn masks() -> impl Strategy<Value = Vec<bool>> {
         (
-            prop::sample::select(vec![0u32, 1, 10, 100, 500, 900, 1000]),
+            prop::sample::select(vec![0u32, 1, 10, 100, 400, 500, 600, 900, 1000]),
             prop::collection::vec(0u32..1000, 0..3000),
+            0usize..40,
         )
-            .prop_map(|(density, r)| r.into_iter().map(|x| x < density).collect())
+            .prop_map(|(density, r, trailing_zeros)| {
+                let mut m: Vec<bool> = r.into_iter().map(|x| x < density).collect();
+                m.extend(std::iter::repeat_n(false, trailing_zeros));
+                m
+            })
     }
 
     proptest! {
@@ -497,6 +545,15 @@ mod tests {
             let back = decode_positions(&p, m.len()).unwrap();
             prop_assert_eq!(back.iter().zip(&m).position(|(a, b)| a != b), None);
             prop_assert_eq!(back.len(), m.len());
+        }
+
+        #[test]
+        fn the_bounds_choose_as_counting_does(m in masks()) {
+            let bytes = bitmask(&m);
+            prop_assert_eq!(
+                encode_positions_of_mask(bytes.clone()),
+                encode_by_counting(bytes)
+            );
         }
 
         #[test]
