@@ -70,25 +70,28 @@ impl Gathered {
     /// bin `high` (top 16 bits of the magnitude key) to the table, and those
     /// inside the bin to the records.
     fn add(mut self, index: usize, values: &[f32], high: u32) -> Self {
-        let mut batch = [0u32; NONZERO_BATCH];
+        let mut above = [0u32; NONZERO_BATCH];
+        let mut inside = [0u32; NONZERO_BATCH];
         let mut in_bin = Vec::new();
         for chunk in values.chunks(NONZERO_BATCH) {
-            // Gathered without a branch: which weights survive is as good
-            // as random.
-            let mut n = 0;
+            // Both gathered without a branch: which weights survive is as
+            // good as random. `n` and `m` are at most the index in `chunk`,
+            // so the masks change nothing; they only spare bounds checks.
+            let (mut n, mut m) = (0, 0);
             for &x in chunk {
                 let bits = x.to_bits();
-                batch[n & (NONZERO_BATCH - 1)] = bits;
-                n += usize::from(magnitude_key(x) >> 16 > high);
+                let bin = magnitude_key(x) >> 16;
+                above[n & (NONZERO_BATCH - 1)] = bits;
+                n += usize::from(bin > high);
+                inside[m & (NONZERO_BATCH - 1)] = bits;
+                m += usize::from(bin == high);
             }
-            add_nonzero(&mut self.table, &batch[..n]);
-            // A few weights per thousand: this branch is rarely taken.
-            for &x in chunk {
-                if magnitude_key(x) >> 16 == high {
-                    let bits = x.to_bits();
-                    in_bin.push(((bits >> 31) << 16) | (bits & 0xffff));
-                }
-            }
+            add_nonzero(&mut self.table, &above[..n]);
+            in_bin.extend(
+                inside[..m]
+                    .iter()
+                    .map(|&bits| ((bits >> 31) << 16) | (bits & 0xffff)),
+            );
         }
         if !in_bin.is_empty() {
             self.in_bin.push((index, in_bin));
