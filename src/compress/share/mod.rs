@@ -174,14 +174,8 @@ fn share_group(data: &[f32], symbols: &mut [u8], book: &mut [f32], p: &SharePara
     let offset = offset as u8;
     let km = cluster_group(data, k, p.init, p.iterations);
     book.copy_from_slice(&km.centroids);
-    let mids = midpoints(&km.centroids);
-    // Long groups look clusters up by bin; building the table costs about
-    // as much as assigning a few hundred thousand values by search.
-    let table = (data.len() >= HISTOGRAM_MIN).then(|| bin_clusters(&mids));
-    let assign = |s: &mut [u8], d: &[f32]| match &table {
-        Some(table) => assign_by_bin(d, s, &mids, table, offset, 1),
-        None => assign_by_search(d, s, &mids, offset),
-    };
+    let assign = Assign::new(&km.centroids, data.len());
+    let assign = |s: &mut [u8], d: &[f32]| assign.run(d, s, offset, 1);
     if data.len() >= PARALLEL_MIN {
         symbols
             .par_chunks_mut(ASSIGN_CHUNK)

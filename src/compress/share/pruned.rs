@@ -246,15 +246,14 @@ pub fn prune_and_share(
     let entries = p.clusters + offset;
     let mut book = vec![0.0f32; entries];
     book[offset..].copy_from_slice(&km.centroids);
-    let mids = midpoints(&km.centroids);
-    let clusters = bin_clusters(&mids);
+    let assign = Assign::new(&km.centroids, data.len());
     let mut symbols = vec![0u8; data.len()];
     let sums = symbols
         .par_chunks_mut(ASSIGN_CHUNK)
         .zip(data.par_chunks(ASSIGN_CHUNK))
         .enumerate()
         .map(|(i, (s, d))| {
-            assign_by_bin(d, s, &mids, &clusters, offset as u8, cut.below);
+            assign.run(d, s, offset as u8, cut.below);
             if let Ok(t) = cut.ties.binary_search_by_key(&i, |&(chunk, _)| chunk) {
                 let mut quota = cut.ties[t].1;
                 for (s, &x) in s.iter_mut().zip(d) {

@@ -285,6 +285,28 @@ fn looking_clusters_up_by_bin_matches_searching_at_every_boundary() {
     assign_by_search(&data, &mut by_search, &mids, 1);
     let first = by_bin.iter().zip(&by_search).position(|(a, b)| a != b);
     assert_eq!(first, None, "{:?}", first.map(|i| data[i]));
+    // Every value at every offset in a vector step, and a ragged tail.
+    for shift in 0..70 {
+        let data = &data[shift.min(data.len())..];
+        let mut by_compare = vec![0u8; data.len()];
+        assign_by_thresholds(data, &mut by_compare, &f32_thresholds(&mids), 1, 1);
+        let want = &by_search[by_search.len() - data.len()..];
+        let first = by_compare.iter().zip(want).position(|(a, b)| a != b);
+        assert_eq!(first, None, "{:?}", first.map(|i| data[i]));
+    }
+}
+
+/// [`assign_by_search`] (0 for zeros), then symbol 0 for values whose
+/// magnitude key is below `zero_below`, element by element.
+fn assigned_plainly(data: &[f32], mids: &[f64], offset: u8, zero_below: u32) -> Vec<u8> {
+    let mut out = vec![0u8; data.len()];
+    assign_by_search(data, &mut out, mids, offset);
+    for (s, &x) in out.iter_mut().zip(data) {
+        if x.to_bits() & 0x7fff_ffff < zero_below {
+            *s = 0;
+        }
+    }
+    out
 }
 
 #[test]
@@ -581,6 +603,28 @@ proptest! {
         assign_by_search(&data, &mut by_search, &mids, 1);
         let first = by_bin.iter().zip(&by_search).position(|(a, b)| a != b);
         prop_assert_eq!(first, None);
+    }
+
+    #[test]
+    fn every_way_of_assigning_matches_searching_with_pruned_values_zeroed(
+        mut centroids in prop::collection::vec(
+            prop_oneof![-10.0f32..10.0, any::<f32>().prop_filter("finite", |x| x.is_finite())],
+            1..60,
+        ),
+        values in prop::collection::vec(
+            prop_oneof![any::<f32>(), -10.0f32..10.0, Just(0.0f32), Just(-0.0f32)],
+            0..700,
+        ),
+        zero_below in prop_oneof![Just(0u32), Just(1u32), 0u32..0x4000_0000, any::<u32>()],
+        offset in 0u8..2,
+        len in prop_oneof![Just(10usize), Just(HISTOGRAM_MIN)],
+    ) {
+        centroids.sort_unstable_by(f32::total_cmp);
+        let want = assigned_plainly(&values, &midpoints(&centroids), offset, zero_below);
+        let mut got = vec![0u8; values.len()];
+        Assign::new(&centroids, len).run(&values, &mut got, offset, zero_below);
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        prop_assert_eq!(first, None, "{:?}", first.map(|i| values[i]));
     }
 
     #[test]
