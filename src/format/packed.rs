@@ -521,15 +521,7 @@ fn split_zeros(c: &Coded) -> (Vec<u8>, Vec<u8>, [u64; 256]) {
                     at += 1;
                 }
                 let whole = (end - at) / 8 * 8;
-                for (byte, eight) in mask[at / 8..]
-                    .iter_mut()
-                    .zip(sym[at..at + whole].chunks_exact(8))
-                {
-                    let eight: &[u8; 8] = eight.try_into().expect("chunks of 8");
-                    let bits = nonzero_bits(eight, zero) | 0u8.wrapping_sub(all);
-                    *byte = bits;
-                    nonzero += bits.count_ones() as usize;
-                }
+                nonzero += mask_bytes(&sym[at..at + whole], &mut mask[at / 8..], zero, all);
                 at += whole;
                 while at < end {
                     let bit = u8::from(sym[at] != zero) | all;
@@ -559,20 +551,99 @@ fn split_zeros(c: &Coded) -> (Vec<u8>, Vec<u8>, [u64; 256]) {
     outs.into_par_iter()
         .zip(c.symbols.par_chunks(SPLIT_CHUNK))
         .zip(mask.par_chunks(SPLIT_CHUNK / 8))
-        .for_each(|((out, sym), mask)| {
-            // Every symbol is written at the next free slot, which moves on
-            // only past a nonzero one: no branch on the scattered zeros.
-            let mut j = 0;
-            for (eight, &bits) in sym.chunks(8).zip(mask) {
-                for (k, &s) in eight.iter().enumerate() {
-                    if let Some(slot) = out.get_mut(j) {
-                        *slot = s;
-                    }
-                    j += usize::from((bits >> k) & 1);
-                }
-            }
-        });
+        .for_each(|((out, sym), mask)| gather_kept(sym, mask, out));
     (mask, kept, zeros)
+}
+
+/// The mask bytes of whole bytes of symbols (`sym.len()` a multiple of 8):
+/// bit `k` of byte `i` set when `sym[8i + k] != zero`, or always when
+/// `all` is 1; returns how many bits are set.
+fn mask_bytes(sym: &[u8], mask: &mut [u8], zero: u8, all: u8) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has AVX-512 BW, checked just above.
+        return unsafe { mask_bytes_avx512(sym, mask, zero, all) };
+    }
+    mask_bytes_portable(sym, mask, zero, all)
+}
+
+fn mask_bytes_portable(sym: &[u8], mask: &mut [u8], zero: u8, all: u8) -> usize {
+    let mut nonzero = 0;
+    for (byte, eight) in mask.iter_mut().zip(sym.chunks_exact(8)) {
+        let eight: &[u8; 8] = eight.try_into().expect("chunks of 8");
+        let bits = nonzero_bits(eight, zero) | 0u8.wrapping_sub(all);
+        *byte = bits;
+        nonzero += bits.count_ones() as usize;
+    }
+    nonzero
+}
+
+/// [`mask_bytes_portable`] 64 symbols at a time: one byte compare gives
+/// the eight mask bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn mask_bytes_avx512(sym: &[u8], mask: &mut [u8], zero: u8, all: u8) -> usize {
+    use std::arch::x86_64::*;
+    let whole = sym.len() / 64 * 64;
+    let zeros = _mm512_set1_epi8(zero as i8);
+    let always = 0u64.wrapping_sub(u64::from(all));
+    let mut nonzero = 0;
+    for (bytes, at) in mask.chunks_exact_mut(8).zip((0..whole).step_by(64)) {
+        // SAFETY: `at + 64 <= whole <= sym.len()`.
+        let v = unsafe { _mm512_loadu_si512(sym.as_ptr().add(at).cast()) };
+        let bits = _mm512_cmpneq_epi8_mask(v, zeros) | always;
+        bytes.copy_from_slice(&bits.to_le_bytes());
+        nonzero += bits.count_ones() as usize;
+    }
+    nonzero + mask_bytes_portable(&sym[whole..], &mut mask[whole / 8..], zero, all)
+}
+
+/// Copies the symbols whose mask bit is set, in order, to `out` (exactly
+/// as long as there are such symbols).
+fn gather_kept(sym: &[u8], mask: &[u8], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512vbmi2") {
+        // SAFETY: the CPU has AVX-512 VBMI2, checked just above.
+        return unsafe { gather_kept_avx512(sym, mask, out) };
+    }
+    gather_kept_portable(sym, mask, out)
+}
+
+fn gather_kept_portable(sym: &[u8], mask: &[u8], out: &mut [u8]) {
+    // Every symbol is written at the next free slot, which moves on only
+    // past a nonzero one: no branch on the scattered zeros.
+    let mut j = 0;
+    for (eight, &bits) in sym.chunks(8).zip(mask) {
+        for (k, &s) in eight.iter().enumerate() {
+            if let Some(slot) = out.get_mut(j) {
+                *slot = s;
+            }
+            j += usize::from((bits >> k) & 1);
+        }
+    }
+}
+
+/// [`gather_kept_portable`] 64 symbols at a time: the kept ones packed in
+/// a register and stored whole while 64 bytes of `out` are left (the bytes
+/// past the kept ones are overwritten by the next store); the rest plainly.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+unsafe fn gather_kept_avx512(sym: &[u8], mask: &[u8], out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let mut j = 0;
+    let mut at = 0;
+    while at + 64 <= sym.len() && j + 64 <= out.len() {
+        let bits = u64::from_le_bytes(mask[at / 8..at / 8 + 8].try_into().expect("8 bytes"));
+        // SAFETY: `at + 64 <= sym.len()` and `j + 64 <= out.len()`.
+        unsafe {
+            let v = _mm512_loadu_si512(sym.as_ptr().add(at).cast());
+            let kept = _mm512_maskz_compress_epi8(bits, v);
+            _mm512_storeu_si512(out.as_mut_ptr().add(j).cast(), kept);
+        }
+        j += bits.count_ones() as usize;
+        at += 64;
+    }
+    gather_kept_portable(&sym[at..], &mask[at / 8..], &mut out[j..]);
 }
 
 /// Adds the decode parameters of a coded tensor and describes it.
@@ -1162,7 +1233,7 @@ mod tests {
     }
 
     fn coded_tensors() -> impl Strategy<Value = Coded> {
-        (1usize..40, 1usize..12).prop_flat_map(|(group_len, groups)| {
+        (prop_oneof![1usize..40, 60usize..300], 1usize..12).prop_flat_map(|(group_len, groups)| {
             (
                 prop::collection::vec(prop_oneof![3 => Just(1u8), 1 => 0u8..4], group_len * groups),
                 prop::collection::vec(any::<bool>(), groups),
