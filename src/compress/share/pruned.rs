@@ -267,9 +267,7 @@ pub fn prune_and_share(
                 }
             }
             metrics::sums_sequential(d, |start, out| {
-                for (o, &sym) in out.iter_mut().zip(&s[start..]) {
-                    *o = book[usize::from(sym)];
-                }
+                decode_book(&s[start..start + out.len()], &book, out);
                 round_to_storage(out);
             })
         })
@@ -289,4 +287,50 @@ pub fn prune_and_share(
         prune_seconds,
         share_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// `out[i] = book[symbols[i]]`; every symbol is below `book.len()`.
+fn decode_book(symbols: &[u8], book: &[f32], out: &mut [f32]) {
+    debug_assert!(symbols.iter().all(|&s| usize::from(s) < book.len()));
+    #[cfg(target_arch = "x86_64")]
+    if book.len() <= 32 && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F, checked just above.
+        return unsafe { decode_book_avx512(symbols, book, out) };
+    }
+    decode_book_portable(symbols, book, out)
+}
+
+fn decode_book_portable(symbols: &[u8], book: &[f32], out: &mut [f32]) {
+    for (o, &s) in out.iter_mut().zip(symbols) {
+        *o = book[usize::from(s)];
+    }
+}
+
+/// [`decode_book_portable`] for a book of at most 32 entries, held in two
+/// registers: one two-register permute decodes 16 symbols. Every symbol is
+/// below `book.len()` (sharing writes no other).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn decode_book_avx512(symbols: &[u8], book: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut table = [0f32; 32];
+    table[..book.len()].copy_from_slice(book);
+    // SAFETY: `table` holds 32 f32.
+    let (low, high) = unsafe {
+        (
+            _mm512_loadu_ps(table.as_ptr()),
+            _mm512_loadu_ps(table.as_ptr().add(16)),
+        )
+    };
+    let n = symbols.len().min(out.len());
+    let whole = n / 16 * 16;
+    for at in (0..whole).step_by(16) {
+        // SAFETY: `at + 16 <= whole <= n`, within both slices.
+        unsafe {
+            let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(symbols.as_ptr().add(at).cast()));
+            let v = _mm512_permutex2var_ps(low, idx, high);
+            _mm512_storeu_ps(out.as_mut_ptr().add(at), v);
+        }
+    }
+    decode_book_portable(&symbols[whole..n], book, &mut out[whole..n]);
 }
