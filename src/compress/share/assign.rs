@@ -1,5 +1,7 @@
-//! Assigning each value to its nearest centroid: binary search, or a table
-//! over histogram bins that settles most values without one.
+//! Assigning each value to its nearest centroid: for few clusters, a count
+//! of the boundaries at or below it (vector compares); else a table over
+//! histogram bins that settles most values without a search, or binary
+//! search.
 
 use super::*;
 
