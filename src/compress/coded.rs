@@ -213,10 +213,7 @@ impl Coded {
                     }
                 }
                 Decode::Codebook { entries, values } => {
-                    let book = &values[g * entries..(g + 1) * entries];
-                    for (o, &s) in o.iter_mut().zip(s) {
-                        *o = book[usize::from(s)];
-                    }
+                    decode_codebook(s, &values[g * entries..(g + 1) * entries], o);
                 }
                 Decode::Fp8 { scales } => {
                     for (o, &s) in o.iter_mut().zip(s) {
@@ -252,6 +249,52 @@ impl Coded {
             Decode::Fp8 { .. } => Some(0),
         }
     }
+}
+
+/// `out[i] = book[symbols[i]]`; every symbol is below `book.len()`.
+pub(crate) fn decode_codebook(symbols: &[u8], book: &[f32], out: &mut [f32]) {
+    debug_assert!(symbols.iter().all(|&s| usize::from(s) < book.len()));
+    #[cfg(target_arch = "x86_64")]
+    if book.len() <= 32 && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F, checked just above.
+        return unsafe { decode_codebook_avx512(symbols, book, out) };
+    }
+    decode_codebook_portable(symbols, book, out)
+}
+
+fn decode_codebook_portable(symbols: &[u8], book: &[f32], out: &mut [f32]) {
+    for (o, &s) in out.iter_mut().zip(symbols) {
+        *o = book[usize::from(s)];
+    }
+}
+
+/// [`decode_codebook_portable`] for a book of at most 32 entries, held in two
+/// registers: one two-register permute decodes 16 symbols. Every symbol is
+/// below `book.len()` (sharing writes no other; the packed reader checks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn decode_codebook_avx512(symbols: &[u8], book: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut table = [0f32; 32];
+    table[..book.len()].copy_from_slice(book);
+    // SAFETY: `table` holds 32 f32.
+    let (low, high) = unsafe {
+        (
+            _mm512_loadu_ps(table.as_ptr()),
+            _mm512_loadu_ps(table.as_ptr().add(16)),
+        )
+    };
+    let n = symbols.len().min(out.len());
+    let whole = n / 16 * 16;
+    for at in (0..whole).step_by(16) {
+        // SAFETY: `at + 16 <= whole <= n`, within both slices.
+        unsafe {
+            let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(symbols.as_ptr().add(at).cast()));
+            let v = _mm512_permutex2var_ps(low, idx, high);
+            _mm512_storeu_ps(out.as_mut_ptr().add(at), v);
+        }
+    }
+    decode_codebook_portable(&symbols[whole..n], book, &mut out[whole..n]);
 }
 
 #[cfg(test)]
@@ -349,23 +392,36 @@ mod tests {
     #[test]
     fn decode_range_matches_value_on_long_groups() {
         let n = 3 * 301;
-        let symbols: Vec<u8> = (0..n).map(|i| (i * 89 % 256) as u8).collect();
+        let symbols =
+            |entries: usize| -> Vec<u8> { (0..n).map(|i| (i * 89 % entries) as u8).collect() };
+        let book = |entries: usize| Decode::Codebook {
+            entries,
+            values: (0..3 * entries)
+                .map(|v| (v as f32 - 300.0) * 0.01)
+                .collect(),
+        };
+        // Codebooks of up to 32 entries take the permute path.
         let schemes = [
-            Decode::Affine {
-                scales: vec![0.37, 1e-3, 7.5],
-                zero_points: vec![3, -20, 0],
-            },
-            Decode::Codebook {
-                entries: 256,
-                values: (0..3 * 256).map(|v| (v as f32 - 300.0) * 0.01).collect(),
-            },
-            Decode::Fp8 {
-                scales: vec![0.5, 2.0, 1e-2],
-            },
+            (
+                256,
+                Decode::Affine {
+                    scales: vec![0.37, 1e-3, 7.5],
+                    zero_points: vec![3, -20, 0],
+                },
+            ),
+            (256, book(256)),
+            (17, book(17)),
+            (32, book(32)),
+            (
+                256,
+                Decode::Fp8 {
+                    scales: vec![0.5, 2.0, 1e-2],
+                },
+            ),
         ];
-        for decode in schemes {
+        for (entries, decode) in schemes {
             let c = Coded {
-                symbols: symbols.clone(),
+                symbols: symbols(entries),
                 bits: 8,
                 group_len: 301,
                 decode,

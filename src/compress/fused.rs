@@ -87,9 +87,8 @@ pub fn process_measured(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::calibrate::FactorCache;
     use crate::compress::metrics::fidelity_with;
-    use crate::compress::tensor::process_with_stats;
+    use crate::compress::tensor::process;
     use crate::compress::testing::first_difference;
     use proptest::prelude::*;
 
@@ -137,19 +136,7 @@ mod tests {
         let Some((fused, fid)) = process_measured(w, &shape, p, &stages, round) else {
             return false;
         };
-        let staged = process_with_stats(
-            "w",
-            w,
-            &shape,
-            p,
-            &stages,
-            None,
-            round,
-            &mut Vec::new(),
-            None,
-            &FactorCache::default(),
-        )
-        .unwrap();
+        let staged = process("w", w, &shape, p, &stages, None, round, &mut Vec::new()).unwrap();
         let (Values::Coded(a), Values::Coded(b)) = (&fused.values, &staged.values) else {
             panic!("coded values expected")
         };

@@ -202,6 +202,7 @@ pub fn process_measured(
 mod tests {
     use super::*;
     use crate::compress::metrics::fidelity_with;
+    use crate::compress::tensor::process;
 
     fn parse(json: &str) -> Result<Pipeline, crate::compress::spec::PipelineError> {
         Pipeline::from_json(json)
@@ -248,7 +249,7 @@ mod tests {
                 let (blocked, fid) = process_measured("w", &w, &shape, &pipeline, &stages, round)
                     .expect("the pipeline works row by row")
                     .unwrap();
-                let whole = process_with_stats(
+                let whole = process(
                     "w",
                     &w,
                     &shape,
@@ -257,8 +258,6 @@ mod tests {
                     None,
                     round,
                     &mut Vec::new(),
-                    None,
-                    &FactorCache::default(),
                 )
                 .unwrap();
                 let (Values::Coded(a), Values::Coded(b)) = (&blocked.values, &whole.values) else {

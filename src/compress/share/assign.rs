@@ -5,13 +5,21 @@
 
 use super::*;
 
-/// Symbol `offset + nearest cluster` of each value, 0 for exact zeros.
-pub(super) fn assign_by_search(data: &[f32], symbols: &mut [u8], mids: &[f64], offset: u8) {
+/// Symbol `offset + nearest cluster` of each value, 0 for those whose
+/// magnitude key is below `zero_below` (see [`assign_by_bin`]).
+pub(super) fn assign_by_search(
+    data: &[f32],
+    symbols: &mut [u8],
+    mids: &[f64],
+    offset: u8,
+    zero_below: u32,
+) {
     for (s, &x) in symbols.iter_mut().zip(data) {
         let cluster = offset + nearest_cluster(mids, x) as u8;
         // A select, not a branch: pruned zeros are scattered at random, so a
         // branch on them would be mispredicted about as often as taken.
-        *s = if x == 0.0 { 0 } else { cluster };
+        let zero = x.to_bits() & 0x7fff_ffff < zero_below;
+        *s = if zero { 0 } else { cluster };
     }
 }
 
@@ -118,16 +126,7 @@ impl Assign {
             Assign::Table { mids, table } => {
                 assign_by_bin(data, symbols, mids, table, offset, zero_below)
             }
-            Assign::Search(mids) => {
-                assign_by_search(data, symbols, mids, offset);
-                if zero_below > 1 {
-                    for (s, &x) in symbols.iter_mut().zip(data) {
-                        if x.to_bits() & 0x7fff_ffff < zero_below {
-                            *s = 0;
-                        }
-                    }
-                }
-            }
+            Assign::Search(mids) => assign_by_search(data, symbols, mids, offset, zero_below),
         }
     }
 }

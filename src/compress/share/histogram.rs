@@ -109,6 +109,24 @@ pub(super) fn add_to_bins_reference(mut table: Box<BinTable>, values: &[f32]) ->
     table
 }
 
+/// The table of `values` ([`add_to_bins`]); parallel for long inputs, and
+/// the same whatever the split.
+pub(super) fn bin_table_of(values: &[f32]) -> Box<BinTable> {
+    if values.len() >= PARALLEL_MIN {
+        // Each unit of rayon work clears and merges a table of a few MiB:
+        // at least a million values each keeps that small beside the
+        // counting.
+        values
+            .par_chunks(ASSIGN_CHUNK)
+            .with_min_len(HISTOGRAM_CHUNKS_PER_TABLE)
+            .fold(new_bin_table, add_to_bins)
+            .reduce_with(merge_bin_tables)
+            .unwrap_or_else(new_bin_table)
+    } else {
+        add_to_bins(new_bin_table(), values)
+    }
+}
+
 pub(super) fn merge_bin_tables(mut a: Box<BinTable>, b: Box<BinTable>) -> Box<BinTable> {
     for (x, y) in a.iter_mut().zip(b.iter()) {
         x.count += y.count;
@@ -168,20 +186,7 @@ impl ValueHistogram {
     /// Zeros, infinities and NaNs are left out. Parallel for long inputs;
     /// the result does not depend on the split.
     pub fn of(values: &[f32]) -> ValueHistogram {
-        let table = if values.len() >= PARALLEL_MIN {
-            // Each unit of rayon work clears and merges a table of a few
-            // MiB: at least a million values each keeps that small beside
-            // the counting.
-            values
-                .par_chunks(ASSIGN_CHUNK)
-                .with_min_len(HISTOGRAM_CHUNKS_PER_TABLE)
-                .fold(new_bin_table, add_to_bins)
-                .reduce_with(merge_bin_tables)
-                .unwrap_or_else(new_bin_table)
-        } else {
-            add_to_bins(new_bin_table(), values)
-        };
-        Self::of_table(&table)
+        Self::of_table(&bin_table_of(values))
     }
 
     /// The histogram of the values counted in `table`.

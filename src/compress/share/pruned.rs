@@ -25,6 +25,7 @@
 use rayon::prelude::*;
 
 use super::*;
+use crate::compress::coded::decode_codebook;
 use crate::compress::metrics::{self, Sums};
 use crate::compress::prune::{self, add_histogram, bin_of_rank, magnitude_key, prune_count};
 
@@ -102,7 +103,7 @@ impl Gathered {
 
 /// Where the pruning of one tensor cuts.
 struct Cut {
-    /// Weights with a magnitude key below this go.
+    /// Weights with a magnitude key below this go (and the zeros).
     below: u32,
     /// The threshold's key.
     key: u32,
@@ -164,9 +165,8 @@ impl Cut {
                 }
             }
         }
-        let below = if ties.is_empty() { key + 1 } else { key };
         Cut {
-            below: below.max(1),
+            below: if ties.is_empty() { key + 1 } else { key },
             key,
             ties,
         }
@@ -207,12 +207,7 @@ pub fn prune_and_share(
     let (table, cut) = match bin_of_rank(&high, k) {
         None => {
             // Nothing is pruned: the histogram of every nonzero weight.
-            let table = data
-                .par_chunks(ASSIGN_CHUNK)
-                .with_min_len(HISTOGRAM_CHUNKS_PER_TABLE)
-                .fold(new_bin_table, add_to_bins)
-                .reduce_with(merge_bin_tables)
-                .unwrap_or_else(new_bin_table);
+            let table = bin_table_of(data);
             let cut = Cut {
                 below: 1,
                 key: 0,
@@ -267,7 +262,7 @@ pub fn prune_and_share(
                 }
             }
             metrics::sums_sequential(d, |start, out| {
-                decode_book(&s[start..start + out.len()], &book, out);
+                decode_codebook(&s[start..start + out.len()], &book, out);
                 round_to_storage(out);
             })
         })
@@ -287,50 +282,4 @@ pub fn prune_and_share(
         prune_seconds,
         share_seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-/// `out[i] = book[symbols[i]]`; every symbol is below `book.len()`.
-fn decode_book(symbols: &[u8], book: &[f32], out: &mut [f32]) {
-    debug_assert!(symbols.iter().all(|&s| usize::from(s) < book.len()));
-    #[cfg(target_arch = "x86_64")]
-    if book.len() <= 32 && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512 F, checked just above.
-        return unsafe { decode_book_avx512(symbols, book, out) };
-    }
-    decode_book_portable(symbols, book, out)
-}
-
-fn decode_book_portable(symbols: &[u8], book: &[f32], out: &mut [f32]) {
-    for (o, &s) in out.iter_mut().zip(symbols) {
-        *o = book[usize::from(s)];
-    }
-}
-
-/// [`decode_book_portable`] for a book of at most 32 entries, held in two
-/// registers: one two-register permute decodes 16 symbols. Every symbol is
-/// below `book.len()` (sharing writes no other).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn decode_book_avx512(symbols: &[u8], book: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let mut table = [0f32; 32];
-    table[..book.len()].copy_from_slice(book);
-    // SAFETY: `table` holds 32 f32.
-    let (low, high) = unsafe {
-        (
-            _mm512_loadu_ps(table.as_ptr()),
-            _mm512_loadu_ps(table.as_ptr().add(16)),
-        )
-    };
-    let n = symbols.len().min(out.len());
-    let whole = n / 16 * 16;
-    for at in (0..whole).step_by(16) {
-        // SAFETY: `at + 16 <= whole <= n`, within both slices.
-        unsafe {
-            let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(symbols.as_ptr().add(at).cast()));
-            let v = _mm512_permutex2var_ps(low, idx, high);
-            _mm512_storeu_ps(out.as_mut_ptr().add(at), v);
-        }
-    }
-    decode_book_portable(&symbols[whole..n], book, &mut out[whole..n]);
 }

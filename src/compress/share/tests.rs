@@ -282,7 +282,7 @@ fn looking_clusters_up_by_bin_matches_searching_at_every_boundary() {
     let table = bin_clusters(&mids);
     let (mut by_bin, mut by_search) = (vec![0u8; data.len()], vec![0u8; data.len()]);
     assign_by_bin(&data, &mut by_bin, &mids, &table, 1, 1);
-    assign_by_search(&data, &mut by_search, &mids, 1);
+    assign_by_search(&data, &mut by_search, &mids, 1, 1);
     let first = by_bin.iter().zip(&by_search).position(|(a, b)| a != b);
     assert_eq!(first, None, "{:?}", first.map(|i| data[i]));
     // Every value at every offset in a vector step, and a ragged tail.
@@ -300,7 +300,7 @@ fn looking_clusters_up_by_bin_matches_searching_at_every_boundary() {
 /// magnitude key is below `zero_below`, element by element.
 fn assigned_plainly(data: &[f32], mids: &[f64], offset: u8, zero_below: u32) -> Vec<u8> {
     let mut out = vec![0u8; data.len()];
-    assign_by_search(data, &mut out, mids, offset);
+    assign_by_search(data, &mut out, mids, offset, 1);
     for (s, &x) in out.iter_mut().zip(data) {
         if x.to_bits() & 0x7fff_ffff < zero_below {
             *s = 0;
@@ -600,7 +600,7 @@ proptest! {
         let table = bin_clusters(&mids);
         let (mut by_bin, mut by_search) = (vec![0u8; data.len()], vec![0u8; data.len()]);
         assign_by_bin(&data, &mut by_bin, &mids, &table, 1, 1);
-        assign_by_search(&data, &mut by_search, &mids, 1);
+        assign_by_search(&data, &mut by_search, &mids, 1, 1);
         let first = by_bin.iter().zip(&by_search).position(|(a, b)| a != b);
         prop_assert_eq!(first, None);
     }
