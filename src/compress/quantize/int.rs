@@ -352,7 +352,19 @@ pub(super) fn quantize_group(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRang
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 unsafe fn quantize_group_avx512(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRange) -> Choice {
-    quantize_group_portable(w, out, p, r)
+    let span = span_fast(w);
+    let choice = match p.scale_search {
+        ScaleSearch::MinMax => minmax_choice(span, p.bits, p.symmetric),
+        // SAFETY: this function runs only on CPUs with these features.
+        ScaleSearch::Mse => {
+            match unsafe { super::wide::WidePasses::new(w, span, r, smallest_candidate(span, p)) } {
+                Some(wide) => search_choice(&wide, span, p.bits, p.symmetric),
+                None => search_choice(&FastPasses { w, span, r }, span, p.bits, p.symmetric),
+            }
+        }
+    };
+    write_symbols_fast(w, out, span, choice, r);
+    choice
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -13,7 +13,9 @@
 //! Every sum (squared errors, least-squares fits) is taken in one fixed order,
 //! eight interleaved lanes inside blocks of 4096 elements, blocks added in
 //! sequence, so the parallel kernels and the plain reference agree bit for
-//! bit however the work is split.
+//! bit however the work is split. The AVX-512 passes of the MSE search
+//! (`wide`) keep those bits too: they take the fits' sums in any order only
+//! where those sums are provably exact, and the rest in the fixed order.
 
 use crate::compress::coded::Granularity;
 
@@ -23,6 +25,8 @@ mod int;
 mod search;
 #[cfg(test)]
 mod tests;
+#[cfg(target_arch = "x86_64")]
+mod wide;
 
 pub use fp8::{quantize_fp8, quantize_fp8_reference};
 pub use grid::quantize_int_weighted;

@@ -44,16 +44,13 @@ pub(super) fn search_choice(p: &impl GroupPasses, span: Span, bits: u8, symmetri
     }
     let r = IntRange::of(bits);
     let sum_sq = p.sum_sq();
-    let mut best = minmax;
-    let mut best_err = f64::INFINITY;
-    let mut consider = |c: Choice, err: f64| {
-        if err < best_err {
-            best = c;
-            best_err = err;
-        }
-    };
+    // All fits first, then the ranking: the fits do not depend on each
+    // other or on the ranking, so they overlap, and the ranking compares
+    // without branches.
+    let mut fits = [(minmax, Fit { wd: 0.0, dd: 0.0 }); MAX_CANDIDATES];
+    let mut count = 0;
     for step in 0..=SHRINK_STEPS {
-        let s = minmax.scale * (1.0 - f32::from(step) * SHRINK_STEP);
+        let s = candidate_scale(minmax.scale, step);
         if s < f32::MIN_POSITIVE {
             continue;
         }
@@ -70,28 +67,67 @@ pub(super) fn search_choice(p: &impl GroupPasses, span: Span, bits: u8, symmetri
             ]
         };
         for zero in zeros.into_iter().flatten() {
-            let fit = p.fit(s, zero);
             let plain = Choice {
                 round_scale: s,
                 scale: s,
                 zero,
             };
-            consider(plain, model_error(sum_sq, fit, s));
-            if fit.dd > 0.0 {
-                let ls = (fit.wd / fit.dd) as f32;
-                if ls > 0.0 {
-                    let ls = bounded_scale(ls, bits);
-                    let refit = Choice { scale: ls, ..plain };
-                    consider(refit, model_error(sum_sq, fit, ls));
-                }
-            }
+            fits[count] = (plain, p.fit(s, zero));
+            count += 1;
         }
+    }
+    // Each candidate's plain scale, then its least-squares one; the first
+    // strictly smallest error wins.
+    let mut best = minmax;
+    let mut best_err = f64::INFINITY;
+    for &(plain, fit) in &fits[..count] {
+        let err = model_error(sum_sq, fit, plain.scale);
+        let better = err < best_err;
+        best_err = if better { err } else { best_err };
+        best = if better { plain } else { best };
+        let ls = if fit.dd > 0.0 {
+            (fit.wd / fit.dd) as f32
+        } else {
+            0.0
+        };
+        let ls = if ls > 0.0 {
+            bounded_scale(ls, bits)
+        } else {
+            0.0
+        };
+        let err = if ls > 0.0 {
+            model_error(sum_sq, fit, ls)
+        } else {
+            f64::INFINITY
+        };
+        let better = err < best_err;
+        best_err = if better { err } else { best_err };
+        best = if better {
+            Choice { scale: ls, ..plain }
+        } else {
+            best
+        };
     }
     if best != minmax && p.sq_error(best) >= p.sq_error(minmax) {
         minmax
     } else {
         best
     }
+}
+
+/// Candidates of one search: each shrink step with up to three zero points.
+const MAX_CANDIDATES: usize = 3 * (SHRINK_STEPS as usize + 1);
+
+/// The search's scale at shrink `step`; falls as `step` grows.
+#[inline(always)]
+pub(super) fn candidate_scale(minmax_scale: f32, step: u16) -> f32 {
+    minmax_scale * (1.0 - f32::from(step) * SHRINK_STEP)
+}
+
+/// The smallest scale [`search_choice`] tries on a group of `span`.
+#[inline(always)]
+pub(super) fn smallest_candidate(span: Span, p: &IntQuant) -> f32 {
+    candidate_scale(minmax_choice(span, p.bits, p.symmetric).scale, SHRINK_STEPS)
 }
 
 #[inline(always)]

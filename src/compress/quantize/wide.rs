@@ -1,0 +1,539 @@
+//! The MSE scale search's passes over one group in AVX-512 registers, with
+//! the canonical sums' bits.
+//!
+//! **Fits in any order.** A fit's `Σ w·d` is exact when [`fit_is_exact`]
+//! holds, and an exact sum has one value whatever the order of its
+//! additions; `Σ d²` is a sum of small integers, always exact. The fit
+//! kernel then takes 16 elements per step into two f64 registers per sum,
+//! with fused multiply-adds (exact products, exact sums), and still gives
+//! the canonical order's bits. Groups where the bound fails take the
+//! canonical kernel.
+//!
+//! **Integer fits for short groups.** Where every `w` that can get a
+//! nonzero `d` is a multiple of one step `Q` (those above half the smallest
+//! candidate scale are, see [`fit_is_exact`]), `Σ w·d = Q · Σ W·d` with
+//! integers `W = w / Q` below 2^30. Split into two 15-bit halves, `W` and
+//! `d` go through 16-bit multiply-adds with 32-bit sums ([`Packed`]): 32
+//! elements per instruction and no conversion to f64.
+//!
+//! **Σ w² and Σ (w - w')² in the canonical order.** These sums round, so
+//! element `i` of a block goes to lane `i % 8` of one register of eight f64
+//! lanes, added in element order, and the lanes fold as [`fold_lanes`]
+//! does. `w²` of an f32 is exact in f64, so a fused multiply-add rounds as
+//! the reference's separate product and sum do.
+//!
+//! Groups with a NaN or an infinity, or longer than [`PAR_GROUP`] (split
+//! across threads), take [`FastPasses`] whole.
+
+use std::arch::x86_64::*;
+
+use super::*;
+
+/// Whether every partial sum of a fit's `Σ w·d` over `n` values of `span`,
+/// rounded with scale `s` and zero point `zero`, is an exact f64.
+///
+/// `d = q - z` is nonzero only where `w / s` rounds away from 0, so where
+/// `|w| > s / 2`. Such a `w` is a multiple of `2^(E - 23)`, `2^E` the
+/// largest power of two at most `s / 2` (of `2^-149` below the normal
+/// range), and so is its product with the integer `d` and every partial
+/// sum. All are at most `n · a · dmax` in magnitude (`a` the largest `|w|`,
+/// `dmax` the largest `|q - z|`): below `2^53` such steps, each is an f64.
+pub(super) fn fit_is_exact(n: usize, span: Span, s: f32, zero: i32, r: IntRange) -> bool {
+    let a = f64::from(span.hi.max(-span.lo));
+    let dmax = f64::from((r.qmax - zero).max(zero - r.qmin));
+    // The bound computed with rounding errors of a few ulps: 2^52 leaves a
+    // factor of two for them. An infinite product fails the test.
+    let steps = n as f64 * a * dmax / power_of_two(step_exponent(s));
+    steps <= power_of_two(52)
+}
+
+/// `2^e` for `e` in the normal f64 range.
+fn power_of_two(e: i32) -> f64 {
+    f64::from_bits(((e + 1023) as u64) << 52)
+}
+
+/// The passes of [`GroupPasses`] in AVX-512 registers, for a group of
+/// finite values of at most [`PAR_GROUP`] elements.
+pub(super) struct WidePasses<'a> {
+    w: &'a [f32],
+    span: Span,
+    r: IntRange,
+    packed: Option<Packed>,
+}
+
+impl<'a> WidePasses<'a> {
+    /// The wide passes when they apply to the group, else `None`; with the
+    /// integer fits ready for every scale from `smallest_scale` up when the
+    /// group allows them.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW, DQ and VL.
+    #[inline(always)]
+    pub(super) unsafe fn new(
+        w: &'a [f32],
+        span: Span,
+        r: IntRange,
+        smallest_scale: f32,
+    ) -> Option<Self> {
+        if !span.all_finite || w.len() > PAR_GROUP {
+            return None;
+        }
+        // SAFETY: as required of the caller.
+        let packed = unsafe { Packed::new(w, span, smallest_scale) };
+        Some(Self { w, span, r, packed })
+    }
+}
+
+/// Groups of at most this many elements can take the integer fits.
+const PACKED_MAX: usize = 512;
+
+/// A short group's values as integers `W = w / 2^exponent`, each split into
+/// `W = 2^15 · high + low` with `low` in `[0, 2^15)`, in 16-bit lanes in
+/// the order [`pack_pairs`] gives: ready for `vpmaddwd` against `d`.
+struct Packed {
+    high: [i16; PACKED_MAX],
+    low: [i16; PACKED_MAX],
+    /// `Q = 2^exponent`.
+    exponent: i32,
+    /// `W` is exact for every `w` that can round to a nonzero `d` at this
+    /// scale or any larger one.
+    smallest_scale: f32,
+}
+
+impl Packed {
+    /// # Safety
+    /// The CPU has AVX-512 F and BW.
+    #[inline(always)]
+    unsafe fn new(w: &[f32], span: Span, smallest_scale: f32) -> Option<Self> {
+        // A NaN scale fails the comparison too.
+        if w.len() > PACKED_MAX
+            || smallest_scale
+                .partial_cmp(&f32::MIN_POSITIVE)
+                .is_none_or(|o| o.is_lt())
+        {
+            return None;
+        }
+        let exponent = step_exponent(smallest_scale);
+        let a = f64::from(span.hi.max(-span.lo));
+        if a / power_of_two(exponent) >= power_of_two(30) {
+            return None;
+        }
+        let mut p = Packed {
+            high: [0; PACKED_MAX],
+            low: [0; PACKED_MAX],
+            exponent,
+            smallest_scale,
+        };
+        // SAFETY: as required of the caller.
+        unsafe { p.fill(w) };
+        Some(p)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn fill(&mut self, w: &[f32]) {
+        // `w · 2^-exponent` is exact for the values that matter (a power of
+        // two scaling, below 2^30); smaller ones truncate, but their `d` is
+        // 0 at every scale this serves.
+        let scale = _mm512_set1_ps(-self.exponent as f32);
+        let split = |x: __m512| {
+            let v = _mm512_cvttps_epi32(_mm512_scalef_ps(x, scale));
+            (
+                _mm512_srai_epi32::<15>(v),
+                _mm512_and_si512(v, _mm512_set1_epi32(0x7fff)),
+            )
+        };
+        let mut at = 0;
+        while at < w.len() {
+            let (ha, la) = split(load16(w, at));
+            let (hb, lb) = split(load16(w, at + 16));
+            // SAFETY: `at + 32 <= PACKED_MAX`: `w.len() <= PACKED_MAX`, a
+            // multiple of 32.
+            unsafe {
+                let h = self.high.as_mut_ptr().add(at).cast();
+                _mm512_storeu_si512(h, _mm512_packs_epi32(ha, hb));
+                let l = self.low.as_mut_ptr().add(at).cast();
+                _mm512_storeu_si512(l, _mm512_packs_epi32(la, lb));
+            }
+            at += 32;
+        }
+    }
+}
+
+/// The exponent of the step `Q` that every `|w| > s / 2` is a multiple
+/// of: `2^(E - 23)` for the largest `2^E <= s / 2`, or the subnormal step.
+#[inline(always)]
+fn step_exponent(s: f32) -> i32 {
+    let half = f64::from(s) / 2.0;
+    if half < f64::from(f32::MIN_POSITIVE) {
+        -149
+    } else {
+        // The unbiased exponent of a normal f64: floor(log2(half)).
+        ((half.to_bits() >> 52) & 0x7ff) as i32 - 1023 - 23
+    }
+}
+
+impl GroupPasses for WidePasses<'_> {
+    #[inline(always)]
+    fn sum_sq(&self) -> f64 {
+        // SAFETY: `new` requires the CPU features.
+        unsafe { sum_sq_avx512(self.w) }
+    }
+
+    #[inline(always)]
+    fn fit(&self, round_scale: f32, zero: i32) -> Fit {
+        let n = self.w.len();
+        if fit_is_exact(n, self.span, round_scale, zero, self.r) {
+            let (lo, hi) = d_range(zero, self.r);
+            let dmax = hi.max(-lo) as usize;
+            match &self.packed {
+                // The 32-bit sums hold: each is below n · 2^15 · dmax.
+                Some(p) if round_scale >= p.smallest_scale && n * dmax < 1 << 16 => {
+                    // SAFETY: `new` requires the CPU features.
+                    unsafe { fit_packed(self.w, p, round_scale, lo, hi) }
+                }
+                // SAFETY: as above.
+                _ => unsafe { fit_avx512(self.w, round_scale, lo, hi) },
+            }
+        } else {
+            FastPasses {
+                w: self.w,
+                span: self.span,
+                r: self.r,
+            }
+            .fit(round_scale, zero)
+        }
+    }
+
+    #[inline(always)]
+    fn sq_error(&self, c: Choice) -> f64 {
+        let (lo, hi) = d_range(c.zero, self.r);
+        // SAFETY: `new` requires the CPU features.
+        unsafe { sq_error_avx512(self.w, c.round_scale, lo, hi, c.scale) }
+    }
+}
+
+/// The range of `d = q - z`: `[qmin - z, qmax - z]`, which contains 0.
+#[inline(always)]
+fn d_range(zero: i32, r: IntRange) -> (f32, f32) {
+    ((r.qmin - zero) as f32, (r.qmax - zero) as f32)
+}
+
+/// `d = q - z` of 16 values as integer-valued f32:
+/// `round(clamp(w / s, qmin - z, qmax - z))`, ties to even. That is
+/// [`FastQuant::q`] minus `z`: clamping to integer bounds commutes with
+/// rounding, and bounds within ±512 make its ±512 clamp idle.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn d_of(w: __m512, s: __m512, lo: __m512, hi: __m512) -> __m512 {
+    let x = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(w, s), lo), hi);
+    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x)
+}
+
+/// The low and high eight lanes of `v` as f64.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn halves_f64(v: __m512) -> (__m512d, __m512d) {
+    (
+        _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+        _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(v)),
+    )
+}
+
+/// The first `n` (at most 16) values at `at`, zeros after them (all zeros
+/// past the end).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn load16(w: &[f32], at: usize) -> __m512 {
+    let n = w.len().saturating_sub(at).min(16);
+    let mask = (((1u32 << n) - 1) & 0xffff) as __mmask16;
+    // SAFETY: the mask reads only the `n` elements from `at` on, which are
+    // in `w`.
+    unsafe { _mm512_maskz_loadu_ps(mask, w.as_ptr().add(at)) }
+}
+
+/// [`GroupPasses::fit`] in any order, for groups where [`fit_is_exact`]
+/// holds. Padding lanes load 0, whose `d` is 0 (`lo <= 0 <= hi`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn fit_avx512(w: &[f32], s: f32, lo: f32, hi: f32) -> Fit {
+    let (s, lo, hi) = (_mm512_set1_ps(s), _mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let (mut wd0, mut wd1) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+    let (mut dd0, mut dd1) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+    let mut at = 0;
+    while at < w.len() {
+        let x = load16(w, at);
+        let (d0, d1) = halves_f64(d_of(x, s, lo, hi));
+        let (x0, x1) = halves_f64(x);
+        wd0 = _mm512_fmadd_pd(x0, d0, wd0);
+        wd1 = _mm512_fmadd_pd(x1, d1, wd1);
+        dd0 = _mm512_fmadd_pd(d0, d0, dd0);
+        dd1 = _mm512_fmadd_pd(d1, d1, dd1);
+        at += 16;
+    }
+    Fit {
+        wd: _mm512_reduce_add_pd(_mm512_add_pd(wd0, wd1)),
+        dd: _mm512_reduce_add_pd(_mm512_add_pd(dd0, dd1)),
+    }
+}
+
+/// [`GroupPasses::fit`] exactly, in integers, for groups where
+/// [`fit_is_exact`] holds and `p` serves `s`: `Σ W·d` from the two halves
+/// of `W`, and `Σ d²`, all in 32-bit lanes. `d` is [`d_of`]'s, the clamped
+/// quotient converted to nearest even.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn fit_packed(w: &[f32], p: &Packed, s: f32, lo: f32, hi: f32) -> Fit {
+    let (s, lo, hi) = (_mm512_set1_ps(s), _mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let d = |x: __m512| {
+        let q = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(x, s), lo), hi);
+        _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q)
+    };
+    let (mut high, mut low, mut dd) = (
+        _mm512_setzero_si512(),
+        _mm512_setzero_si512(),
+        _mm512_setzero_si512(),
+    );
+    let mut at = 0;
+    while at < w.len() {
+        let d = _mm512_packs_epi32(d(load16(w, at)), d(load16(w, at + 16)));
+        // SAFETY: `at + 32 <= PACKED_MAX`, as in `Packed::fill`.
+        let (h, l) = unsafe {
+            (
+                _mm512_loadu_si512(p.high.as_ptr().add(at).cast()),
+                _mm512_loadu_si512(p.low.as_ptr().add(at).cast()),
+            )
+        };
+        high = _mm512_add_epi32(high, _mm512_madd_epi16(d, h));
+        low = _mm512_add_epi32(low, _mm512_madd_epi16(d, l));
+        dd = _mm512_add_epi32(dd, _mm512_madd_epi16(d, d));
+        at += 32;
+    }
+    let wd =
+        (i64::from(_mm512_reduce_add_epi32(high)) << 15) + i64::from(_mm512_reduce_add_epi32(low));
+    Fit {
+        // Below 2^53 (`fit_is_exact`), times a power of two: exact.
+        wd: wd as f64 * power_of_two(p.exponent),
+        dd: f64::from(_mm512_reduce_add_epi32(dd)),
+    }
+}
+
+/// Eight lanes folded in the canonical order.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn fold(acc: __m512d) -> f64 {
+    let mut l = [0.0f64; LANES];
+    // SAFETY: `l` holds eight f64.
+    unsafe { _mm512_storeu_pd(l.as_mut_ptr(), acc) };
+    fold_lanes(l)
+}
+
+/// Σ w² in the canonical order. Padding lanes add `+0`, which leaves every
+/// lane's bits as they are (no lane is ever `-0`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn sum_sq_avx512(w: &[f32]) -> f64 {
+    let mut total = 0.0;
+    for block in w.chunks(BLOCK) {
+        let mut acc = _mm512_setzero_pd();
+        let mut at = 0;
+        while at < block.len() {
+            let (x0, x1) = halves_f64(load16(block, at));
+            acc = _mm512_fmadd_pd(x0, x0, acc);
+            acc = _mm512_fmadd_pd(x1, x1, acc);
+            at += 16;
+        }
+        total += fold(acc);
+    }
+    total
+}
+
+/// Σ (w - w')² in the canonical order, `w' = d · scale` in f32 as
+/// [`affine_value`] gives it. Padding lanes have `w = w' = 0`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn sq_error_avx512(w: &[f32], round_scale: f32, lo: f32, hi: f32, scale: f32) -> f64 {
+    let (rs, lo, hi) = (
+        _mm512_set1_ps(round_scale),
+        _mm512_set1_ps(lo),
+        _mm512_set1_ps(hi),
+    );
+    let scale = _mm512_set1_ps(scale);
+    let mut total = 0.0;
+    for block in w.chunks(BLOCK) {
+        let mut acc = _mm512_setzero_pd();
+        let mut at = 0;
+        while at < block.len() {
+            let x = load16(block, at);
+            let v = _mm512_mul_ps(d_of(x, rs, lo, hi), scale);
+            let (x0, x1) = halves_f64(x);
+            let (v0, v1) = halves_f64(v);
+            let (t0, t1) = (_mm512_sub_pd(x0, v0), _mm512_sub_pd(x1, v1));
+            acc = _mm512_add_pd(acc, _mm512_mul_pd(t0, t0));
+            acc = _mm512_add_pd(acc, _mm512_mul_pd(t1, t1));
+            at += 16;
+        }
+        total += fold(acc);
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn has_avx512() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl")
+    }
+
+    fn span_of(w: &[f32]) -> Span {
+        w.iter().fold(Span::ZERO, |s, &x| s.with(x))
+    }
+
+    /// Every candidate the search can try on `w`, each checked against the
+    /// reference passes: the fits where the bound holds, the other sums
+    /// always.
+    fn check_group(w: &[f32], bits: u8, symmetric: bool) -> (usize, bool) {
+        let r = IntRange::of(bits);
+        let span = span_of(w);
+        let reference = ReferencePasses { w, span, r };
+        // SAFETY: checked by the callers.
+        let smallest = candidate_scale(minmax_choice(span, bits, symmetric).scale, SHRINK_STEPS);
+        let Some(wide) = (unsafe { WidePasses::new(w, span, r, smallest) }) else {
+            return (0, false);
+        };
+        assert_eq!(wide.sum_sq().to_bits(), reference.sum_sq().to_bits());
+        let minmax = minmax_choice(span, bits, symmetric);
+        let mut exact = 0;
+        for step in 0..=SHRINK_STEPS {
+            let s = candidate_scale(minmax.scale, step);
+            if s < f32::MIN_POSITIVE {
+                continue;
+            }
+            for zero in [
+                minmax.zero,
+                zero_for_low(span.lo, s, r),
+                zero_for_high(span.hi, s, r),
+            ] {
+                let zero = if symmetric { 0 } else { zero };
+                if fit_is_exact(w.len(), span, s, zero, r) {
+                    exact += 1;
+                    let (a, b) = (wide.fit(s, zero), reference.fit(s, zero));
+                    assert_eq!(a.wd.to_bits(), b.wd.to_bits(), "s {s} z {zero}");
+                    assert_eq!(a.dd.to_bits(), b.dd.to_bits(), "s {s} z {zero}");
+                }
+                let c = Choice {
+                    round_scale: s,
+                    scale: s * 1.01,
+                    zero,
+                };
+                assert_eq!(wide.sq_error(c).to_bits(), reference.sq_error(c).to_bits());
+            }
+        }
+        (exact, wide.packed.is_some())
+    }
+
+    #[test]
+    fn the_bound_holds_for_every_int4_group_of_128() {
+        let r = IntRange::of(4);
+        // The widest ratio of magnitudes: a power-of-two extreme, the
+        // smallest candidate scale.
+        for absmax in [1.0f32, 3.0e-39, 1.0e38, 7.0 * f32::MIN_POSITIVE] {
+            let span = Span {
+                lo: -absmax,
+                hi: absmax,
+                all_finite: true,
+            };
+            let m = minmax_choice(span, 4, true);
+            let s = candidate_scale(m.scale, SHRINK_STEPS);
+            assert!(fit_is_exact(128, span, s, 0, r), "absmax {absmax}");
+            let m = minmax_choice(span, 4, false);
+            for zero in [r.qmin, m.zero, r.qmax] {
+                assert!(fit_is_exact(128, span, s, zero, r), "absmax {absmax}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_bound_fails_where_the_sum_could_round() {
+        let r = IntRange::of(8);
+        let span = Span {
+            lo: -1.0,
+            hi: 1.0,
+            all_finite: true,
+        };
+        // 2^-30 steps: products reach 2^37 steps, the sum far more.
+        assert!(!fit_is_exact(1 << 20, span, 2.0f32.powi(-6), 0, r));
+        assert!(!fit_is_exact(16, span, 2.0f32.powi(-30), 0, r));
+        assert!(fit_is_exact(4096, span, 1.0 / 127.0 / 2.0, 0, r));
+    }
+
+    #[test]
+    fn wide_passes_match_the_reference_on_long_and_ragged_groups() {
+        if !has_avx512() {
+            return;
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for n in [1, 15, 16, 17, 127, 128, 129, 4095, 4096, 4097, 3 * 4096 + 5] {
+            // Magnitudes over twelve octaves, a few exact half steps.
+            let w: Vec<f32> = (0..n)
+                .map(|i| {
+                    let u = (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                    if i % 11 == 0 {
+                        0.25 * (i % 7) as f32
+                    } else {
+                        u * 2.0f32.powi((next() % 12) as i32 - 6)
+                    }
+                })
+                .collect();
+            for (bits, symmetric) in [(4, true), (4, false), (8, true), (8, false), (2, false)] {
+                let (exact, packed) = check_group(&w, bits, symmetric);
+                if bits == 4 && symmetric {
+                    // Every fit of these (each step with its three zero
+                    // points, all 0 here) takes a fast path, the integer
+                    // one for short groups.
+                    assert_eq!(exact, 3 * (usize::from(SHRINK_STEPS) + 1), "n {n}");
+                    assert_eq!(packed, n <= PACKED_MAX, "n {n}");
+                }
+            }
+        }
+    }
+
+    fn value() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            2 => Just(0.0f32),
+            1 => Just(-0.0f32),
+            2 => (-16i32..16).prop_map(|k| k as f32 * 0.25),
+            4 => -1.0f32..1.0,
+            1 => -1e4f32..1e4,
+            1 => -1e-30f32..1e-30,
+            1 => (-1i32..=1, 1u32..64).prop_map(|(s, m)| s as f32 * f32::from_bits(m)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Where the bound holds the any-order fit has the reference's
+        /// bits; the rounding sums always do.
+        #[test]
+        fn wide_passes_match_the_reference(
+            w in prop::collection::vec(value(), 1..300),
+            bits in 2..=8u8,
+            symmetric in any::<bool>(),
+        ) {
+            if has_avx512() {
+                check_group(&w, bits, symmetric);
+            }
+        }
+    }
+}
