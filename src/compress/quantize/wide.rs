@@ -89,7 +89,8 @@ const PACKED_MAX: usize = 512;
 
 /// A short group's values as integers `W = w / 2^exponent`, each split into
 /// `W = 2^15 · high + low` with `low` in `[0, 2^15)`, in 16-bit lanes in
-/// the order [`pack_pairs`] gives: ready for `vpmaddwd` against `d`.
+/// the order `vpackssdw` leaves two registers in, as [`fit_packed`] packs
+/// `d`: ready for `vpmaddwd` against it.
 struct Packed {
     high: [i16; PACKED_MAX],
     low: [i16; PACKED_MAX],
