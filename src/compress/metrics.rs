@@ -216,11 +216,14 @@ pub fn fidelity_with(exact: &[f32], approx: impl Fn(usize, &mut [f32]) + Sync) -
 }
 
 /// The sums of [`fidelity_with`], in parallel over chunks of [`CHUNK`]
-/// elements from the start of `exact`.
+/// elements from the start of `exact`, merged in chunk order: the bits of
+/// [`sums_sequential`], whatever the threads (a parallel reduction would
+/// merge in an order that depends on how the work was split, and the
+/// report's figures would change in their last digits from run to run).
 pub fn sums_with(exact: &[f32], approx: impl Fn(usize, &mut [f32]) + Sync) -> Sums {
     // One buffer per unit of rayon work, not one cleared per chunk: the
     // chunks are the same, so are the sums.
-    exact
+    let chunks: Vec<Sums> = exact
         .par_chunks(CHUNK)
         .enumerate()
         .map_init(
@@ -231,7 +234,8 @@ pub fn sums_with(exact: &[f32], approx: impl Fn(usize, &mut [f32]) + Sync) -> Su
                 chunk_sums(a, b)
             },
         )
-        .reduce(Sums::default, Sums::merge)
+        .collect();
+    chunks.into_iter().fold(Sums::default(), Sums::merge)
 }
 
 /// The sums of [`sums_with`] on the calling thread, chunk after chunk from
@@ -268,6 +272,47 @@ mod tests {
         assert!((f.snr_db.unwrap() - 10.0 * 9f64.log10()).abs() < 1e-12);
         assert!((f.cosine.unwrap() - 7.0 / (3.0 * 6f64.sqrt())).abs() < 1e-12);
         assert_eq!(f.sparsity, 0.25);
+    }
+
+    #[test]
+    fn parallel_sums_have_the_sequential_bits_on_any_number_of_threads() {
+        // Chunks whose sums differ by many orders of magnitude, so that
+        // the order of merging them shows in the last bits.
+        let mut z = 0x2545_f491_4f6c_dd1du64;
+        let x: Vec<f32> = (0..200 * CHUNK + 123)
+            .map(|i| {
+                z ^= z << 13;
+                z ^= z >> 7;
+                z ^= z << 17;
+                let u = (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                u * 2f32.powi(((i / CHUNK) * 37 % 40) as i32 - 20)
+            })
+            .collect();
+        let approx = |start: usize, out: &mut [f32]| {
+            for (k, o) in out.iter_mut().enumerate() {
+                *o = (x[start + k] * 8.0).round() / 8.0;
+            }
+        };
+        let want = sums_sequential(&x, approx);
+        for threads in [1, 3, 8] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for _ in 0..3 {
+                let got = pool.install(|| sums_with(&x, approx));
+                for (u, v) in [
+                    (got.err2, want.err2),
+                    (got.max_abs, want.max_abs),
+                    (got.x2, want.x2),
+                    (got.y2, want.y2),
+                    (got.xy, want.xy),
+                ] {
+                    assert_eq!(u.to_bits(), v.to_bits(), "{threads} threads");
+                }
+                assert_eq!(got.zeros, want.zeros);
+            }
+        }
     }
 
     #[test]
