@@ -274,6 +274,19 @@ mod tests {
         assert_eq!(f.sparsity, 0.25);
     }
 
+    fn assert_same_bits(a: &Sums, b: &Sums, case: &str) {
+        for (u, v) in [
+            (a.err2, b.err2),
+            (a.max_abs, b.max_abs),
+            (a.x2, b.x2),
+            (a.y2, b.y2),
+            (a.xy, b.xy),
+        ] {
+            assert_eq!(u.to_bits(), v.to_bits(), "{case}");
+        }
+        assert_eq!(a.zeros, b.zeros, "{case}");
+    }
+
     #[test]
     fn parallel_sums_have_the_sequential_bits_on_any_number_of_threads() {
         // Chunks whose sums differ by many orders of magnitude, so that
@@ -301,16 +314,7 @@ mod tests {
                 .unwrap();
             for _ in 0..3 {
                 let got = pool.install(|| sums_with(&x, approx));
-                for (u, v) in [
-                    (got.err2, want.err2),
-                    (got.max_abs, want.max_abs),
-                    (got.x2, want.x2),
-                    (got.y2, want.y2),
-                    (got.xy, want.xy),
-                ] {
-                    assert_eq!(u.to_bits(), v.to_bits(), "{threads} threads");
-                }
-                assert_eq!(got.zeros, want.zeros);
+                assert_same_bits(&got, &want, &format!("{threads} threads"));
             }
         }
     }
@@ -341,16 +345,7 @@ mod tests {
                 chunk_sums(&x[..len], &y[..len]),
                 chunk_sums_portable(&x[..len], &y[..len]),
             );
-            for (u, v) in [
-                (a.err2, b.err2),
-                (a.max_abs, b.max_abs),
-                (a.x2, b.x2),
-                (a.y2, b.y2),
-                (a.xy, b.xy),
-            ] {
-                assert_eq!(u.to_bits(), v.to_bits(), "length {len}");
-            }
-            assert_eq!(a.zeros, b.zeros, "length {len}");
+            assert_same_bits(&a, &b, &format!("length {len}"));
         }
     }
 

@@ -80,33 +80,20 @@ pub(super) fn search_choice(p: &impl GroupPasses, span: Span, bits: u8, symmetri
     // strictly smallest error wins.
     let mut best = minmax;
     let mut best_err = f64::INFINITY;
+    let mut consider = |c: Choice, err: f64| {
+        let better = err < best_err;
+        best_err = if better { err } else { best_err };
+        best = if better { c } else { best };
+    };
     for &(plain, fit) in &fits[..count] {
-        let err = model_error(sum_sq, fit, plain.scale);
-        let better = err < best_err;
-        best_err = if better { err } else { best_err };
-        best = if better { plain } else { best };
-        let ls = if fit.dd > 0.0 {
-            (fit.wd / fit.dd) as f32
-        } else {
-            0.0
-        };
-        let ls = if ls > 0.0 {
-            bounded_scale(ls, bits)
-        } else {
-            0.0
-        };
-        let err = if ls > 0.0 {
-            model_error(sum_sq, fit, ls)
-        } else {
-            f64::INFINITY
-        };
-        let better = err < best_err;
-        best_err = if better { err } else { best_err };
-        best = if better {
-            Choice { scale: ls, ..plain }
-        } else {
-            best
-        };
+        consider(plain, model_error(sum_sq, fit, plain.scale));
+        if fit.dd > 0.0 {
+            let ls = (fit.wd / fit.dd) as f32;
+            if ls > 0.0 {
+                let ls = bounded_scale(ls, bits);
+                consider(Choice { scale: ls, ..plain }, model_error(sum_sq, fit, ls));
+            }
+        }
     }
     if best != minmax && p.sq_error(best) >= p.sq_error(minmax) {
         minmax

@@ -280,16 +280,13 @@ fn fit_avx512(w: &[f32], s: f32, lo: f32, hi: f32) -> Fit {
 
 /// [`GroupPasses::fit`] exactly, in integers, for groups where
 /// [`fit_is_exact`] holds and `p` serves `s`: `Σ W·d` from the two halves
-/// of `W`, and `Σ d²`, all in 32-bit lanes. `d` is [`d_of`]'s, the clamped
-/// quotient converted to nearest even.
+/// of `W`, and `Σ d²`, all in 32-bit lanes, with [`d_of`]'s `d`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 fn fit_packed(w: &[f32], p: &Packed, s: f32, lo: f32, hi: f32) -> Fit {
     let (s, lo, hi) = (_mm512_set1_ps(s), _mm512_set1_ps(lo), _mm512_set1_ps(hi));
-    let d = |x: __m512| {
-        let q = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(x, s), lo), hi);
-        _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q)
-    };
+    // `d_of` is integer-valued: the conversion is exact.
+    let d = |x: __m512| _mm512_cvttps_epi32(d_of(x, s, lo, hi));
     let (mut high, mut low, mut dd) = (
         _mm512_setzero_si512(),
         _mm512_setzero_si512(),
