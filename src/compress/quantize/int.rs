@@ -341,7 +341,7 @@ pub(super) fn quantize_group(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRang
             // SAFETY: the CPU has these features, checked just above.
             return unsafe { quantize_group_avx512(w, out, p, r) };
         }
-        if has!("avx2") {
+        if has!("avx2") && has!("fma") {
             // SAFETY: as above.
             return unsafe { quantize_group_avx2(w, out, p, r) };
         }
@@ -368,9 +368,19 @@ unsafe fn quantize_group_avx512(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntR
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn quantize_group_avx2(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRange) -> Choice {
-    quantize_group_portable(w, out, p, r)
+    let span = span_fast(w);
+    let choice = match p.scale_search {
+        ScaleSearch::MinMax => minmax_choice(span, p.bits, p.symmetric),
+        // SAFETY: this function runs only on CPUs with these features.
+        ScaleSearch::Mse => match unsafe { super::narrow::NarrowPasses::new(w, span, r) } {
+            Some(narrow) => search_choice(&narrow, span, p.bits, p.symmetric),
+            None => search_choice(&FastPasses { w, span, r }, span, p.bits, p.symmetric),
+        },
+    };
+    write_symbols_fast(w, out, span, choice, r);
+    choice
 }
 
 #[inline(always)]

@@ -13,15 +13,18 @@
 //! Every sum (squared errors, least-squares fits) is taken in one fixed order,
 //! eight interleaved lanes inside blocks of 4096 elements, blocks added in
 //! sequence, so the parallel kernels and the plain reference agree bit for
-//! bit however the work is split. The AVX-512 passes of the MSE search
-//! (`wide`) keep those bits too: they take the fits' sums in any order only
-//! where those sums are provably exact, and the rest in the fixed order.
+//! bit however the work is split. The AVX-512 and AVX2 passes of the MSE
+//! search (`wide`, `narrow`) and its portable fits keep those bits too: they
+//! take the fits' sums in any order only where those sums are provably
+//! exact, and the rest in the fixed order.
 
 use crate::compress::coded::Granularity;
 
 mod fp8;
 pub(crate) mod grid;
 mod int;
+#[cfg(target_arch = "x86_64")]
+mod narrow;
 mod search;
 #[cfg(test)]
 mod tests;

@@ -102,6 +102,48 @@ pub(super) fn search_choice(p: &impl GroupPasses, span: Span, bits: u8, symmetri
     }
 }
 
+/// Whether every partial sum of a fit's `Σ w·d` over `n` values of `span`,
+/// rounded with scale `s` and zero point `zero`, is an exact f64.
+///
+/// `d = q - z` is nonzero only where `w / s` rounds away from 0, so where
+/// `|w| > s / 2`. Such a `w` is a multiple of `2^(E - 23)`, `2^E` the
+/// largest power of two at most `s / 2` (of `2^-149` below the normal
+/// range), and so is its product with the integer `d` and every partial
+/// sum. All are at most `n · a · dmax` in magnitude (`a` the largest `|w|`,
+/// `dmax` the largest `|q - z|`): below `2^53` such steps, each is an f64.
+pub(super) fn fit_is_exact(n: usize, span: Span, s: f32, zero: i32, r: IntRange) -> bool {
+    let a = f64::from(span.hi.max(-span.lo));
+    let dmax = f64::from((r.qmax - zero).max(zero - r.qmin));
+    // The bound computed with rounding errors of a few ulps: 2^52 leaves a
+    // factor of two for them. An infinite product fails the test.
+    let steps = n as f64 * a * dmax / power_of_two(step_exponent(s));
+    steps <= power_of_two(52)
+}
+
+/// `2^e` for `e` in the normal f64 range.
+pub(super) fn power_of_two(e: i32) -> f64 {
+    f64::from_bits(((e + 1023) as u64) << 52)
+}
+
+/// The exponent of the step `Q` that every `|w| > s / 2` is a multiple
+/// of: `2^(E - 23)` for the largest `2^E <= s / 2`, or the subnormal step.
+#[inline(always)]
+pub(super) fn step_exponent(s: f32) -> i32 {
+    let half = f64::from(s) / 2.0;
+    if half < f64::from(f32::MIN_POSITIVE) {
+        -149
+    } else {
+        // The unbiased exponent of a normal f64: floor(log2(half)).
+        ((half.to_bits() >> 52) & 0x7ff) as i32 - 1023 - 23
+    }
+}
+
+/// The range of `d = q - z`: `[qmin - z, qmax - z]`, which contains 0.
+#[inline(always)]
+pub(super) fn d_range(zero: i32, r: IntRange) -> (f32, f32) {
+    ((r.qmin - zero) as f32, (r.qmax - zero) as f32)
+}
+
 /// Candidates of one search: each shrink step with up to three zero points.
 const MAX_CANDIDATES: usize = 3 * (SHRINK_STEPS as usize + 1);
 
@@ -284,6 +326,42 @@ pub(super) fn fit_block<const SANITIZE: bool>(block: &[f32], span: Span, k: Fast
     [fold_lanes(wd), f64::from(dd)]
 }
 
+/// Lanes of [`fit_exact`]: independent sums, as many as the widest
+/// registers hold.
+const EXACT_LANES: usize = 16;
+
+/// [`GroupPasses::fit`] of finite values in any order, where
+/// [`fit_is_exact`] holds: every product and partial sum is then an exact
+/// f64 (and `Σ d²` a sum of small integers), so the sums have the canonical
+/// order's bits however they are split. A plain loop over independent
+/// lanes, without the canonical order's buffers and blocks, that the
+/// compiler vectorizes at any register width.
+#[inline(always)]
+pub(super) fn fit_exact(w: &[f32], k: FastQuant) -> Fit {
+    let mut wd = [0.0f64; EXACT_LANES];
+    let mut dd = [0.0f64; EXACT_LANES];
+    let mut add = |c: &[f32; EXACT_LANES]| {
+        for j in 0..EXACT_LANES {
+            let d = k.q(c[j]) - k.zero;
+            wd[j] += f64::from(c[j]) * f64::from(d);
+            dd[j] += f64::from(d) * f64::from(d);
+        }
+    };
+    let mut chunks = w.chunks_exact(EXACT_LANES);
+    for c in &mut chunks {
+        add(c.try_into().expect("a chunk of EXACT_LANES"));
+    }
+    // The tail padded with zeros, whose `d` is 0 (the zero point is a
+    // value of the range): they add exact zeros.
+    let mut tail = [0.0f32; EXACT_LANES];
+    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    add(&tail);
+    Fit {
+        wd: wd.iter().sum(),
+        dd: dd.iter().sum(),
+    }
+}
+
 /// Canonical sums, plainly.
 pub(super) fn group_sums_reference<const N: usize>(
     w: &[f32],
@@ -326,7 +404,14 @@ impl GroupPasses for FastPasses<'_> {
     #[inline(always)]
     fn fit(&self, round_scale: f32, zero: i32) -> Fit {
         let (span, k) = (self.span, FastQuant::new(round_scale, zero, self.r));
-        let [wd, dd] = group_blocks_fast(self.w, &FitSums { span, k });
+        let (w, r) = (self.w, self.r);
+        if span.all_finite
+            && w.len() <= PAR_GROUP
+            && fit_is_exact(w.len(), span, round_scale, zero, r)
+        {
+            return fit_exact(w, k);
+        }
+        let [wd, dd] = group_blocks_fast(w, &FitSums { span, k });
         Fit { wd, dd }
     }
 

@@ -579,3 +579,73 @@ proptest! {
         }
     }
 }
+
+/// Every fit the search can try on `w`, through the any-order kernel where
+/// its bound holds, against the reference; how many took it.
+fn check_exact_fits(w: &[f32], bits: u8, symmetric: bool) -> usize {
+    let r = IntRange::of(bits);
+    let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
+    let fast = FastPasses { w, span, r };
+    let reference = ReferencePasses { w, span, r };
+    let minmax = minmax_choice(span, bits, symmetric);
+    let mut exact = 0;
+    for step in 0..=SHRINK_STEPS {
+        let s = candidate_scale(minmax.scale, step);
+        if s < f32::MIN_POSITIVE {
+            continue;
+        }
+        let zeros = [
+            minmax.zero,
+            zero_for_low(span.lo, s, r),
+            zero_for_high(span.hi, s, r),
+        ];
+        for zero in zeros.map(|z| if symmetric { 0 } else { z }) {
+            exact += usize::from(span.all_finite && fit_is_exact(w.len(), span, s, zero, r));
+            let (a, b) = (fast.fit(s, zero), reference.fit(s, zero));
+            assert_eq!(a.wd.to_bits(), b.wd.to_bits(), "s {s} z {zero}");
+            assert_eq!(a.dd.to_bits(), b.dd.to_bits(), "s {s} z {zero}");
+        }
+    }
+    exact
+}
+
+#[test]
+fn any_order_fits_have_the_canonical_bits_on_long_and_ragged_groups() {
+    for n in [1, 15, 16, 17, 127, 128, 129, 4095, 4096, 4097, 3 * 4096 + 5] {
+        let mut w = heavy_tailed(n, n as u64);
+        for (i, x) in w.iter_mut().enumerate().step_by(11) {
+            *x = 0.25 * (i % 7) as f32;
+        }
+        for (bits, symmetric) in [(4, true), (4, false), (8, true), (8, false), (2, false)] {
+            let exact = check_exact_fits(&w, bits, symmetric);
+            if bits == 4 && symmetric {
+                // Every fit of a symmetric int4 group takes the fast path.
+                assert_eq!(exact, 3 * (usize::from(SHRINK_STEPS) + 1), "n {n}");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Signed zeros, ties, subnormals and six orders of magnitude: the
+    /// any-order fits keep the reference's bits wherever they are taken.
+    #[test]
+    fn any_order_fits_have_the_canonical_bits(
+        w in prop::collection::vec(
+            prop_oneof![
+                4 => weight(),
+                1 => Just(-0.0f32),
+                1 => -1e4f32..1e4,
+                1 => -1e-30f32..1e-30,
+                1 => (-1i32..=1, 1u32..64).prop_map(|(s, m)| s as f32 * f32::from_bits(m)),
+            ],
+            1..300,
+        ),
+        bits in 2..=8u8,
+        symmetric in any::<bool>(),
+    ) {
+        check_exact_fits(&w, bits, symmetric);
+    }
+}

@@ -29,29 +29,6 @@ use std::arch::x86_64::*;
 
 use super::*;
 
-/// Whether every partial sum of a fit's `Σ w·d` over `n` values of `span`,
-/// rounded with scale `s` and zero point `zero`, is an exact f64.
-///
-/// `d = q - z` is nonzero only where `w / s` rounds away from 0, so where
-/// `|w| > s / 2`. Such a `w` is a multiple of `2^(E - 23)`, `2^E` the
-/// largest power of two at most `s / 2` (of `2^-149` below the normal
-/// range), and so is its product with the integer `d` and every partial
-/// sum. All are at most `n · a · dmax` in magnitude (`a` the largest `|w|`,
-/// `dmax` the largest `|q - z|`): below `2^53` such steps, each is an f64.
-pub(super) fn fit_is_exact(n: usize, span: Span, s: f32, zero: i32, r: IntRange) -> bool {
-    let a = f64::from(span.hi.max(-span.lo));
-    let dmax = f64::from((r.qmax - zero).max(zero - r.qmin));
-    // The bound computed with rounding errors of a few ulps: 2^52 leaves a
-    // factor of two for them. An infinite product fails the test.
-    let steps = n as f64 * a * dmax / power_of_two(step_exponent(s));
-    steps <= power_of_two(52)
-}
-
-/// `2^e` for `e` in the normal f64 range.
-fn power_of_two(e: i32) -> f64 {
-    f64::from_bits(((e + 1023) as u64) << 52)
-}
-
 /// The passes of [`GroupPasses`] in AVX-512 registers, for a group of
 /// finite values of at most [`PAR_GROUP`] elements.
 pub(super) struct WidePasses<'a> {
@@ -161,19 +138,6 @@ impl Packed {
     }
 }
 
-/// The exponent of the step `Q` that every `|w| > s / 2` is a multiple
-/// of: `2^(E - 23)` for the largest `2^E <= s / 2`, or the subnormal step.
-#[inline(always)]
-fn step_exponent(s: f32) -> i32 {
-    let half = f64::from(s) / 2.0;
-    if half < f64::from(f32::MIN_POSITIVE) {
-        -149
-    } else {
-        // The unbiased exponent of a normal f64: floor(log2(half)).
-        ((half.to_bits() >> 52) & 0x7ff) as i32 - 1023 - 23
-    }
-}
-
 impl GroupPasses for WidePasses<'_> {
     #[inline(always)]
     fn sum_sq(&self) -> f64 {
@@ -212,12 +176,6 @@ impl GroupPasses for WidePasses<'_> {
         // SAFETY: `new` requires the CPU features.
         unsafe { sq_error_avx512(self.w, c.round_scale, lo, hi, c.scale) }
     }
-}
-
-/// The range of `d = q - z`: `[qmin - z, qmax - z]`, which contains 0.
-#[inline(always)]
-fn d_range(zero: i32, r: IntRange) -> (f32, f32) {
-    ((r.qmin - zero) as f32, (r.qmax - zero) as f32)
 }
 
 /// `d = q - z` of 16 values as integer-valued f32:
