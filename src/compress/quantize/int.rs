@@ -374,7 +374,9 @@ unsafe fn quantize_group_avx2(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRan
     let choice = match p.scale_search {
         ScaleSearch::MinMax => minmax_choice(span, p.bits, p.symmetric),
         // SAFETY: this function runs only on CPUs with these features.
-        ScaleSearch::Mse => match unsafe { super::narrow::NarrowPasses::new(w, span, r) } {
+        ScaleSearch::Mse => match unsafe {
+            super::narrow::NarrowPasses::new(w, span, r, smallest_candidate(span, p))
+        } {
             Some(narrow) => search_choice(&narrow, span, p.bits, p.symmetric),
             None => search_choice(&FastPasses { w, span, r }, span, p.bits, p.symmetric),
         },

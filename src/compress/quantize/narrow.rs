@@ -8,6 +8,12 @@
 //! order does not matter). Groups where the bound fails take the canonical
 //! kernel.
 //!
+//! **Integer fits for short groups**, as [`super::wide`] has them: with
+//! `W = w / Q` below 2^30 split into two 15-bit halves, `Σ W·d` and `Σ d²`
+//! come from 16-bit multiply-adds with 32-bit sums ([`Packed`]), 16
+//! elements per instruction, with `d` rounded by the conversion to integers
+//! and clamped in 16-bit lanes.
+//!
 //! **Σ w² and Σ (w - w')² in the canonical order**: element `i` of a block
 //! goes to lane `i % 8`, which is lane `i % 4` of the first register for
 //! the first four of each eight and of the second for the rest; the lanes
@@ -26,16 +32,112 @@ pub(super) struct NarrowPasses<'a> {
     w: &'a [f32],
     span: Span,
     r: IntRange,
+    packed: Option<Packed>,
 }
 
 impl<'a> NarrowPasses<'a> {
-    /// The AVX2 passes when they apply to the group, else `None`.
+    /// The AVX2 passes when they apply to the group, else `None`; with the
+    /// integer fits ready for every scale from `smallest_scale` up when the
+    /// group allows them.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA.
     #[inline(always)]
-    pub(super) unsafe fn new(w: &'a [f32], span: Span, r: IntRange) -> Option<Self> {
-        (span.all_finite && w.len() <= PAR_GROUP).then_some(Self { w, span, r })
+    pub(super) unsafe fn new(
+        w: &'a [f32],
+        span: Span,
+        r: IntRange,
+        smallest_scale: f32,
+    ) -> Option<Self> {
+        if !span.all_finite || w.len() > PAR_GROUP {
+            return None;
+        }
+        // SAFETY: as required of the caller.
+        let packed = unsafe { Packed::new(w, span, smallest_scale) };
+        Some(Self { w, span, r, packed })
+    }
+}
+
+/// Groups of at most this many elements can take the integer fits.
+const PACKED_MAX: usize = 512;
+
+/// A short group's values as integers `W = w / 2^exponent`, each split into
+/// `W = 2^15 · high + low` with `low` in `[0, 2^15)`, in 16-bit lanes in
+/// the order `vpackssdw` leaves two registers in, as [`fit_packed`] packs
+/// `d`: ready for `vpmaddwd` against it.
+struct Packed {
+    high: [i16; PACKED_MAX],
+    low: [i16; PACKED_MAX],
+    /// `Q = 2^exponent`.
+    exponent: i32,
+    /// `W` is exact for every `w` that can round to a nonzero `d` at this
+    /// scale or any larger one, and `w / s` is below 2^14 for all of them.
+    smallest_scale: f32,
+}
+
+impl Packed {
+    /// # Safety
+    /// The CPU has AVX2.
+    #[inline(always)]
+    unsafe fn new(w: &[f32], span: Span, smallest_scale: f32) -> Option<Self> {
+        // A NaN scale fails the comparison too.
+        if w.len() > PACKED_MAX
+            || smallest_scale
+                .partial_cmp(&f32::MIN_POSITIVE)
+                .is_none_or(|o| o.is_lt())
+        {
+            return None;
+        }
+        let exponent = step_exponent(smallest_scale);
+        let a = f64::from(span.hi.max(-span.lo));
+        // `W` fits the split; `w / s` converts to i32 and packs to i16
+        // without saturating.
+        if a * power_of_two(-exponent) >= power_of_two(30)
+            || a / f64::from(smallest_scale) >= power_of_two(14)
+        {
+            return None;
+        }
+        let mut p = Packed {
+            high: [0; PACKED_MAX],
+            low: [0; PACKED_MAX],
+            exponent,
+            smallest_scale,
+        };
+        // SAFETY: as required of the caller.
+        unsafe { p.fill(w) };
+        Some(p)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn fill(&mut self, w: &[f32]) {
+        // `w · 2^-exponent` in f64 is exact for the values that matter
+        // (below 2^30); smaller ones truncate, but their `d` is 0 at every
+        // scale this serves.
+        let k = _mm256_set1_pd(power_of_two(-self.exponent));
+        let split = |x: __m256| {
+            let (x0, x1) = halves_f64(x);
+            let v = _mm256_set_m128i(
+                _mm256_cvttpd_epi32(_mm256_mul_pd(x1, k)),
+                _mm256_cvttpd_epi32(_mm256_mul_pd(x0, k)),
+            );
+            (
+                _mm256_srai_epi32::<15>(v),
+                _mm256_and_si256(v, _mm256_set1_epi32(0x7fff)),
+            )
+        };
+        each::<16>(w, |at, c| {
+            let (ha, la) = split(load8(c, 0));
+            let (hb, lb) = split(load8(c, 8));
+            // SAFETY: `at + 16 <= PACKED_MAX`: `w.len() <= PACKED_MAX`, a
+            // multiple of 16.
+            unsafe {
+                let h = self.high.as_mut_ptr().add(at).cast();
+                _mm256_storeu_si256(h, _mm256_packs_epi32(ha, hb));
+                let l = self.low.as_mut_ptr().add(at).cast();
+                _mm256_storeu_si256(l, _mm256_packs_epi32(la, lb));
+            }
+        });
     }
 }
 
@@ -48,10 +150,19 @@ impl GroupPasses for NarrowPasses<'_> {
 
     #[inline(always)]
     fn fit(&self, round_scale: f32, zero: i32) -> Fit {
-        if fit_is_exact(self.w.len(), self.span, round_scale, zero, self.r) {
+        let n = self.w.len();
+        if fit_is_exact(n, self.span, round_scale, zero, self.r) {
             let (lo, hi) = d_range(zero, self.r);
-            // SAFETY: `new` requires the CPU features.
-            unsafe { fit_avx2(self.w, round_scale, lo, hi) }
+            let dmax = hi.max(-lo) as usize;
+            match &self.packed {
+                // The 32-bit sums hold: each is below n · 2^15 · dmax.
+                Some(p) if round_scale >= p.smallest_scale && n * dmax < 1 << 16 => {
+                    // SAFETY: `new` requires the CPU features.
+                    unsafe { fit_packed(self.w, p, round_scale, lo as i16, hi as i16) }
+                }
+                // SAFETY: as above.
+                _ => unsafe { fit_avx2(self.w, round_scale, lo, hi) },
+            }
         } else {
             FastPasses {
                 w: self.w,
@@ -91,21 +202,32 @@ fn halves_f64(v: __m256) -> (__m256d, __m256d) {
     )
 }
 
-/// The eight values at `at`, zeros past the end of `w`.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn load8(w: &[f32], at: usize) -> __m256 {
-    match w.get(at..at + 8) {
-        // SAFETY: the slice holds eight f32.
-        Some(s) => unsafe { _mm256_loadu_ps(s.as_ptr()) },
-        None => {
-            let mut tail = [0.0f32; 8];
-            let rest = w.get(at..).unwrap_or_default();
-            tail[..rest.len()].copy_from_slice(rest);
-            // SAFETY: `tail` holds eight f32.
-            unsafe { _mm256_loadu_ps(tail.as_ptr()) }
-        }
+/// `f(at, chunk)` for the chunks of `N` values of `w` from the start, the
+/// last padded with zeros: whole chunks straight from `w`, without a test
+/// per load.
+#[inline(always)]
+fn each<const N: usize>(w: &[f32], mut f: impl FnMut(usize, &[f32; N])) {
+    let mut chunks = w.chunks_exact(N);
+    let mut at = 0;
+    for c in &mut chunks {
+        f(at, c.try_into().expect("a chunk of N"));
+        at += N;
     }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut tail = [0.0f32; N];
+        tail[..rest.len()].copy_from_slice(rest);
+        f(at, &tail);
+    }
+}
+
+/// The eight values from `c[at]` on.
+#[inline]
+#[target_feature(enable = "avx")]
+fn load8<const N: usize>(c: &[f32; N], at: usize) -> __m256 {
+    assert!(at + 8 <= N);
+    // SAFETY: `c` holds eight f32 from `at` on.
+    unsafe { _mm256_loadu_ps(c.as_ptr().add(at)) }
 }
 
 /// Sum of four f64 lanes; the order does not matter to the exact sums this
@@ -127,21 +249,76 @@ fn fit_avx2(w: &[f32], s: f32, lo: f32, hi: f32) -> Fit {
     let (s, lo, hi) = (_mm256_set1_ps(s), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
     let zero = _mm256_setzero_pd();
     let (mut wd0, mut wd1, mut dd0, mut dd1) = (zero, zero, zero, zero);
-    let mut at = 0;
-    while at < w.len() {
-        let x = load8(w, at);
+    each::<8>(w, |_, c| {
+        let x = load8(c, 0);
         let (d0, d1) = halves_f64(d_of(x, s, lo, hi));
         let (x0, x1) = halves_f64(x);
         wd0 = _mm256_fmadd_pd(x0, d0, wd0);
         wd1 = _mm256_fmadd_pd(x1, d1, wd1);
         dd0 = _mm256_fmadd_pd(d0, d0, dd0);
         dd1 = _mm256_fmadd_pd(d1, d1, dd1);
-        at += 8;
-    }
+    });
     Fit {
         wd: add_lanes(_mm256_add_pd(wd0, wd1)),
         dd: add_lanes(_mm256_add_pd(dd0, dd1)),
     }
+}
+
+/// [`GroupPasses::fit`] exactly, in integers, for groups where
+/// [`fit_is_exact`] holds and `p` serves `s`: `Σ W·d` from the two halves
+/// of `W`, and `Σ d²`, all in 32-bit lanes. `d` is `w / s` rounded to even
+/// by the conversion (below 2^14, see [`Packed`]) and clamped to
+/// `[lo, hi]`: [`d_of`]'s, as clamping to integer bounds commutes with
+/// rounding.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn fit_packed(w: &[f32], p: &Packed, s: f32, lo: i16, hi: i16) -> Fit {
+    let s = _mm256_set1_ps(s);
+    let (lo, hi) = (_mm256_set1_epi16(lo), _mm256_set1_epi16(hi));
+    let q = |x: __m256| _mm256_cvtps_epi32(_mm256_div_ps(x, s));
+    let zero = _mm256_setzero_si256();
+    let (mut high, mut low, mut dd) = (zero, zero, zero);
+    each::<16>(w, |at, c| {
+        let d = _mm256_packs_epi32(q(load8(c, 0)), q(load8(c, 8)));
+        let d = _mm256_min_epi16(_mm256_max_epi16(d, lo), hi);
+        // SAFETY: `at + 16 <= PACKED_MAX`, as in `Packed::fill`.
+        let (h, l) = unsafe {
+            (
+                _mm256_loadu_si256(p.high.as_ptr().add(at).cast()),
+                _mm256_loadu_si256(p.low.as_ptr().add(at).cast()),
+            )
+        };
+        high = _mm256_add_epi32(high, _mm256_madd_epi16(d, h));
+        low = _mm256_add_epi32(low, _mm256_madd_epi16(d, l));
+        dd = _mm256_add_epi32(dd, _mm256_madd_epi16(d, d));
+    });
+    let [high, low, dd] = add_i32_lanes(high, low, dd);
+    let wd = (i64::from(high) << 15) + i64::from(low);
+    Fit {
+        // Below 2^53 (`fit_is_exact`), times a power of two: exact.
+        wd: wd as f64 * power_of_two(p.exponent),
+        dd: f64::from(dd),
+    }
+}
+
+/// The sums of the eight i32 lanes of `a`, `b` and `c`, which no partial
+/// sum overflows (each is at most the sum of the magnitudes).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn add_i32_lanes(a: __m256i, b: __m256i, c: __m256i) -> [i32; 3] {
+    let ab = _mm256_hadd_epi32(a, b);
+    let c = _mm256_hadd_epi32(c, _mm256_setzero_si256());
+    // Each 128-bit half becomes [a, b, c, 0] summed over its four lanes.
+    let abc = _mm256_hadd_epi32(ab, c);
+    let v = _mm_add_epi32(
+        _mm256_castsi256_si128(abc),
+        _mm256_extracti128_si256::<1>(abc),
+    );
+    [
+        _mm_cvtsi128_si32(v),
+        _mm_extract_epi32::<1>(v),
+        _mm_extract_epi32::<2>(v),
+    ]
 }
 
 /// Eight lanes (the first register's four, then the second's) folded in
@@ -167,13 +344,11 @@ fn sum_sq_avx2(w: &[f32]) -> f64 {
     let mut total = 0.0;
     for block in w.chunks(BLOCK) {
         let (mut a, mut b) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-        let mut at = 0;
-        while at < block.len() {
-            let (x0, x1) = halves_f64(load8(block, at));
+        each::<8>(block, |_, c| {
+            let (x0, x1) = halves_f64(load8(c, 0));
             a = _mm256_fmadd_pd(x0, x0, a);
             b = _mm256_fmadd_pd(x1, x1, b);
-            at += 8;
-        }
+        });
         total += fold(a, b);
     }
     total
@@ -194,17 +369,15 @@ fn sq_error_avx2(w: &[f32], round_scale: f32, lo: f32, hi: f32, scale: f32) -> f
     let mut total = 0.0;
     for block in w.chunks(BLOCK) {
         let (mut a, mut b) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-        let mut at = 0;
-        while at < block.len() {
-            let x = load8(block, at);
+        each::<8>(block, |_, c| {
+            let x = load8(c, 0);
             let v = _mm256_mul_ps(d_of(x, rs, lo, hi), scale);
             let (x0, x1) = halves_f64(x);
             let (v0, v1) = halves_f64(v);
             let (t0, t1) = (_mm256_sub_pd(x0, v0), _mm256_sub_pd(x1, v1));
             a = _mm256_add_pd(a, _mm256_mul_pd(t0, t0));
             b = _mm256_add_pd(b, _mm256_mul_pd(t1, t1));
-            at += 8;
-        }
+        });
         total += fold(a, b);
     }
     total
@@ -221,14 +394,16 @@ mod tests {
 
     /// Every candidate the search can try on `w`, against the reference
     /// passes: the fits where the bound holds, the other sums always.
-    /// Returns how many fits took the fast path.
-    fn check_group(w: &[f32], bits: u8, symmetric: bool) -> usize {
+    /// Returns how many fits took a fast path, and whether the integer one
+    /// was ready.
+    fn check_group(w: &[f32], bits: u8, symmetric: bool) -> (usize, bool) {
         let r = IntRange::of(bits);
         let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
         let reference = ReferencePasses { w, span, r };
+        let smallest = candidate_scale(minmax_choice(span, bits, symmetric).scale, SHRINK_STEPS);
         // SAFETY: checked by the callers.
-        let Some(narrow) = (unsafe { NarrowPasses::new(w, span, r) }) else {
-            return 0;
+        let Some(narrow) = (unsafe { NarrowPasses::new(w, span, r, smallest) }) else {
+            return (0, false);
         };
         assert_eq!(narrow.sum_sq().to_bits(), reference.sum_sq().to_bits());
         let minmax = minmax_choice(span, bits, symmetric);
@@ -261,7 +436,7 @@ mod tests {
                 );
             }
         }
-        exact
+        (exact, narrow.packed.is_some())
     }
 
     #[test]
@@ -289,9 +464,12 @@ mod tests {
                 })
                 .collect();
             for (bits, symmetric) in [(4, true), (4, false), (8, true), (8, false), (2, false)] {
-                let exact = check_group(&w, bits, symmetric);
+                let (exact, packed) = check_group(&w, bits, symmetric);
                 if bits == 4 && symmetric {
+                    // Every fit takes a fast path, the integer one for
+                    // short groups.
                     assert_eq!(exact, 3 * (usize::from(SHRINK_STEPS) + 1), "n {n}");
+                    assert_eq!(packed, n <= PACKED_MAX, "n {n}");
                 }
             }
         }

@@ -44,17 +44,16 @@ pub(super) fn search_choice(p: &impl GroupPasses, span: Span, bits: u8, symmetri
     }
     let r = IntRange::of(bits);
     let sum_sq = p.sum_sq();
-    // All fits first, then the ranking: the fits do not depend on each
-    // other or on the ranking, so they overlap, and the ranking compares
-    // without branches.
-    let mut fits = [(minmax, Fit { wd: 0.0, dd: 0.0 }); MAX_CANDIDATES];
-    let mut count = 0;
+    // All fits first, then the ranking over arrays: the fits do not depend
+    // on each other or on the ranking, so they overlap, and the ranking's
+    // loops have no branches to mispredict.
+    let mut c = Candidates::default();
     for step in 0..=SHRINK_STEPS {
         let s = candidate_scale(minmax.scale, step);
         if s < f32::MIN_POSITIVE {
             continue;
         }
-        let zeros = if symmetric {
+        let step_zeros = if symmetric {
             [Some(0), None, None]
         } else {
             let a = minmax.zero;
@@ -66,38 +65,130 @@ pub(super) fn search_choice(p: &impl GroupPasses, span: Span, bits: u8, symmetri
                 (c != a && c != b).then_some(c),
             ]
         };
-        for zero in zeros.into_iter().flatten() {
-            let plain = Choice {
-                round_scale: s,
-                scale: s,
-                zero,
-            };
-            fits[count] = (plain, p.fit(s, zero));
-            count += 1;
+        for zero in step_zeros.into_iter().flatten() {
+            c.push(s, zero, p.fit(s, zero));
         }
     }
-    // Each candidate's plain scale, then its least-squares one; the first
-    // strictly smallest error wins.
-    let mut best = minmax;
-    let mut best_err = f64::INFINITY;
-    let mut consider = |c: Choice, err: f64| {
-        let better = err < best_err;
-        best_err = if better { err } else { best_err };
-        best = if better { c } else { best };
-    };
-    for &(plain, fit) in &fits[..count] {
-        consider(plain, model_error(sum_sq, fit, plain.scale));
-        if fit.dd > 0.0 {
-            let ls = (fit.wd / fit.dd) as f32;
-            if ls > 0.0 {
-                let ls = bounded_scale(ls, bits);
-                consider(Choice { scale: ls, ..plain }, model_error(sum_sq, fit, ls));
-            }
-        }
-    }
+    let best = c.best(sum_sq, bits).unwrap_or(minmax);
     if best != minmax && p.sq_error(best) >= p.sq_error(minmax) {
         minmax
     } else {
+        best
+    }
+}
+
+/// The candidates of one search with their fits, as arrays.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Candidates {
+    scales: [f32; MAX_CANDIDATES],
+    zeros: [i32; MAX_CANDIDATES],
+    wd: [f64; MAX_CANDIDATES],
+    dd: [f64; MAX_CANDIDATES],
+    count: usize,
+}
+
+impl Default for Candidates {
+    fn default() -> Self {
+        Self {
+            scales: [0.0; MAX_CANDIDATES],
+            zeros: [0; MAX_CANDIDATES],
+            wd: [0.0; MAX_CANDIDATES],
+            dd: [0.0; MAX_CANDIDATES],
+            count: 0,
+        }
+    }
+}
+
+impl Candidates {
+    /// Adds a candidate; at most [`MAX_CANDIDATES`].
+    #[inline(always)]
+    pub(super) fn push(&mut self, scale: f32, zero: i32, fit: Fit) {
+        let i = self.count;
+        (self.scales[i], self.zeros[i]) = (scale, zero);
+        (self.wd[i], self.dd[i]) = (fit.wd, fit.dd);
+        self.count += 1;
+    }
+
+    fn plain(&self, i: usize) -> Choice {
+        Choice {
+            round_scale: self.scales[i],
+            scale: self.scales[i],
+            zero: self.zeros[i],
+        }
+    }
+
+    /// Of each candidate's plain scale and then its least-squares one (if
+    /// it has one: some nonzero `d` and a positive scale), in that order,
+    /// the first with the strictly smallest finite error by
+    /// [`model_error`]; `None` if no error is finite.
+    ///
+    /// Branch-free passes over arrays: every error, their minimum (`min`
+    /// passes over NaN, which is never smaller), then the first equal to it.
+    #[inline(always)]
+    pub(super) fn best(&self, sum_sq: f64, bits: u8) -> Option<Choice> {
+        let n = self.count;
+        let mut plain_err = [f64::INFINITY; MAX_CANDIDATES];
+        let mut ls_err = [f64::INFINITY; MAX_CANDIDATES];
+        let mut ls_scale = [0.0f32; MAX_CANDIDATES];
+        for i in 0..n {
+            let fit = Fit {
+                wd: self.wd[i],
+                dd: self.dd[i],
+            };
+            plain_err[i] = model_error(sum_sq, fit, self.scales[i]);
+            let ls = (fit.wd / fit.dd) as f32;
+            let has_ls = fit.dd > 0.0 && ls > 0.0;
+            ls_scale[i] = bounded_scale(ls, bits);
+            let err = model_error(sum_sq, fit, ls_scale[i]);
+            ls_err[i] = if has_ls { err } else { f64::INFINITY };
+        }
+        let smallest = plain_err[..n]
+            .iter()
+            .chain(&ls_err[..n])
+            .fold(f64::INFINITY, |m, &e| m.min(e));
+        if smallest == f64::INFINITY {
+            return None;
+        }
+        (0..n).find_map(|i| {
+            if plain_err[i] == smallest {
+                Some(self.plain(i))
+            } else {
+                (ls_err[i] == smallest).then(|| Choice {
+                    scale: ls_scale[i],
+                    ..self.plain(i)
+                })
+            }
+        })
+    }
+
+    /// [`Candidates::best`] as a plain sequential scan.
+    #[cfg(test)]
+    pub(super) fn best_reference(&self, sum_sq: f64, bits: u8) -> Option<Choice> {
+        let mut best = None;
+        let mut best_err = f64::INFINITY;
+        for i in 0..self.count {
+            let (plain, fit) = (
+                self.plain(i),
+                Fit {
+                    wd: self.wd[i],
+                    dd: self.dd[i],
+                },
+            );
+            let err = model_error(sum_sq, fit, plain.scale);
+            if err < best_err {
+                (best, best_err) = (Some(plain), err);
+            }
+            if fit.dd > 0.0 {
+                let ls = (fit.wd / fit.dd) as f32;
+                if ls > 0.0 {
+                    let ls = bounded_scale(ls, bits);
+                    let err = model_error(sum_sq, fit, ls);
+                    if err < best_err {
+                        (best, best_err) = (Some(Choice { scale: ls, ..plain }), err);
+                    }
+                }
+            }
+        }
         best
     }
 }
@@ -116,7 +207,8 @@ pub(super) fn fit_is_exact(n: usize, span: Span, s: f32, zero: i32, r: IntRange)
     let dmax = f64::from((r.qmax - zero).max(zero - r.qmin));
     // The bound computed with rounding errors of a few ulps: 2^52 leaves a
     // factor of two for them. An infinite product fails the test.
-    let steps = n as f64 * a * dmax / power_of_two(step_exponent(s));
+    // Scaling by a power of two is exact: a product, not a division.
+    let steps = n as f64 * a * dmax * power_of_two(-step_exponent(s));
     steps <= power_of_two(52)
 }
 

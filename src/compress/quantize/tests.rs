@@ -649,3 +649,42 @@ proptest! {
         check_exact_fits(&w, bits, symmetric);
     }
 }
+
+/// Fit sums that collide: equal errors, zeros of either sign, NaN and
+/// infinities, negative products.
+fn fit_sum() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        2 => (-4i32..=4).prop_map(f64::from),
+        1 => Just(-0.0f64),
+        1 => Just(f64::NAN),
+        1 => Just(f64::INFINITY),
+        1 => Just(f64::NEG_INFINITY),
+        3 => -1e3f64..1e3,
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The branch-free ranking picks what the sequential scan picks.
+    #[test]
+    fn the_ranking_matches_the_sequential_scan(
+        fits in prop::collection::vec(
+            (
+                prop_oneof![Just(0.5f32), Just(1.0f32), 1e-3f32..4.0],
+                -8i32..8,
+                fit_sum(),
+                fit_sum(),
+            ),
+            0..=3 * (usize::from(SHRINK_STEPS) + 1),
+        ),
+        sum_sq in prop_oneof![Just(0.0f64), 0.0f64..1e4, Just(f64::NAN)],
+        bits in 2..=8u8,
+    ) {
+        let mut c = Candidates::default();
+        for &(scale, zero, wd, dd) in &fits {
+            c.push(scale, zero, Fit { wd, dd });
+        }
+        prop_assert_eq!(c.best(sum_sq, bits), c.best_reference(sum_sq, bits));
+    }
+}
