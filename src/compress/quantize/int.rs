@@ -373,13 +373,15 @@ unsafe fn quantize_group_avx2(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRan
     let span = span_fast(w);
     let choice = match p.scale_search {
         ScaleSearch::MinMax => minmax_choice(span, p.bits, p.symmetric),
-        // SAFETY: this function runs only on CPUs with these features.
-        ScaleSearch::Mse => match unsafe {
-            super::narrow::NarrowPasses::new(w, span, r, smallest_candidate(span, p))
-        } {
-            Some(narrow) => search_choice(&narrow, span, p.bits, p.symmetric),
-            None => search_choice(&FastPasses { w, span, r }, span, p.bits, p.symmetric),
-        },
+        ScaleSearch::Mse => {
+            let mut scratch = super::narrow::PackedScratch::new();
+            let smallest = smallest_candidate(span, p);
+            // SAFETY: this function runs only on CPUs with these features.
+            match unsafe { super::narrow::NarrowPasses::new(w, span, r, smallest, &mut scratch) } {
+                Some(narrow) => search_choice(&narrow, span, p.bits, p.symmetric),
+                None => search_choice(&FastPasses { w, span, r }, span, p.bits, p.symmetric),
+            }
+        }
     };
     write_symbols_fast(w, out, span, choice, r);
     choice

@@ -23,6 +23,7 @@
 //! across threads), take [`FastPasses`] whole.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use super::*;
 
@@ -32,13 +33,13 @@ pub(super) struct NarrowPasses<'a> {
     w: &'a [f32],
     span: Span,
     r: IntRange,
-    packed: Option<Packed>,
+    packed: Option<Packed<'a>>,
 }
 
 impl<'a> NarrowPasses<'a> {
     /// The AVX2 passes when they apply to the group, else `None`; with the
-    /// integer fits ready for every scale from `smallest_scale` up when the
-    /// group allows them.
+    /// integer fits ready in `scratch` for every scale from
+    /// `smallest_scale` up when the group allows them.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA.
@@ -48,12 +49,13 @@ impl<'a> NarrowPasses<'a> {
         span: Span,
         r: IntRange,
         smallest_scale: f32,
+        scratch: &'a mut PackedScratch,
     ) -> Option<Self> {
         if !span.all_finite || w.len() > PAR_GROUP {
             return None;
         }
         // SAFETY: as required of the caller.
-        let packed = unsafe { Packed::new(w, span, smallest_scale) };
+        let packed = unsafe { Packed::new(w, span, smallest_scale, scratch) };
         Some(Self { w, span, r, packed })
     }
 }
@@ -61,13 +63,25 @@ impl<'a> NarrowPasses<'a> {
 /// Groups of at most this many elements can take the integer fits.
 const PACKED_MAX: usize = 512;
 
+/// Room for a [`Packed`] group's two halves, left uninitialized: only what
+/// a group fills is read, so no group pays for clearing or moving all of it.
+pub(super) struct PackedScratch([MaybeUninit<i16>; 2 * PACKED_MAX]);
+
+impl PackedScratch {
+    #[inline(always)]
+    pub(super) fn new() -> Self {
+        Self([const { MaybeUninit::uninit() }; 2 * PACKED_MAX])
+    }
+}
+
 /// A short group's values as integers `W = w / 2^exponent`, each split into
 /// `W = 2^15 · high + low` with `low` in `[0, 2^15)`, in 16-bit lanes in
 /// the order `vpackssdw` leaves two registers in, as [`fit_packed`] packs
-/// `d`: ready for `vpmaddwd` against it.
-struct Packed {
-    high: [i16; PACKED_MAX],
-    low: [i16; PACKED_MAX],
+/// `d`: ready for `vpmaddwd` against it. Both halves run to the group's
+/// length rounded up to 16, zeros past its end.
+struct Packed<'a> {
+    high: &'a [i16],
+    low: &'a [i16],
     /// `Q = 2^exponent`.
     exponent: i32,
     /// `W` is exact for every `w` that can round to a nonzero `d` at this
@@ -75,11 +89,16 @@ struct Packed {
     smallest_scale: f32,
 }
 
-impl Packed {
+impl<'a> Packed<'a> {
     /// # Safety
     /// The CPU has AVX2.
     #[inline(always)]
-    unsafe fn new(w: &[f32], span: Span, smallest_scale: f32) -> Option<Self> {
+    unsafe fn new(
+        w: &[f32],
+        span: Span,
+        smallest_scale: f32,
+        scratch: &'a mut PackedScratch,
+    ) -> Option<Self> {
         // A NaN scale fails the comparison too.
         if w.len() > PACKED_MAX
             || smallest_scale
@@ -97,48 +116,56 @@ impl Packed {
         {
             return None;
         }
-        let mut p = Packed {
-            high: [0; PACKED_MAX],
-            low: [0; PACKED_MAX],
-            exponent,
-            smallest_scale,
-        };
+        let (high, low) = scratch.0.split_at_mut(PACKED_MAX);
         // SAFETY: as required of the caller.
-        unsafe { p.fill(w) };
-        Some(p)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn fill(&mut self, w: &[f32]) {
-        // `w · 2^-exponent` in f64 is exact for the values that matter
-        // (below 2^30); smaller ones truncate, but their `d` is 0 at every
-        // scale this serves.
-        let k = _mm256_set1_pd(power_of_two(-self.exponent));
-        let split = |x: __m256| {
-            let (x0, x1) = halves_f64(x);
-            let v = _mm256_set_m128i(
-                _mm256_cvttpd_epi32(_mm256_mul_pd(x1, k)),
-                _mm256_cvttpd_epi32(_mm256_mul_pd(x0, k)),
-            );
+        unsafe { fill(w, exponent, high, low) };
+        let len = w.len().next_multiple_of(16);
+        // SAFETY: `fill` wrote the first `len` elements of both halves.
+        let (high, low) = unsafe {
             (
-                _mm256_srai_epi32::<15>(v),
-                _mm256_and_si256(v, _mm256_set1_epi32(0x7fff)),
+                std::slice::from_raw_parts(high.as_ptr().cast::<i16>(), len),
+                std::slice::from_raw_parts(low.as_ptr().cast::<i16>(), len),
             )
         };
-        each::<16>(w, |at, c| {
-            let (ha, la) = split(load8(c, 0));
-            let (hb, lb) = split(load8(c, 8));
-            // SAFETY: `at + 16 <= PACKED_MAX`: `w.len() <= PACKED_MAX`, a
-            // multiple of 16.
-            unsafe {
-                let h = self.high.as_mut_ptr().add(at).cast();
-                _mm256_storeu_si256(h, _mm256_packs_epi32(ha, hb));
-                let l = self.low.as_mut_ptr().add(at).cast();
-                _mm256_storeu_si256(l, _mm256_packs_epi32(la, lb));
-            }
-        });
+        Some(Self {
+            high,
+            low,
+            exponent,
+            smallest_scale,
+        })
     }
+}
+
+/// Writes the halves of [`Packed`] for `w` to the first
+/// `w.len().next_multiple_of(16)` elements of `high` and `low`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn fill(w: &[f32], exponent: i32, high: &mut [MaybeUninit<i16>], low: &mut [MaybeUninit<i16>]) {
+    // `w · 2^-exponent` in f64 is exact for the values that matter (below
+    // 2^30); smaller ones truncate, but their `d` is 0 at every scale this
+    // serves.
+    let k = _mm256_set1_pd(power_of_two(-exponent));
+    let split = |x: __m256| {
+        let (x0, x1) = halves_f64(x);
+        let v = _mm256_set_m128i(
+            _mm256_cvttpd_epi32(_mm256_mul_pd(x1, k)),
+            _mm256_cvttpd_epi32(_mm256_mul_pd(x0, k)),
+        );
+        (
+            _mm256_srai_epi32::<15>(v),
+            _mm256_and_si256(v, _mm256_set1_epi32(0x7fff)),
+        )
+    };
+    each::<16>(w, |at, c| {
+        let (ha, la) = split(load8(c, 0));
+        let (hb, lb) = split(load8(c, 8));
+        let (h, l) = (&mut high[at..at + 16], &mut low[at..at + 16]);
+        // SAFETY: `h` and `l` hold 16 i16 each.
+        unsafe {
+            _mm256_storeu_si256(h.as_mut_ptr().cast(), _mm256_packs_epi32(ha, hb));
+            _mm256_storeu_si256(l.as_mut_ptr().cast(), _mm256_packs_epi32(la, lb));
+        }
+    });
 }
 
 impl GroupPasses for NarrowPasses<'_> {
@@ -281,11 +308,12 @@ fn fit_packed(w: &[f32], p: &Packed, s: f32, lo: i16, hi: i16) -> Fit {
     each::<16>(w, |at, c| {
         let d = _mm256_packs_epi32(q(load8(c, 0)), q(load8(c, 8)));
         let d = _mm256_min_epi16(_mm256_max_epi16(d, lo), hi);
-        // SAFETY: `at + 16 <= PACKED_MAX`, as in `Packed::fill`.
+        let (h, l) = (&p.high[at..at + 16], &p.low[at..at + 16]);
+        // SAFETY: `h` and `l` hold 16 i16 each.
         let (h, l) = unsafe {
             (
-                _mm256_loadu_si256(p.high.as_ptr().add(at).cast()),
-                _mm256_loadu_si256(p.low.as_ptr().add(at).cast()),
+                _mm256_loadu_si256(h.as_ptr().cast()),
+                _mm256_loadu_si256(l.as_ptr().cast()),
             )
         };
         high = _mm256_add_epi32(high, _mm256_madd_epi16(d, h));
@@ -401,8 +429,10 @@ mod tests {
         let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
         let reference = ReferencePasses { w, span, r };
         let smallest = candidate_scale(minmax_choice(span, bits, symmetric).scale, SHRINK_STEPS);
+        let mut scratch = PackedScratch::new();
         // SAFETY: checked by the callers.
-        let Some(narrow) = (unsafe { NarrowPasses::new(w, span, r, smallest) }) else {
+        let Some(narrow) = (unsafe { NarrowPasses::new(w, span, r, smallest, &mut scratch) })
+        else {
             return (0, false);
         };
         assert_eq!(narrow.sum_sq().to_bits(), reference.sum_sq().to_bits());
