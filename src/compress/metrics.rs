@@ -43,6 +43,13 @@ impl Sums {
         self
     }
 
+    /// Parts merged in the order given, whatever thread computed each: the
+    /// same bits on every run (a parallel reduction merges in an order that
+    /// depends on how the work was split).
+    pub fn merge_in_order(parts: impl IntoIterator<Item = Self>) -> Self {
+        parts.into_iter().fold(Self::default(), Self::merge)
+    }
+
     pub fn merge(self, o: Self) -> Self {
         Self {
             err2: self.err2 + o.err2,
@@ -204,8 +211,8 @@ pub fn fidelity(exact: &[f32], approx: &[f32]) -> Fidelity {
         .par_chunks(CHUNK)
         .zip(approx.par_chunks(CHUNK))
         .map(|(a, b)| chunk_sums(a, b))
-        .reduce(Sums::default, Sums::merge);
-    finish(s, exact.len())
+        .collect::<Vec<_>>();
+    finish(Sums::merge_in_order(s), exact.len())
 }
 
 /// Fidelity against values produced chunk by chunk: `approx(start, out)`
@@ -235,7 +242,7 @@ pub fn sums_with(exact: &[f32], approx: impl Fn(usize, &mut [f32]) + Sync) -> Su
             },
         )
         .collect();
-    chunks.into_iter().fold(Sums::default(), Sums::merge)
+    Sums::merge_in_order(chunks)
 }
 
 /// The sums of [`sums_with`] on the calling thread, chunk after chunk from
@@ -307,6 +314,8 @@ mod tests {
             }
         };
         let want = sums_sequential(&x, approx);
+        let y: Vec<f32> = x.iter().map(|&v| (v * 8.0).round() / 8.0).collect();
+        let whole = fidelity(&x, &y);
         for threads in [1, 3, 8] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -315,6 +324,8 @@ mod tests {
             for _ in 0..3 {
                 let got = pool.install(|| sums_with(&x, approx));
                 assert_same_bits(&got, &want, &format!("{threads} threads"));
+                let f = pool.install(|| fidelity(&x, &y));
+                assert_eq!(format!("{f:?}"), format!("{whole:?}"), "{threads} threads");
             }
         }
     }

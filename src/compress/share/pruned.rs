@@ -243,7 +243,7 @@ pub fn prune_and_share(
     book[offset..].copy_from_slice(&km.centroids);
     let assign = Assign::new(&km.centroids, data.len());
     let mut symbols = vec![0u8; data.len()];
-    let sums = symbols
+    let sums: Vec<Sums> = symbols
         .par_chunks_mut(ASSIGN_CHUNK)
         .zip(data.par_chunks(ASSIGN_CHUNK))
         .enumerate()
@@ -266,7 +266,8 @@ pub fn prune_and_share(
                 round_to_storage(out);
             })
         })
-        .reduce(Sums::default, Sums::merge);
+        .collect();
+    let sums = Sums::merge_in_order(sums);
     let coded = Coded {
         symbols,
         bits: bits_for_entries(entries),
