@@ -244,16 +244,63 @@ unsafe fn assign_by_thresholds_avx512(
     )
 }
 
+/// [`assign_by_thresholds_portable`] in AVX2 registers, four vectors of
+/// eight values at a time so the counts do not wait on each other; the same
+/// comparisons, so the same symbols.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn assign_by_thresholds_avx2(
+pub(super) unsafe fn assign_by_thresholds_avx2(
     data: &[f32],
     symbols: &mut [u8],
     thresholds: &[f32],
     offset: u8,
     zero_below: u32,
 ) {
-    assign_by_thresholds_portable(data, symbols, thresholds, offset, zero_below)
+    use std::arch::x86_64::*;
+    const STEP: usize = 32;
+    let whole = data.len().min(symbols.len()) / STEP * STEP;
+    let start = _mm256_set1_epi32(i32::from(offset));
+    // Keys are below 2^31, so signed compares order them; a limit of 2^31
+    // or more zeroes every value.
+    let limit = _mm256_set1_epi32(zero_below.min(1 << 31).wrapping_sub(1) as i32);
+    let magnitude = _mm256_set1_epi32(0x7fff_ffff);
+    for at in (0..whole).step_by(STEP) {
+        // SAFETY: `at + STEP <= whole`, within both slices.
+        let x: [__m256; 4] =
+            std::array::from_fn(|v| unsafe { _mm256_loadu_ps(data.as_ptr().add(at + v * 8)) });
+        let mut count = [start; 4];
+        for &t in thresholds {
+            let t = _mm256_set1_ps(t);
+            for v in 0..4 {
+                // Ordered: NaN is at or past no threshold. A passed
+                // threshold's lane is all ones, -1: subtracting it counts.
+                let past = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x[v], t));
+                count[v] = _mm256_sub_epi32(count[v], past);
+            }
+        }
+        let symbol: [__m256i; 4] = std::array::from_fn(|v| {
+            let key = _mm256_and_si256(_mm256_castps_si256(x[v]), magnitude);
+            // `key < zero_below` as `key <= zero_below - 1`: not greater.
+            let keep = _mm256_cmpgt_epi32(key, limit);
+            _mm256_and_si256(count[v], keep)
+        });
+        // Counts are at most 255: the saturating packs keep them. The packs
+        // work within 128-bit halves; the permutation puts the 32 bytes back
+        // in element order.
+        let words01 = _mm256_packs_epi32(symbol[0], symbol[1]);
+        let words23 = _mm256_packs_epi32(symbol[2], symbol[3]);
+        let bytes = _mm256_packus_epi16(words01, words23);
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: as above; 32 bytes at `at`.
+        unsafe { _mm256_storeu_si256(symbols.as_mut_ptr().add(at).cast::<__m256i>(), bytes) };
+    }
+    assign_by_thresholds_portable(
+        &data[whole..],
+        &mut symbols[whole..],
+        thresholds,
+        offset,
+        zero_below,
+    )
 }
 
 /// Values per step of [`assign_by_thresholds`]: one vector register of
@@ -261,7 +308,7 @@ unsafe fn assign_by_thresholds_avx2(
 const LANES: usize = 16;
 
 #[inline(always)]
-fn assign_by_thresholds_portable(
+pub(super) fn assign_by_thresholds_portable(
     data: &[f32],
     symbols: &mut [u8],
     thresholds: &[f32],

@@ -294,6 +294,30 @@ fn looking_clusters_up_by_bin_matches_searching_at_every_boundary() {
         let first = by_compare.iter().zip(want).position(|(a, b)| a != b);
         assert_eq!(first, None, "{:?}", first.map(|i| data[i]));
     }
+    // The AVX2 kernel also where a wider one is taken, with limits on the
+    // magnitude keys from none to all.
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        let key = data[data.len() / 2].to_bits() & 0x7fff_ffff;
+        for zero_below in [0, 1, key, key + 1, 1 << 31, u32::MAX] {
+            let mut want = vec![0u8; data.len()];
+            let thresholds = f32_thresholds(&mids);
+            assign_by_thresholds_portable(&data, &mut want, &thresholds, 3, zero_below);
+            if zero_below > 0 {
+                assert_eq!(want, assigned_plainly(&data, &mids, 3, zero_below));
+            }
+            let mut got = vec![0u8; data.len()];
+            // SAFETY: the CPU has AVX2, checked just above.
+            unsafe { assign_by_thresholds_avx2(&data, &mut got, &thresholds, 3, zero_below) };
+            let first = got.iter().zip(&want).position(|(a, b)| a != b);
+            assert_eq!(
+                first,
+                None,
+                "zero_below {zero_below}: {:?}",
+                first.map(|i| data[i])
+            );
+        }
+    }
 }
 
 /// [`assign_by_search`] (0 for zeros), then symbol 0 for values whose
