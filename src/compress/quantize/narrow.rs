@@ -413,6 +413,7 @@ fn sq_error_avx2(w: &[f32], round_scale: f32, lo: f32, hi: f32, scale: f32) -> f
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{check_passes, pass_value, ragged_groups, INT4_FITS, PASS_CASES};
     use super::*;
     use proptest::prelude::*;
 
@@ -420,14 +421,11 @@ mod tests {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
 
-    /// Every candidate the search can try on `w`, against the reference
-    /// passes: the fits where the bound holds, the other sums always.
-    /// Returns how many fits took a fast path, and whether the integer one
-    /// was ready.
+    /// [`check_passes`] with the AVX2 passes, and whether the integer fits
+    /// were ready.
     fn check_group(w: &[f32], bits: u8, symmetric: bool) -> (usize, bool) {
         let r = IntRange::of(bits);
         let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
-        let reference = ReferencePasses { w, span, r };
         let smallest = candidate_scale(minmax_choice(span, bits, symmetric).scale, SHRINK_STEPS);
         let mut scratch = PackedScratch::new();
         // SAFETY: checked by the callers.
@@ -435,37 +433,7 @@ mod tests {
         else {
             return (0, false);
         };
-        assert_eq!(narrow.sum_sq().to_bits(), reference.sum_sq().to_bits());
-        let minmax = minmax_choice(span, bits, symmetric);
-        let mut exact = 0;
-        for step in 0..=SHRINK_STEPS {
-            let s = candidate_scale(minmax.scale, step);
-            if s < f32::MIN_POSITIVE {
-                continue;
-            }
-            let zeros = [
-                minmax.zero,
-                zero_for_low(span.lo, s, r),
-                zero_for_high(span.hi, s, r),
-            ];
-            for zero in zeros.map(|z| if symmetric { 0 } else { z }) {
-                if fit_is_exact(w.len(), span, s, zero, r) {
-                    exact += 1;
-                    let (a, b) = (narrow.fit(s, zero), reference.fit(s, zero));
-                    assert_eq!(a.wd.to_bits(), b.wd.to_bits(), "s {s} z {zero}");
-                    assert_eq!(a.dd.to_bits(), b.dd.to_bits(), "s {s} z {zero}");
-                }
-                let c = Choice {
-                    round_scale: s,
-                    scale: s * 1.01,
-                    zero,
-                };
-                assert_eq!(
-                    narrow.sq_error(c).to_bits(),
-                    reference.sq_error(c).to_bits()
-                );
-            }
-        }
+        let exact = check_passes(w, bits, symmetric, &narrow);
         (exact, narrow.packed.is_some())
     }
 
@@ -474,57 +442,27 @@ mod tests {
         if !has_avx2() {
             return;
         }
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for n in [1, 7, 8, 9, 127, 128, 129, 4095, 4096, 4097, 3 * 4096 + 5] {
-            // Magnitudes over twelve octaves, a few exact half steps.
-            let w: Vec<f32> = (0..n)
-                .map(|i| {
-                    let u = (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                    if i % 11 == 0 {
-                        0.25 * (i % 7) as f32
-                    } else {
-                        u * 2.0f32.powi((next() % 12) as i32 - 6)
-                    }
-                })
-                .collect();
-            for (bits, symmetric) in [(4, true), (4, false), (8, true), (8, false), (2, false)] {
+        for w in ragged_groups() {
+            for (bits, symmetric) in PASS_CASES {
                 let (exact, packed) = check_group(&w, bits, symmetric);
                 if bits == 4 && symmetric {
                     // Every fit takes a fast path, the integer one for
                     // short groups.
-                    assert_eq!(exact, 3 * (usize::from(SHRINK_STEPS) + 1), "n {n}");
+                    let n = w.len();
+                    assert_eq!(exact, INT4_FITS, "n {n}");
                     assert_eq!(packed, n <= PACKED_MAX, "n {n}");
                 }
             }
         }
     }
 
-    fn value() -> impl Strategy<Value = f32> {
-        prop_oneof![
-            2 => Just(0.0f32),
-            1 => Just(-0.0f32),
-            2 => (-16i32..16).prop_map(|k| k as f32 * 0.25),
-            4 => -1.0f32..1.0,
-            1 => -1e4f32..1e4,
-            1 => -1e-30f32..1e-30,
-            1 => (-1i32..=1, 1u32..64).prop_map(|(s, m)| s as f32 * f32::from_bits(m)),
-        ]
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
-        /// Where the bound holds the any-order fit has the reference's
-        /// bits; the rounding sums always do.
+        /// The AVX2 passes have the reference's bits.
         #[test]
         fn narrow_passes_match_the_reference(
-            w in prop::collection::vec(value(), 1..300),
+            w in prop::collection::vec(pass_value(), 1..300),
             bits in 2..=8u8,
             symmetric in any::<bool>(),
         ) {

@@ -580,13 +580,71 @@ proptest! {
     }
 }
 
-/// Every fit the search can try on `w`, through the any-order kernel where
-/// its bound holds, against the reference; how many took it.
-fn check_exact_fits(w: &[f32], bits: u8, symmetric: bool) -> usize {
+/// Bit widths and symmetries the pass tests take on every group.
+pub(super) const PASS_CASES: [(u8, bool); 5] =
+    [(4, true), (4, false), (8, true), (8, false), (2, false)];
+
+/// Fits of one symmetric int4 search: each shrink step with its three zero
+/// points (all 0).
+pub(super) const INT4_FITS: usize = 3 * (SHRINK_STEPS as usize + 1);
+
+/// Groups of lengths around the vector widths, the integer fits' limit and
+/// the summation block, with magnitudes over twelve octaves and a few exact
+/// quarter steps.
+pub(super) fn ragged_groups() -> impl Iterator<Item = Vec<f32>> {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let lengths = [1, 7, 8, 9, 15, 16, 17, 127, 128, 129, 511, 512, 513];
+    lengths
+        .into_iter()
+        .chain([4095, 4096, 4097, 3 * 4096 + 5])
+        .map(move |n| {
+            (0..n)
+                .map(|i| {
+                    let u = (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                    if i % 11 == 0 {
+                        0.25 * (i % 7) as f32
+                    } else {
+                        u * 2.0f32.powi((next() % 12) as i32 - 6)
+                    }
+                })
+                .collect()
+        })
+}
+
+/// Values for the pass proptests: signed zeros, quarter steps, six orders
+/// of magnitude, subnormals.
+pub(super) fn pass_value() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        2 => Just(0.0f32),
+        1 => Just(-0.0f32),
+        2 => (-16i32..16).prop_map(|k| k as f32 * 0.25),
+        4 => -1.0f32..1.0,
+        1 => -1e4f32..1e4,
+        1 => -1e-30f32..1e-30,
+        1 => (-1i32..=1, 1u32..64).prop_map(|(s, m)| s as f32 * f32::from_bits(m)),
+    ]
+}
+
+/// `passes` on `w` against [`ReferencePasses`] bit for bit: Σ w², and for
+/// every scale and zero point the search can try, the fit and a squared
+/// error. Returns how many of those fits the any-order bound
+/// ([`fit_is_exact`]) lets a kernel take without the fixed order.
+pub(super) fn check_passes(
+    w: &[f32],
+    bits: u8,
+    symmetric: bool,
+    passes: &impl GroupPasses,
+) -> usize {
     let r = IntRange::of(bits);
     let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
-    let fast = FastPasses { w, span, r };
     let reference = ReferencePasses { w, span, r };
+    assert_eq!(passes.sum_sq().to_bits(), reference.sum_sq().to_bits());
     let minmax = minmax_choice(span, bits, symmetric);
     let mut exact = 0;
     for step in 0..=SHRINK_STEPS {
@@ -601,26 +659,37 @@ fn check_exact_fits(w: &[f32], bits: u8, symmetric: bool) -> usize {
         ];
         for zero in zeros.map(|z| if symmetric { 0 } else { z }) {
             exact += usize::from(span.all_finite && fit_is_exact(w.len(), span, s, zero, r));
-            let (a, b) = (fast.fit(s, zero), reference.fit(s, zero));
+            let (a, b) = (passes.fit(s, zero), reference.fit(s, zero));
             assert_eq!(a.wd.to_bits(), b.wd.to_bits(), "s {s} z {zero}");
             assert_eq!(a.dd.to_bits(), b.dd.to_bits(), "s {s} z {zero}");
+            let c = Choice {
+                round_scale: s,
+                scale: s * 1.01,
+                zero,
+            };
+            assert_eq!(
+                passes.sq_error(c).to_bits(),
+                reference.sq_error(c).to_bits()
+            );
         }
     }
     exact
 }
 
+fn check_fast_passes(w: &[f32], bits: u8, symmetric: bool) -> usize {
+    let r = IntRange::of(bits);
+    let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
+    check_passes(w, bits, symmetric, &FastPasses { w, span, r })
+}
+
 #[test]
 fn any_order_fits_have_the_canonical_bits_on_long_and_ragged_groups() {
-    for n in [1, 15, 16, 17, 127, 128, 129, 4095, 4096, 4097, 3 * 4096 + 5] {
-        let mut w = heavy_tailed(n, n as u64);
-        for (i, x) in w.iter_mut().enumerate().step_by(11) {
-            *x = 0.25 * (i % 7) as f32;
-        }
-        for (bits, symmetric) in [(4, true), (4, false), (8, true), (8, false), (2, false)] {
-            let exact = check_exact_fits(&w, bits, symmetric);
+    for w in ragged_groups() {
+        for (bits, symmetric) in PASS_CASES {
+            let exact = check_fast_passes(&w, bits, symmetric);
             if bits == 4 && symmetric {
                 // Every fit of a symmetric int4 group takes the fast path.
-                assert_eq!(exact, 3 * (usize::from(SHRINK_STEPS) + 1), "n {n}");
+                assert_eq!(exact, INT4_FITS, "n {}", w.len());
             }
         }
     }
@@ -629,24 +698,18 @@ fn any_order_fits_have_the_canonical_bits_on_long_and_ragged_groups() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
-    /// Signed zeros, ties, subnormals and six orders of magnitude: the
-    /// any-order fits keep the reference's bits wherever they are taken.
+    /// The any-order fits keep the reference's bits wherever they are
+    /// taken, non-finite values included.
     #[test]
     fn any_order_fits_have_the_canonical_bits(
         w in prop::collection::vec(
-            prop_oneof![
-                4 => weight(),
-                1 => Just(-0.0f32),
-                1 => -1e4f32..1e4,
-                1 => -1e-30f32..1e-30,
-                1 => (-1i32..=1, 1u32..64).prop_map(|(s, m)| s as f32 * f32::from_bits(m)),
-            ],
+            prop_oneof![4 => pass_value(), 1 => weight(), 1 => Just(f32::NAN), 1 => Just(f32::INFINITY)],
             1..300,
         ),
         bits in 2..=8u8,
         symmetric in any::<bool>(),
     ) {
-        check_exact_fits(&w, bits, symmetric);
+        check_fast_passes(&w, bits, symmetric);
     }
 }
 
