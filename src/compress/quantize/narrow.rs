@@ -14,6 +14,10 @@
 //! elements per instruction, with `d` rounded by the conversion to integers
 //! and clamped in 16-bit lanes.
 //!
+//! **`d` without a division**, as in [`super::wide`]: two fused
+//! multiply-adds with reciprocals that bracket the quotient ([`Bracket`]),
+//! and the division only for the rare group where they round apart.
+//!
 //! **Σ w² and Σ (w - w')² in the canonical order**: element `i` of a block
 //! goes to lane `i % 8`, which is lane `i % 4` of the first register for
 //! the first four of each eight and of the second for the rest; the lanes
@@ -181,14 +185,20 @@ impl GroupPasses for NarrowPasses<'_> {
         if fit_is_exact(n, self.span, round_scale, zero, self.r) {
             let (lo, hi) = d_range(zero, self.r);
             let dmax = hi.max(-lo) as usize;
+            let bracket = Bracket::of(round_scale);
             match &self.packed {
                 // The 32-bit sums hold: each is below n · 2^15 · dmax.
                 Some(p) if round_scale >= p.smallest_scale && n * dmax < 1 << 16 => {
-                    // SAFETY: `new` requires the CPU features.
-                    unsafe { fit_packed(self.w, p, round_scale, lo as i16, hi as i16) }
+                    let (lo, hi) = (lo as i16, hi as i16);
+                    // SAFETY (both): `new` requires the CPU features.
+                    bracket
+                        .and_then(|b| unsafe { fit_packed_bracketed(self.w, p, b, lo, hi) })
+                        .unwrap_or_else(|| unsafe { fit_packed(self.w, p, round_scale, lo, hi) })
                 }
-                // SAFETY: as above.
-                _ => unsafe { fit_avx2(self.w, round_scale, lo, hi) },
+                // SAFETY (both): as above.
+                _ => bracket
+                    .and_then(|b| unsafe { fit_avx2_bracketed(self.w, b, lo, hi) })
+                    .unwrap_or_else(|| unsafe { fit_avx2(self.w, round_scale, lo, hi) }),
             }
         } else {
             FastPasses {
@@ -320,6 +330,14 @@ fn fit_packed(w: &[f32], p: &Packed, s: f32, lo: i16, hi: i16) -> Fit {
         low = _mm256_add_epi32(low, _mm256_madd_epi16(d, l));
         dd = _mm256_add_epi32(dd, _mm256_madd_epi16(d, d));
     });
+    packed_fit(p, high, low, dd)
+}
+
+/// The fit from the 32-bit lane sums of the halves of `Σ W·d` and of
+/// `Σ d²`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn packed_fit(p: &Packed, high: __m256i, low: __m256i, dd: __m256i) -> Fit {
     let [high, low, dd] = add_i32_lanes(high, low, dd);
     let wd = (i64::from(high) << 15) + i64::from(low);
     Fit {
@@ -327,6 +345,102 @@ fn fit_packed(w: &[f32], p: &Packed, s: f32, lo: i16, hi: i16) -> Fit {
         wd: wd as f64 * power_of_two(p.exponent),
         dd: f64::from(dd),
     }
+}
+
+/// [`Bracket::magic`] of eight values: `ROUND_MAGIC + d` before the clamp,
+/// from `w · lo`; the bits where it differs from `w · hi`'s are ORed into
+/// `miss`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn bracketed(w: __m256, lo: __m256, hi: __m256, miss: &mut __m256) -> __m256 {
+    let magic = _mm256_set1_ps(ROUND_MAGIC);
+    let (a, b) = (_mm256_fmadd_ps(w, lo, magic), _mm256_fmadd_ps(w, hi, magic));
+    *miss = _mm256_or_ps(*miss, _mm256_xor_ps(a, b));
+    a
+}
+
+/// Whether no bit of `miss` is set.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn all_agree(miss: __m256) -> bool {
+    let m = _mm256_castps_si256(miss);
+    _mm256_testz_si256(m, m) == 1
+}
+
+/// [`fit_packed`] without the division: `d` from the [`Bracket`] of `s`,
+/// its integer read from the bits of `ROUND_MAGIC + d`, then clamped in
+/// 16-bit lanes as there. `None` if some value's two products round apart.
+///
+/// `|w / s| < 2^14` for every scale `p` serves, so `ROUND_MAGIC + d` has
+/// `ROUND_MAGIC`'s exponent and its bits minus `ROUND_MAGIC`'s are `d`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn fit_packed_bracketed(w: &[f32], p: &Packed, b: Bracket, lo: i16, hi: i16) -> Option<Fit> {
+    let (rlo, rhi) = (_mm256_set1_ps(b.lo), _mm256_set1_ps(b.hi));
+    let (lo, hi) = (_mm256_set1_epi16(lo), _mm256_set1_epi16(hi));
+    let magic = _mm256_set1_epi32(ROUND_MAGIC.to_bits() as i32);
+    let mut miss = _mm256_setzero_ps();
+    let mut q = |x: __m256| {
+        _mm256_sub_epi32(
+            _mm256_castps_si256(bracketed(x, rlo, rhi, &mut miss)),
+            magic,
+        )
+    };
+    let zero = _mm256_setzero_si256();
+    let (mut high, mut low, mut dd) = (zero, zero, zero);
+    each::<16>(w, |at, c| {
+        let d = _mm256_packs_epi32(q(load8(c, 0)), q(load8(c, 8)));
+        let d = _mm256_min_epi16(_mm256_max_epi16(d, lo), hi);
+        let (h, l) = (&p.high[at..at + 16], &p.low[at..at + 16]);
+        // SAFETY: `h` and `l` hold 16 i16 each.
+        let (h, l) = unsafe {
+            (
+                _mm256_loadu_si256(h.as_ptr().cast()),
+                _mm256_loadu_si256(l.as_ptr().cast()),
+            )
+        };
+        high = _mm256_add_epi32(high, _mm256_madd_epi16(d, h));
+        low = _mm256_add_epi32(low, _mm256_madd_epi16(d, l));
+        dd = _mm256_add_epi32(dd, _mm256_madd_epi16(d, d));
+    });
+    if !all_agree(miss) {
+        return None;
+    }
+    Some(packed_fit(p, high, low, dd))
+}
+
+/// [`fit_avx2`] without the division: `d` from the [`Bracket`] of `s`,
+/// clamped as `ROUND_MAGIC + d` (the bounds are integers within ±2^8) and
+/// then taken out exactly. `None` if some value's two products round apart.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn fit_avx2_bracketed(w: &[f32], b: Bracket, lo: f32, hi: f32) -> Option<Fit> {
+    let (rlo, rhi) = (_mm256_set1_ps(b.lo), _mm256_set1_ps(b.hi));
+    let magic = _mm256_set1_ps(ROUND_MAGIC);
+    let (lo, hi) = (
+        _mm256_set1_ps(ROUND_MAGIC + lo),
+        _mm256_set1_ps(ROUND_MAGIC + hi),
+    );
+    let mut miss = _mm256_setzero_ps();
+    let zero = _mm256_setzero_pd();
+    let (mut wd0, mut wd1, mut dd0, mut dd1) = (zero, zero, zero, zero);
+    each::<8>(w, |_, c| {
+        let x = load8(c, 0);
+        let y = _mm256_min_ps(_mm256_max_ps(bracketed(x, rlo, rhi, &mut miss), lo), hi);
+        let (d0, d1) = halves_f64(_mm256_sub_ps(y, magic));
+        let (x0, x1) = halves_f64(x);
+        wd0 = _mm256_fmadd_pd(x0, d0, wd0);
+        wd1 = _mm256_fmadd_pd(x1, d1, wd1);
+        dd0 = _mm256_fmadd_pd(d0, d0, dd0);
+        dd1 = _mm256_fmadd_pd(d1, d1, dd1);
+    });
+    if !all_agree(miss) {
+        return None;
+    }
+    Some(Fit {
+        wd: add_lanes(_mm256_add_pd(wd0, wd1)),
+        dd: add_lanes(_mm256_add_pd(dd0, dd1)),
+    })
 }
 
 /// The sums of the eight i32 lanes of `a`, `b` and `c`, which no partial
@@ -454,6 +568,70 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The bracketed fits of every int4 candidate of `w` at `scales`, each
+    /// against the division's bits where it gives one; how many did.
+    fn bracketed_fits(w: &[f32], scales: impl Iterator<Item = f32>) -> usize {
+        let r = IntRange::of(4);
+        let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
+        let smallest = candidate_scale(minmax_choice(span, 4, true).scale, SHRINK_STEPS);
+        let mut scratch = PackedScratch::new();
+        // SAFETY: checked by the callers.
+        let packed =
+            unsafe { Packed::new(w, span, smallest, &mut scratch) }.expect("a short group");
+        let (lo, hi) = d_range(0, r);
+        let mut given = 0;
+        for s in scales {
+            let b = Bracket::of(s).expect("a scale in range");
+            // SAFETY: as above.
+            let (fast, slow) = unsafe {
+                (
+                    fit_packed_bracketed(w, &packed, b, lo as i16, hi as i16),
+                    fit_packed(w, &packed, s, lo as i16, hi as i16),
+                )
+            };
+            // SAFETY: as above.
+            let (fast64, slow64) =
+                unsafe { (fit_avx2_bracketed(w, b, lo, hi), fit_avx2(w, s, lo, hi)) };
+            assert_eq!(fast.is_some(), fast64.is_some(), "s {s}");
+            for (fast, slow) in [(fast, slow), (fast64, slow64)] {
+                if let Some(f) = fast {
+                    assert_eq!(f.wd.to_bits(), slow.wd.to_bits(), "s {s}");
+                    assert_eq!(f.dd.to_bits(), slow.dd.to_bits(), "s {s}");
+                }
+            }
+            given += usize::from(fast.is_some());
+        }
+        given
+    }
+
+    #[test]
+    fn bracketed_fits_need_no_division_but_at_ties() {
+        if !has_avx2() {
+            return;
+        }
+        // An ordinary group: every candidate without a division.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let w: Vec<f32> = (0..128)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.031
+            })
+            .collect();
+        let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
+        let minmax = minmax_choice(span, 4, true).scale;
+        let steps = (0..=SHRINK_STEPS).map(|k| candidate_scale(minmax, k));
+        assert_eq!(bracketed_fits(&w, steps), usize::from(SHRINK_STEPS) + 1);
+        // Values on half steps of 1/8: that scale takes the division, and
+        // the passes still give the reference's fit.
+        let ties: Vec<f32> = (0..128)
+            .map(|i| ((i % 15) as f32 - 7.0 + 0.5) / 8.0)
+            .collect();
+        assert_eq!(bracketed_fits(&ties, [0.125f32].into_iter()), 0);
+        check_group(&ties, 4, true);
     }
 
     proptest! {

@@ -122,30 +122,41 @@ impl Candidates {
     /// the first with the strictly smallest finite error by
     /// [`model_error`]; `None` if no error is finite.
     ///
-    /// Branch-free passes over arrays: every error, their minimum (`min`
-    /// passes over NaN, which is never smaller), then the first equal to it.
+    /// Branch-free passes over whole arrays, which vectorize: every error
+    /// (unused slots and missing least-squares scales infinite), their
+    /// minimum in [`LANES`] independent lanes (`min` passes over NaN, which
+    /// is never smaller, so the grouping does not change it), then the
+    /// first equal to it.
     #[inline(always)]
     pub(super) fn best(&self, sum_sq: f64, bits: u8) -> Option<Choice> {
         let n = self.count;
         let mut plain_err = [f64::INFINITY; MAX_CANDIDATES];
         let mut ls_err = [f64::INFINITY; MAX_CANDIDATES];
         let mut ls_scale = [0.0f32; MAX_CANDIDATES];
-        for i in 0..n {
+        for i in 0..MAX_CANDIDATES {
             let fit = Fit {
                 wd: self.wd[i],
                 dd: self.dd[i],
             };
-            plain_err[i] = model_error(sum_sq, fit, self.scales[i]);
+            let used = i < n;
+            let plain = model_error(sum_sq, fit, self.scales[i]);
+            plain_err[i] = if used { plain } else { f64::INFINITY };
             let ls = (fit.wd / fit.dd) as f32;
-            let has_ls = fit.dd > 0.0 && ls > 0.0;
+            let has_ls = used & (fit.dd > 0.0) & (ls > 0.0);
             ls_scale[i] = bounded_scale(ls, bits);
             let err = model_error(sum_sq, fit, ls_scale[i]);
             ls_err[i] = if has_ls { err } else { f64::INFINITY };
         }
-        let smallest = plain_err[..n]
-            .iter()
-            .chain(&ls_err[..n])
-            .fold(f64::INFINITY, |m, &e| m.min(e));
+        let mut lanes = [f64::INFINITY; LANES];
+        for (p, l) in plain_err
+            .chunks_exact(LANES)
+            .zip(ls_err.chunks_exact(LANES))
+        {
+            for j in 0..LANES {
+                lanes[j] = lanes[j].min(p[j]).min(l[j]);
+            }
+        }
+        let smallest = lanes.iter().fold(f64::INFINITY, |m, &e| m.min(e));
         if smallest == f64::INFINITY {
             return None;
         }
@@ -236,8 +247,60 @@ pub(super) fn d_range(zero: i32, r: IntRange) -> (f32, f32) {
     ((r.qmin - zero) as f32, (r.qmax - zero) as f32)
 }
 
-/// Candidates of one search: each shrink step with up to three zero points.
-const MAX_CANDIDATES: usize = 3 * (SHRINK_STEPS as usize + 1);
+/// Two reciprocals of a scale `s` that bracket its quotients: for every
+/// f32 `w`, the exact products `w · lo` and `w · hi` lie on either side of
+/// `fl(w / s)`, the correctly rounded quotient the reference rounds. Where
+/// the two products round to the same integer, so does `fl(w / s)`
+/// (rounding is monotone): `d` without a division. Where they round apart
+/// (`w / s` within about 2^-21 of it of a half-integer, rare), the caller
+/// divides.
+///
+/// `r = 1 / s` in f64 is within 2^-53 of the real reciprocal; `lo` and `hi`
+/// are `r · (1 ∓ 2^-22)` rounded to f32 (a further 2^-24), so
+/// `w · lo <= (w / s)(1 - 2^-24) <= fl(w / s)` for `w >= 0` and the
+/// mirror image for `hi` (and for `w < 0`, the other way round). A
+/// subnormal quotient `fl(w / s)` lies within 2^-149 of `w / s`, and both
+/// products are below 2^-125 there: all three round to 0. `s` and both
+/// reciprocals stay normal: `s` between 2^-100 and 2^100, else `None`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Bracket {
+    pub(super) lo: f32,
+    pub(super) hi: f32,
+}
+
+impl Bracket {
+    #[inline(always)]
+    pub(super) fn of(s: f32) -> Option<Self> {
+        let s = f64::from(s);
+        if !(power_of_two(-100) <= s && s <= power_of_two(100)) {
+            return None;
+        }
+        let r = 1.0 / s;
+        let e = power_of_two(-22);
+        Some(Self {
+            lo: (r * (1.0 - e)) as f32,
+            hi: (r * (1.0 + e)) as f32,
+        })
+    }
+
+    /// `w · lo` and `w · hi` rounded to integers, ties to even, as
+    /// `ROUND_MAGIC` plus that integer: one fused multiply-add each, with
+    /// no rounding of the product. Exact for products below 2^22 in
+    /// magnitude; beyond, both lie beyond `ROUND_MAGIC ± 2^22` on the
+    /// product's side, which a clamp to integer bounds within ±2^22 maps
+    /// to the bound, as it does `fl(w / s)`'s integer.
+    #[cfg(test)]
+    pub(super) fn magic(self, w: f32) -> (f32, f32) {
+        (
+            w.mul_add(self.lo, ROUND_MAGIC),
+            w.mul_add(self.hi, ROUND_MAGIC),
+        )
+    }
+}
+
+/// Room for the candidates of one search, each shrink step with up to
+/// three zero points, rounded up to whole [`LANES`].
+const MAX_CANDIDATES: usize = (3 * (SHRINK_STEPS as usize + 1)).next_multiple_of(LANES);
 
 /// The search's scale at shrink `step`; falls as `step` grows.
 #[inline(always)]

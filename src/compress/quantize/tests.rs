@@ -751,3 +751,77 @@ proptest! {
         prop_assert_eq!(c.best(sum_sq, bits), c.best_reference(sum_sq, bits));
     }
 }
+
+/// `w` and `s` where `w / s` is `k + 1/2` exactly (`s` a power of two):
+/// the products of a [`Bracket`] must round apart there.
+#[test]
+fn bracketed_products_round_apart_at_exact_ties() {
+    for (w, s) in [
+        (2.5f32, 1.0f32),
+        (-2.5, 1.0),
+        (0.75, 0.5),
+        (7.5, 1.0),
+        (-8.5, 1.0),
+    ] {
+        let (a, b) = Bracket::of(s).unwrap().magic(w);
+        assert_ne!(a, b, "w {w} s {s}");
+    }
+    // Far from a tie they agree.
+    let (a, b) = Bracket::of(1.0).unwrap().magic(2.3);
+    assert_eq!((a, b), (ROUND_MAGIC + 2.0, ROUND_MAGIC + 2.0));
+    // Scales whose reciprocals would leave the normal range have none.
+    for s in [f32::MIN_POSITIVE, 1e-31, 1e31, f32::MAX, f32::NAN] {
+        assert!(Bracket::of(s).is_none(), "s {s}");
+    }
+}
+
+/// A scale of any magnitude the bracket serves, and a value a few hundred
+/// steps of it or less away from 0, some on or next to a half step.
+fn bracket_case() -> impl Strategy<Value = (f32, f32)> {
+    let scale =
+        (-99i32..99, 0u32..1 << 23).prop_map(|(e, m)| f32::from_bits(((e + 127) as u32) << 23 | m));
+    let ratio = prop_oneof![
+        4 => -300.0f32..300.0,
+        2 => (-300i32..300).prop_map(|k| k as f32 + 0.5),
+        1 => (-300i32..300, -3i32..=3).prop_map(|(k, u)| {
+            let t = k as f32 + 0.5;
+            f32::from_bits((t.to_bits() as i32 + u) as u32)
+        }),
+        1 => Just(0.0f32),
+        1 => -1e-30f32..1e-30,
+    ];
+    (scale, ratio).prop_map(|(s, x)| (s, x * s))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// Where a [`Bracket`]'s two products round to the same integer, the
+    /// correctly rounded quotient rounds to it too.
+    #[test]
+    fn bracketed_products_round_as_the_quotient((s, w) in bracket_case()) {
+        let b = Bracket::of(s).unwrap();
+        let (lo, hi) = b.magic(w);
+        let q = (w / s).round_ties_even();
+        if lo == hi {
+            prop_assert_eq!(lo - ROUND_MAGIC, q, "w {} s {}", w, s);
+        }
+    }
+}
+
+#[test]
+fn bracketed_products_agree_away_from_ties() {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut agree = 0;
+    for _ in 0..10_000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let x = (seed >> 40) as f32 / (1u64 << 24) as f32 * 16.0 - 8.0;
+        let s = 0.013f32;
+        let (lo, hi) = Bracket::of(s).unwrap().magic(x * s);
+        agree += usize::from(lo == hi);
+    }
+    // Each value is within 2^-19 of a half step with odds of about 2^-15.
+    assert!(agree >= 9_990, "{agree}");
+}

@@ -16,6 +16,12 @@
 //! `d` go through 16-bit multiply-adds with 32-bit sums ([`Packed`]): 32
 //! elements per instruction and no conversion to f64.
 //!
+//! **`d` without a division.** The fits take `d` from two fused
+//! multiply-adds with reciprocals that bracket the quotient ([`Bracket`]);
+//! the rare group where the two round apart at some value is fitted again
+//! with the division. A division of 16 lanes costs more than the rest of
+//! a step.
+//!
 //! **Σ w² and Σ (w - w')² in the canonical order.** These sums round, so
 //! element `i` of a block goes to lane `i % 8` of one register of eight f64
 //! lanes, added in element order, and the lanes fold as [`fold_lanes`]
@@ -74,7 +80,7 @@ struct Packed {
     /// `Q = 2^exponent`.
     exponent: i32,
     /// `W` is exact for every `w` that can round to a nonzero `d` at this
-    /// scale or any larger one.
+    /// scale or any larger one, and `w / s` is below 2^14 for all of them.
     smallest_scale: f32,
 }
 
@@ -93,7 +99,11 @@ impl Packed {
         }
         let exponent = step_exponent(smallest_scale);
         let a = f64::from(span.hi.max(-span.lo));
-        if a / power_of_two(exponent) >= power_of_two(30) {
+        // `W` fits the split; `w / s` stays below 2^14, as
+        // `fit_packed_bracketed` needs.
+        if a / power_of_two(exponent) >= power_of_two(30)
+            || a / f64::from(smallest_scale) >= power_of_two(14)
+        {
             return None;
         }
         let mut p = Packed {
@@ -151,14 +161,19 @@ impl GroupPasses for WidePasses<'_> {
         if fit_is_exact(n, self.span, round_scale, zero, self.r) {
             let (lo, hi) = d_range(zero, self.r);
             let dmax = hi.max(-lo) as usize;
+            let bracket = Bracket::of(round_scale);
             match &self.packed {
                 // The 32-bit sums hold: each is below n · 2^15 · dmax.
                 Some(p) if round_scale >= p.smallest_scale && n * dmax < 1 << 16 => {
-                    // SAFETY: `new` requires the CPU features.
-                    unsafe { fit_packed(self.w, p, round_scale, lo, hi) }
+                    // SAFETY (both): `new` requires the CPU features.
+                    bracket
+                        .and_then(|b| unsafe { fit_packed_bracketed(self.w, p, b, lo, hi) })
+                        .unwrap_or_else(|| unsafe { fit_packed(self.w, p, round_scale, lo, hi) })
                 }
-                // SAFETY: as above.
-                _ => unsafe { fit_avx512(self.w, round_scale, lo, hi) },
+                // SAFETY (both): as above.
+                _ => bracket
+                    .and_then(|b| unsafe { fit_avx512_bracketed(self.w, b, lo, hi) })
+                    .unwrap_or_else(|| unsafe { fit_avx512(self.w, round_scale, lo, hi) }),
             }
         } else {
             FastPasses {
@@ -209,6 +224,30 @@ fn load16(w: &[f32], at: usize) -> __m512 {
     // SAFETY: the mask reads only the `n` elements from `at` on, which are
     // in `w`.
     unsafe { _mm512_maskz_loadu_ps(mask, w.as_ptr().add(at)) }
+}
+
+/// `f(at, a, b)` for each chunk of 32 values of `w` from the start, as two
+/// registers: whole chunks without masks, the last padded with zeros.
+#[inline(always)]
+fn each32(w: &[f32], mut f: impl FnMut(usize, __m512, __m512)) {
+    let whole = w.len() - w.len() % 32;
+    let mut at = 0;
+    while at < whole {
+        // SAFETY: `at + 32 <= whole <= w.len()`; the CPU has AVX-512 F,
+        // which the callers require.
+        let (a, b) = unsafe {
+            (
+                _mm512_loadu_ps(w.as_ptr().add(at)),
+                _mm512_loadu_ps(w.as_ptr().add(at + 16)),
+            )
+        };
+        f(at, a, b);
+        at += 32;
+    }
+    if at < w.len() {
+        // SAFETY: as above.
+        f(at, unsafe { load16(w, at) }, unsafe { load16(w, at + 16) });
+    }
 }
 
 /// [`GroupPasses::fit`] in any order, for groups where [`fit_is_exact`]
@@ -265,6 +304,14 @@ fn fit_packed(w: &[f32], p: &Packed, s: f32, lo: f32, hi: f32) -> Fit {
         dd = _mm512_add_epi32(dd, _mm512_madd_epi16(d, d));
         at += 32;
     }
+    packed_fit(p, high, low, dd)
+}
+
+/// The fit from the 32-bit lane sums of the halves of `Σ W·d` and of
+/// `Σ d²`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn packed_fit(p: &Packed, high: __m512i, low: __m512i, dd: __m512i) -> Fit {
     let wd =
         (i64::from(_mm512_reduce_add_epi32(high)) << 15) + i64::from(_mm512_reduce_add_epi32(low));
     Fit {
@@ -272,6 +319,107 @@ fn fit_packed(w: &[f32], p: &Packed, s: f32, lo: f32, hi: f32) -> Fit {
         wd: wd as f64 * power_of_two(p.exponent),
         dd: f64::from(_mm512_reduce_add_epi32(dd)),
     }
+}
+
+/// [`Bracket::magic`] of 16 values: `ROUND_MAGIC + d` before the clamp,
+/// from `w · lo`; the bits where it differs from `w · hi`'s are ORed into
+/// `miss` (one ternary-logic instruction).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn bracketed(w: __m512, lo: __m512, hi: __m512, miss: &mut __m512i) -> __m512 {
+    let magic = _mm512_set1_ps(ROUND_MAGIC);
+    let (a, b) = (_mm512_fmadd_ps(w, lo, magic), _mm512_fmadd_ps(w, hi, magic));
+    // `miss | (a ^ b)`.
+    *miss =
+        _mm512_ternarylogic_epi32::<0xf6>(*miss, _mm512_castps_si512(a), _mm512_castps_si512(b));
+    a
+}
+
+/// Whether no lane of `miss` is set.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn all_agree(miss: __m512i) -> bool {
+    _mm512_test_epi32_mask(miss, miss) == 0
+}
+
+/// [`fit_packed`] without the division: `d` from the [`Bracket`] of `s`,
+/// its integer read from the bits of `ROUND_MAGIC + d` and clamped in
+/// 16-bit lanes. `None` if some value's two products round apart.
+///
+/// `|w / s| < 2^14` for every scale `p` serves, so `ROUND_MAGIC + d` has
+/// `ROUND_MAGIC`'s exponent and its bits minus `ROUND_MAGIC`'s are `d`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn fit_packed_bracketed(w: &[f32], p: &Packed, b: Bracket, lo: f32, hi: f32) -> Option<Fit> {
+    let (rlo, rhi) = (_mm512_set1_ps(b.lo), _mm512_set1_ps(b.hi));
+    let (lo, hi) = (_mm512_set1_epi16(lo as i16), _mm512_set1_epi16(hi as i16));
+    let magic = _mm512_set1_epi32(ROUND_MAGIC.to_bits() as i32);
+    let mut miss = _mm512_setzero_si512();
+    let mut d = |x: __m512| {
+        _mm512_sub_epi32(
+            _mm512_castps_si512(bracketed(x, rlo, rhi, &mut miss)),
+            magic,
+        )
+    };
+    let (mut high, mut low, mut dd) = (
+        _mm512_setzero_si512(),
+        _mm512_setzero_si512(),
+        _mm512_setzero_si512(),
+    );
+    each32(w, |at, a, b| {
+        let d = _mm512_packs_epi32(d(a), d(b));
+        let d = _mm512_min_epi16(_mm512_max_epi16(d, lo), hi);
+        // SAFETY: `at + 32 <= PACKED_MAX`, as in `Packed::fill`.
+        let (h, l) = unsafe {
+            (
+                _mm512_loadu_si512(p.high.as_ptr().add(at).cast()),
+                _mm512_loadu_si512(p.low.as_ptr().add(at).cast()),
+            )
+        };
+        high = _mm512_add_epi32(high, _mm512_madd_epi16(d, h));
+        low = _mm512_add_epi32(low, _mm512_madd_epi16(d, l));
+        dd = _mm512_add_epi32(dd, _mm512_madd_epi16(d, d));
+    });
+    if !all_agree(miss) {
+        return None;
+    }
+    Some(packed_fit(p, high, low, dd))
+}
+
+/// [`fit_avx512`] without the division: `d` from the [`Bracket`] of `s`,
+/// clamped as `ROUND_MAGIC + d` (the bounds are integers within ±2^8) and
+/// then taken out exactly. `None` if some value's two products round apart.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn fit_avx512_bracketed(w: &[f32], b: Bracket, lo: f32, hi: f32) -> Option<Fit> {
+    let (rlo, rhi) = (_mm512_set1_ps(b.lo), _mm512_set1_ps(b.hi));
+    let magic = _mm512_set1_ps(ROUND_MAGIC);
+    let (lo, hi) = (
+        _mm512_set1_ps(ROUND_MAGIC + lo),
+        _mm512_set1_ps(ROUND_MAGIC + hi),
+    );
+    let mut miss = _mm512_setzero_si512();
+    let (mut wd0, mut wd1) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+    let (mut dd0, mut dd1) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+    let mut at = 0;
+    while at < w.len() {
+        let x = load16(w, at);
+        let y = _mm512_min_ps(_mm512_max_ps(bracketed(x, rlo, rhi, &mut miss), lo), hi);
+        let (d0, d1) = halves_f64(_mm512_sub_ps(y, magic));
+        let (x0, x1) = halves_f64(x);
+        wd0 = _mm512_fmadd_pd(x0, d0, wd0);
+        wd1 = _mm512_fmadd_pd(x1, d1, wd1);
+        dd0 = _mm512_fmadd_pd(d0, d0, dd0);
+        dd1 = _mm512_fmadd_pd(d1, d1, dd1);
+        at += 16;
+    }
+    if !all_agree(miss) {
+        return None;
+    }
+    Some(Fit {
+        wd: _mm512_reduce_add_pd(_mm512_add_pd(wd0, wd1)),
+        dd: _mm512_reduce_add_pd(_mm512_add_pd(dd0, dd1)),
+    })
 }
 
 /// Eight lanes folded in the canonical order.
@@ -412,6 +560,68 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The bracketed fits of every int4 candidate of `w` at `scales`, each
+    /// against the division's bits where it gives one; how many did.
+    fn bracketed_fits(w: &[f32], scales: impl Iterator<Item = f32>) -> usize {
+        let r = IntRange::of(4);
+        let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
+        let smallest = candidate_scale(minmax_choice(span, 4, true).scale, SHRINK_STEPS);
+        // SAFETY: checked by the callers.
+        let packed = unsafe { Packed::new(w, span, smallest) }.expect("a short group");
+        let (lo, hi) = d_range(0, r);
+        let mut given = 0;
+        for s in scales {
+            let b = Bracket::of(s).expect("a scale in range");
+            // SAFETY: as above.
+            let (fast, slow) = unsafe {
+                (
+                    fit_packed_bracketed(w, &packed, b, lo, hi),
+                    fit_packed(w, &packed, s, lo, hi),
+                )
+            };
+            // SAFETY: as above.
+            let (fast64, slow64) =
+                unsafe { (fit_avx512_bracketed(w, b, lo, hi), fit_avx512(w, s, lo, hi)) };
+            assert_eq!(fast.is_some(), fast64.is_some(), "s {s}");
+            for (fast, slow) in [(fast, slow), (fast64, slow64)] {
+                if let Some(f) = fast {
+                    assert_eq!(f.wd.to_bits(), slow.wd.to_bits(), "s {s}");
+                    assert_eq!(f.dd.to_bits(), slow.dd.to_bits(), "s {s}");
+                }
+            }
+            given += usize::from(fast.is_some());
+        }
+        given
+    }
+
+    #[test]
+    fn bracketed_fits_need_no_division_but_at_ties() {
+        if !has_avx512() {
+            return;
+        }
+        // An ordinary group: every candidate without a division.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let w: Vec<f32> = (0..128)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.031
+            })
+            .collect();
+        let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
+        let minmax = minmax_choice(span, 4, true).scale;
+        let steps = (0..=SHRINK_STEPS).map(|k| candidate_scale(minmax, k));
+        assert_eq!(bracketed_fits(&w, steps), usize::from(SHRINK_STEPS) + 1);
+        // Values on half steps of 1/8: that scale takes the division, and
+        // the passes still give the reference's fit.
+        let ties: Vec<f32> = (0..128)
+            .map(|i| ((i % 15) as f32 - 7.0 + 0.5) / 8.0)
+            .collect();
+        assert_eq!(bracketed_fits(&ties, [0.125f32].into_iter()), 0);
+        check_group(&ties, 4, true);
     }
 
     proptest! {
