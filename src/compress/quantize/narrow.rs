@@ -80,7 +80,7 @@ impl PackedScratch {
 
 /// A short group's values as integers `W = w / 2^exponent`, each split into
 /// `W = 2^15 · high + low` with `low` in `[0, 2^15)`, in 16-bit lanes in
-/// the order `vpackssdw` leaves two registers in, as [`fit_packed`] packs
+/// the order `vpackssdw` leaves two registers in, as [`packed_fit_with`] packs
 /// `d`: ready for `vpmaddwd` against it. Both halves run to the group's
 /// length rounded up to 16, zeros past its end.
 struct Packed<'a> {
@@ -279,16 +279,45 @@ fn add_lanes(v: __m256d) -> f64 {
 }
 
 /// [`GroupPasses::fit`] in any order, for groups where [`fit_is_exact`]
-/// holds. Padding lanes load 0, whose `d` is 0 (`lo <= 0 <= hi`).
+/// holds, with the division.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn fit_avx2(w: &[f32], s: f32, lo: f32, hi: f32) -> Fit {
     let (s, lo, hi) = (_mm256_set1_ps(s), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    fit_with(w, |x| d_of(x, s, lo, hi))
+}
+
+/// [`fit_avx2`] without the division: `d` from the [`Bracket`] of `s`,
+/// clamped as `ROUND_MAGIC + d` (the bounds are integers within ±2^8) and
+/// then taken out exactly. `None` if some value's two products round apart.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn fit_avx2_bracketed(w: &[f32], b: Bracket, lo: f32, hi: f32) -> Option<Fit> {
+    let (rlo, rhi) = (_mm256_set1_ps(b.lo), _mm256_set1_ps(b.hi));
+    let magic = _mm256_set1_ps(ROUND_MAGIC);
+    let (lo, hi) = (
+        _mm256_set1_ps(ROUND_MAGIC + lo),
+        _mm256_set1_ps(ROUND_MAGIC + hi),
+    );
+    let mut miss = _mm256_setzero_ps();
+    let fit = fit_with(w, |x| {
+        let y = bracketed(x, rlo, rhi, &mut miss);
+        _mm256_sub_ps(_mm256_min_ps(_mm256_max_ps(y, lo), hi), magic)
+    });
+    all_agree(miss).then_some(fit)
+}
+
+/// The fit in f64 in any order, with `d(x)` the integer-valued `d` of
+/// eight values. Padding lanes load 0, whose `d` must be 0
+/// (`lo <= 0 <= hi`).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn fit_with(w: &[f32], mut d: impl FnMut(__m256) -> __m256) -> Fit {
     let zero = _mm256_setzero_pd();
     let (mut wd0, mut wd1, mut dd0, mut dd1) = (zero, zero, zero, zero);
     each::<8>(w, |_, c| {
         let x = load8(c, 0);
-        let (d0, d1) = halves_f64(d_of(x, s, lo, hi));
+        let (d0, d1) = halves_f64(d(x));
         let (x0, x1) = halves_f64(x);
         wd0 = _mm256_fmadd_pd(x0, d0, wd0);
         wd1 = _mm256_fmadd_pd(x1, d1, wd1);
@@ -302,54 +331,18 @@ fn fit_avx2(w: &[f32], s: f32, lo: f32, hi: f32) -> Fit {
 }
 
 /// [`GroupPasses::fit`] exactly, in integers, for groups where
-/// [`fit_is_exact`] holds and `p` serves `s`: `Σ W·d` from the two halves
-/// of `W`, and `Σ d²`, all in 32-bit lanes. `d` is `w / s` rounded to even
-/// by the conversion (below 2^14, see [`Packed`]) and clamped to
-/// `[lo, hi]`: [`d_of`]'s, as clamping to integer bounds commutes with
-/// rounding.
+/// [`fit_is_exact`] holds and `p` serves `s`, with the division: `w / s`
+/// rounded to even by the conversion (below 2^14, see [`Packed`]).
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 fn fit_packed(w: &[f32], p: &Packed, s: f32, lo: i16, hi: i16) -> Fit {
     let s = _mm256_set1_ps(s);
-    let (lo, hi) = (_mm256_set1_epi16(lo), _mm256_set1_epi16(hi));
-    let q = |x: __m256| _mm256_cvtps_epi32(_mm256_div_ps(x, s));
-    let zero = _mm256_setzero_si256();
-    let (mut high, mut low, mut dd) = (zero, zero, zero);
-    each::<16>(w, |at, c| {
-        let d = _mm256_packs_epi32(q(load8(c, 0)), q(load8(c, 8)));
-        let d = _mm256_min_epi16(_mm256_max_epi16(d, lo), hi);
-        let (h, l) = (&p.high[at..at + 16], &p.low[at..at + 16]);
-        // SAFETY: `h` and `l` hold 16 i16 each.
-        let (h, l) = unsafe {
-            (
-                _mm256_loadu_si256(h.as_ptr().cast()),
-                _mm256_loadu_si256(l.as_ptr().cast()),
-            )
-        };
-        high = _mm256_add_epi32(high, _mm256_madd_epi16(d, h));
-        low = _mm256_add_epi32(low, _mm256_madd_epi16(d, l));
-        dd = _mm256_add_epi32(dd, _mm256_madd_epi16(d, d));
-    });
-    packed_fit(p, high, low, dd)
+    packed_fit_with(w, p, lo, hi, |x| _mm256_cvtps_epi32(_mm256_div_ps(x, s)))
 }
 
-/// The fit from the 32-bit lane sums of the halves of `Σ W·d` and of
-/// `Σ d²`.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn packed_fit(p: &Packed, high: __m256i, low: __m256i, dd: __m256i) -> Fit {
-    let [high, low, dd] = add_i32_lanes(high, low, dd);
-    let wd = (i64::from(high) << 15) + i64::from(low);
-    Fit {
-        // Below 2^53 (`fit_is_exact`), times a power of two: exact.
-        wd: wd as f64 * power_of_two(p.exponent),
-        dd: f64::from(dd),
-    }
-}
-
-/// [`Bracket::magic`] of eight values: `ROUND_MAGIC + d` before the clamp,
-/// from `w · lo`; the bits where it differs from `w · hi`'s are ORed into
-/// `miss`.
+/// The [`Bracket`] products of eight values rounded as `Bracket::magic` rounds
+/// them: `ROUND_MAGIC + d` before the clamp, from `w · lo`; the bits where
+/// it differs from `w · hi`'s are ORed into `miss`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn bracketed(w: __m256, lo: __m256, hi: __m256, miss: &mut __m256) -> __m256 {
@@ -368,8 +361,8 @@ fn all_agree(miss: __m256) -> bool {
 }
 
 /// [`fit_packed`] without the division: `d` from the [`Bracket`] of `s`,
-/// its integer read from the bits of `ROUND_MAGIC + d`, then clamped in
-/// 16-bit lanes as there. `None` if some value's two products round apart.
+/// its integer read from the bits of `ROUND_MAGIC + d`. `None` if some
+/// value's two products round apart.
 ///
 /// `|w / s| < 2^14` for every scale `p` serves, so `ROUND_MAGIC + d` has
 /// `ROUND_MAGIC`'s exponent and its bits minus `ROUND_MAGIC`'s are `d`.
@@ -377,15 +370,29 @@ fn all_agree(miss: __m256) -> bool {
 #[target_feature(enable = "avx2,fma")]
 fn fit_packed_bracketed(w: &[f32], p: &Packed, b: Bracket, lo: i16, hi: i16) -> Option<Fit> {
     let (rlo, rhi) = (_mm256_set1_ps(b.lo), _mm256_set1_ps(b.hi));
-    let (lo, hi) = (_mm256_set1_epi16(lo), _mm256_set1_epi16(hi));
     let magic = _mm256_set1_epi32(ROUND_MAGIC.to_bits() as i32);
     let mut miss = _mm256_setzero_ps();
-    let mut q = |x: __m256| {
-        _mm256_sub_epi32(
-            _mm256_castps_si256(bracketed(x, rlo, rhi, &mut miss)),
-            magic,
-        )
-    };
+    let fit = packed_fit_with(w, p, lo, hi, |x| {
+        let y = bracketed(x, rlo, rhi, &mut miss);
+        _mm256_sub_epi32(_mm256_castps_si256(y), magic)
+    });
+    all_agree(miss).then_some(fit)
+}
+
+/// `Σ W·d` from the two halves of `W`, and `Σ d²`, all in 32-bit lanes,
+/// with `q(x)` the rounded `w / s` of eight values as i32 (below 2^14) and
+/// `d` that clamped to `[lo, hi]` in 16-bit lanes: [`d_of`]'s, as clamping
+/// to integer bounds commutes with rounding.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn packed_fit_with(
+    w: &[f32],
+    p: &Packed,
+    lo: i16,
+    hi: i16,
+    mut q: impl FnMut(__m256) -> __m256i,
+) -> Fit {
+    let (lo, hi) = (_mm256_set1_epi16(lo), _mm256_set1_epi16(hi));
     let zero = _mm256_setzero_si256();
     let (mut high, mut low, mut dd) = (zero, zero, zero);
     each::<16>(w, |at, c| {
@@ -403,44 +410,13 @@ fn fit_packed_bracketed(w: &[f32], p: &Packed, b: Bracket, lo: i16, hi: i16) -> 
         low = _mm256_add_epi32(low, _mm256_madd_epi16(d, l));
         dd = _mm256_add_epi32(dd, _mm256_madd_epi16(d, d));
     });
-    if !all_agree(miss) {
-        return None;
+    let [high, low, dd] = add_i32_lanes(high, low, dd);
+    let wd = (i64::from(high) << 15) + i64::from(low);
+    Fit {
+        // Below 2^53 (`fit_is_exact`), times a power of two: exact.
+        wd: wd as f64 * power_of_two(p.exponent),
+        dd: f64::from(dd),
     }
-    Some(packed_fit(p, high, low, dd))
-}
-
-/// [`fit_avx2`] without the division: `d` from the [`Bracket`] of `s`,
-/// clamped as `ROUND_MAGIC + d` (the bounds are integers within ±2^8) and
-/// then taken out exactly. `None` if some value's two products round apart.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn fit_avx2_bracketed(w: &[f32], b: Bracket, lo: f32, hi: f32) -> Option<Fit> {
-    let (rlo, rhi) = (_mm256_set1_ps(b.lo), _mm256_set1_ps(b.hi));
-    let magic = _mm256_set1_ps(ROUND_MAGIC);
-    let (lo, hi) = (
-        _mm256_set1_ps(ROUND_MAGIC + lo),
-        _mm256_set1_ps(ROUND_MAGIC + hi),
-    );
-    let mut miss = _mm256_setzero_ps();
-    let zero = _mm256_setzero_pd();
-    let (mut wd0, mut wd1, mut dd0, mut dd1) = (zero, zero, zero, zero);
-    each::<8>(w, |_, c| {
-        let x = load8(c, 0);
-        let y = _mm256_min_ps(_mm256_max_ps(bracketed(x, rlo, rhi, &mut miss), lo), hi);
-        let (d0, d1) = halves_f64(_mm256_sub_ps(y, magic));
-        let (x0, x1) = halves_f64(x);
-        wd0 = _mm256_fmadd_pd(x0, d0, wd0);
-        wd1 = _mm256_fmadd_pd(x1, d1, wd1);
-        dd0 = _mm256_fmadd_pd(d0, d0, dd0);
-        dd1 = _mm256_fmadd_pd(d1, d1, dd1);
-    });
-    if !all_agree(miss) {
-        return None;
-    }
-    Some(Fit {
-        wd: add_lanes(_mm256_add_pd(wd0, wd1)),
-        dd: add_lanes(_mm256_add_pd(dd0, dd1)),
-    })
 }
 
 /// The sums of the eight i32 lanes of `a`, `b` and `c`, which no partial
@@ -527,7 +503,10 @@ fn sq_error_avx2(w: &[f32], round_scale: f32, lo: f32, hi: f32, scale: f32) -> f
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{check_passes, pass_value, ragged_groups, INT4_FITS, PASS_CASES};
+    use super::super::tests::{
+        check_bracketed_fits, check_passes, pass_value, ragged_groups, KernelFits, INT4_FITS,
+        PASS_CASES,
+    };
     use super::*;
     use proptest::prelude::*;
 
@@ -570,68 +549,36 @@ mod tests {
         }
     }
 
-    /// The bracketed fits of every int4 candidate of `w` at `scales`, each
-    /// against the division's bits where it gives one; how many did.
-    fn bracketed_fits(w: &[f32], scales: impl Iterator<Item = f32>) -> usize {
-        let r = IntRange::of(4);
+    /// The integer and the f64 fit of the int4 candidate of scale `s` on
+    /// `w`, each bracketed and with the division.
+    fn kernel_fits(w: &[f32], s: f32) -> KernelFits {
         let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
         let smallest = candidate_scale(minmax_choice(span, 4, true).scale, SHRINK_STEPS);
         let mut scratch = PackedScratch::new();
         // SAFETY: checked by the callers.
         let packed =
             unsafe { Packed::new(w, span, smallest, &mut scratch) }.expect("a short group");
-        let (lo, hi) = d_range(0, r);
-        let mut given = 0;
-        for s in scales {
-            let b = Bracket::of(s).expect("a scale in range");
-            // SAFETY: as above.
-            let (fast, slow) = unsafe {
+        let (lo, hi) = d_range(0, IntRange::of(4));
+        let b = Bracket::of(s).expect("a scale in range");
+        // SAFETY: as above.
+        unsafe {
+            [
                 (
                     fit_packed_bracketed(w, &packed, b, lo as i16, hi as i16),
                     fit_packed(w, &packed, s, lo as i16, hi as i16),
-                )
-            };
-            // SAFETY: as above.
-            let (fast64, slow64) =
-                unsafe { (fit_avx2_bracketed(w, b, lo, hi), fit_avx2(w, s, lo, hi)) };
-            assert_eq!(fast.is_some(), fast64.is_some(), "s {s}");
-            for (fast, slow) in [(fast, slow), (fast64, slow64)] {
-                if let Some(f) = fast {
-                    assert_eq!(f.wd.to_bits(), slow.wd.to_bits(), "s {s}");
-                    assert_eq!(f.dd.to_bits(), slow.dd.to_bits(), "s {s}");
-                }
-            }
-            given += usize::from(fast.is_some());
+                ),
+                (fit_avx2_bracketed(w, b, lo, hi), fit_avx2(w, s, lo, hi)),
+            ]
         }
-        given
     }
 
     #[test]
     fn bracketed_fits_need_no_division_but_at_ties() {
-        if !has_avx2() {
-            return;
+        if has_avx2() {
+            check_bracketed_fits(kernel_fits, |w| {
+                check_group(w, 4, true);
+            });
         }
-        // An ordinary group: every candidate without a division.
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let w: Vec<f32> = (0..128)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.031
-            })
-            .collect();
-        let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
-        let minmax = minmax_choice(span, 4, true).scale;
-        let steps = (0..=SHRINK_STEPS).map(|k| candidate_scale(minmax, k));
-        assert_eq!(bracketed_fits(&w, steps), usize::from(SHRINK_STEPS) + 1);
-        // Values on half steps of 1/8: that scale takes the division, and
-        // the passes still give the reference's fit.
-        let ties: Vec<f32> = (0..128)
-            .map(|i| ((i % 15) as f32 - 7.0 + 0.5) / 8.0)
-            .collect();
-        assert_eq!(bracketed_fits(&ties, [0.125f32].into_iter()), 0);
-        check_group(&ties, 4, true);
     }
 
     proptest! {

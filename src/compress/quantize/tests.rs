@@ -752,6 +752,55 @@ proptest! {
     }
 }
 
+/// An ISA's integer and f64 fits of one int4 candidate: each bracketed
+/// (`None` where the products round apart) and with the division.
+pub(super) type KernelFits = [(Option<Fit>, Fit); 2];
+
+/// An ISA's bracketed fits against its division's, bit for bit wherever
+/// they give one: on an ordinary group of 128 at every int4 candidate
+/// scale, all given; on values on half steps of 1/8, none at that scale,
+/// where `check_group` (the passes against the reference) must still hold.
+pub(super) fn check_bracketed_fits(
+    fits: impl Fn(&[f32], f32) -> KernelFits,
+    check_group: impl Fn(&[f32]),
+) {
+    let given = |w: &[f32], scales: &[f32]| {
+        let mut given = 0;
+        for &s in scales {
+            let [(fast, slow), (fast64, slow64)] = fits(w, s);
+            assert_eq!(fast.is_some(), fast64.is_some(), "s {s}");
+            for (fast, slow) in [(fast, slow), (fast64, slow64)] {
+                if let Some(f) = fast {
+                    assert_eq!(f.wd.to_bits(), slow.wd.to_bits(), "s {s}");
+                    assert_eq!(f.dd.to_bits(), slow.dd.to_bits(), "s {s}");
+                }
+            }
+            given += usize::from(fast.is_some());
+        }
+        given
+    };
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let w: Vec<f32> = (0..128)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.031
+        })
+        .collect();
+    let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
+    let minmax = minmax_choice(span, 4, true).scale;
+    let steps: Vec<f32> = (0..=SHRINK_STEPS)
+        .map(|k| candidate_scale(minmax, k))
+        .collect();
+    assert_eq!(given(&w, &steps), steps.len());
+    let ties: Vec<f32> = (0..128)
+        .map(|i| ((i % 15) as f32 - 7.0 + 0.5) / 8.0)
+        .collect();
+    assert_eq!(given(&ties, &[0.125]), 0);
+    check_group(&ties);
+}
+
 /// `w` and `s` where `w / s` is `k + 1/2` exactly (`s` a power of two):
 /// the products of a [`Bracket`] must round apart there.
 #[test]

@@ -72,7 +72,7 @@ const PACKED_MAX: usize = 512;
 
 /// A short group's values as integers `W = w / 2^exponent`, each split into
 /// `W = 2^15 · high + low` with `low` in `[0, 2^15)`, in 16-bit lanes in
-/// the order `vpackssdw` leaves two registers in, as [`fit_packed`] packs
+/// the order `vpackssdw` leaves two registers in, as [`packed_fit_with`] packs
 /// `d`: ready for `vpmaddwd` against it.
 struct Packed {
     high: [i16; PACKED_MAX],
@@ -251,17 +251,45 @@ fn each32(w: &[f32], mut f: impl FnMut(usize, __m512, __m512)) {
 }
 
 /// [`GroupPasses::fit`] in any order, for groups where [`fit_is_exact`]
-/// holds. Padding lanes load 0, whose `d` is 0 (`lo <= 0 <= hi`).
+/// holds, with the division.
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq")]
 fn fit_avx512(w: &[f32], s: f32, lo: f32, hi: f32) -> Fit {
     let (s, lo, hi) = (_mm512_set1_ps(s), _mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    fit_with(w, |x| d_of(x, s, lo, hi))
+}
+
+/// [`fit_avx512`] without the division: `d` from the [`Bracket`] of `s`,
+/// clamped as `ROUND_MAGIC + d` (the bounds are integers within ±2^8) and
+/// then taken out exactly. `None` if some value's two products round apart.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn fit_avx512_bracketed(w: &[f32], b: Bracket, lo: f32, hi: f32) -> Option<Fit> {
+    let (rlo, rhi) = (_mm512_set1_ps(b.lo), _mm512_set1_ps(b.hi));
+    let magic = _mm512_set1_ps(ROUND_MAGIC);
+    let (lo, hi) = (
+        _mm512_set1_ps(ROUND_MAGIC + lo),
+        _mm512_set1_ps(ROUND_MAGIC + hi),
+    );
+    let mut miss = _mm512_setzero_si512();
+    let fit = fit_with(w, |x| {
+        let y = bracketed(x, rlo, rhi, &mut miss);
+        _mm512_sub_ps(_mm512_min_ps(_mm512_max_ps(y, lo), hi), magic)
+    });
+    all_agree(miss).then_some(fit)
+}
+
+/// The fit in f64 in any order, with `d(x)` the integer-valued `d` of 16
+/// values. Padding lanes load 0, whose `d` must be 0 (`lo <= 0 <= hi`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn fit_with(w: &[f32], mut d: impl FnMut(__m512) -> __m512) -> Fit {
     let (mut wd0, mut wd1) = (_mm512_setzero_pd(), _mm512_setzero_pd());
     let (mut dd0, mut dd1) = (_mm512_setzero_pd(), _mm512_setzero_pd());
     let mut at = 0;
     while at < w.len() {
         let x = load16(w, at);
-        let (d0, d1) = halves_f64(d_of(x, s, lo, hi));
+        let (d0, d1) = halves_f64(d(x));
         let (x0, x1) = halves_f64(x);
         wd0 = _mm512_fmadd_pd(x0, d0, wd0);
         wd1 = _mm512_fmadd_pd(x1, d1, wd1);
@@ -276,54 +304,18 @@ fn fit_avx512(w: &[f32], s: f32, lo: f32, hi: f32) -> Fit {
 }
 
 /// [`GroupPasses::fit`] exactly, in integers, for groups where
-/// [`fit_is_exact`] holds and `p` serves `s`: `Σ W·d` from the two halves
-/// of `W`, and `Σ d²`, all in 32-bit lanes, with [`d_of`]'s `d`.
+/// [`fit_is_exact`] holds and `p` serves `s`, with the division: `w / s`
+/// rounded to even by the conversion (below 2^14, see [`Packed`]).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 fn fit_packed(w: &[f32], p: &Packed, s: f32, lo: f32, hi: f32) -> Fit {
-    let (s, lo, hi) = (_mm512_set1_ps(s), _mm512_set1_ps(lo), _mm512_set1_ps(hi));
-    // `d_of` is integer-valued: the conversion is exact.
-    let d = |x: __m512| _mm512_cvttps_epi32(d_of(x, s, lo, hi));
-    let (mut high, mut low, mut dd) = (
-        _mm512_setzero_si512(),
-        _mm512_setzero_si512(),
-        _mm512_setzero_si512(),
-    );
-    let mut at = 0;
-    while at < w.len() {
-        let d = _mm512_packs_epi32(d(load16(w, at)), d(load16(w, at + 16)));
-        // SAFETY: `at + 32 <= PACKED_MAX`, as in `Packed::fill`.
-        let (h, l) = unsafe {
-            (
-                _mm512_loadu_si512(p.high.as_ptr().add(at).cast()),
-                _mm512_loadu_si512(p.low.as_ptr().add(at).cast()),
-            )
-        };
-        high = _mm512_add_epi32(high, _mm512_madd_epi16(d, h));
-        low = _mm512_add_epi32(low, _mm512_madd_epi16(d, l));
-        dd = _mm512_add_epi32(dd, _mm512_madd_epi16(d, d));
-        at += 32;
-    }
-    packed_fit(p, high, low, dd)
+    let s = _mm512_set1_ps(s);
+    packed_fit_with(w, p, lo, hi, |x| _mm512_cvtps_epi32(_mm512_div_ps(x, s)))
 }
 
-/// The fit from the 32-bit lane sums of the halves of `Σ W·d` and of
-/// `Σ d²`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn packed_fit(p: &Packed, high: __m512i, low: __m512i, dd: __m512i) -> Fit {
-    let wd =
-        (i64::from(_mm512_reduce_add_epi32(high)) << 15) + i64::from(_mm512_reduce_add_epi32(low));
-    Fit {
-        // Below 2^53 (`fit_is_exact`), times a power of two: exact.
-        wd: wd as f64 * power_of_two(p.exponent),
-        dd: f64::from(_mm512_reduce_add_epi32(dd)),
-    }
-}
-
-/// [`Bracket::magic`] of 16 values: `ROUND_MAGIC + d` before the clamp,
-/// from `w · lo`; the bits where it differs from `w · hi`'s are ORed into
-/// `miss` (one ternary-logic instruction).
+/// The [`Bracket`] products of 16 values rounded as `Bracket::magic` rounds
+/// them: `ROUND_MAGIC + d` before the clamp, from `w · lo`; the bits where
+/// it differs from `w · hi`'s are ORed into `miss` (one ternary-logic instruction).
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn bracketed(w: __m512, lo: __m512, hi: __m512, miss: &mut __m512i) -> __m512 {
@@ -343,8 +335,8 @@ fn all_agree(miss: __m512i) -> bool {
 }
 
 /// [`fit_packed`] without the division: `d` from the [`Bracket`] of `s`,
-/// its integer read from the bits of `ROUND_MAGIC + d` and clamped in
-/// 16-bit lanes. `None` if some value's two products round apart.
+/// its integer read from the bits of `ROUND_MAGIC + d`. `None` if some
+/// value's two products round apart.
 ///
 /// `|w / s| < 2^14` for every scale `p` serves, so `ROUND_MAGIC + d` has
 /// `ROUND_MAGIC`'s exponent and its bits minus `ROUND_MAGIC`'s are `d`.
@@ -352,22 +344,36 @@ fn all_agree(miss: __m512i) -> bool {
 #[target_feature(enable = "avx512f,avx512bw")]
 fn fit_packed_bracketed(w: &[f32], p: &Packed, b: Bracket, lo: f32, hi: f32) -> Option<Fit> {
     let (rlo, rhi) = (_mm512_set1_ps(b.lo), _mm512_set1_ps(b.hi));
-    let (lo, hi) = (_mm512_set1_epi16(lo as i16), _mm512_set1_epi16(hi as i16));
     let magic = _mm512_set1_epi32(ROUND_MAGIC.to_bits() as i32);
     let mut miss = _mm512_setzero_si512();
-    let mut d = |x: __m512| {
-        _mm512_sub_epi32(
-            _mm512_castps_si512(bracketed(x, rlo, rhi, &mut miss)),
-            magic,
-        )
-    };
+    let fit = packed_fit_with(w, p, lo, hi, |x| {
+        let y = bracketed(x, rlo, rhi, &mut miss);
+        _mm512_sub_epi32(_mm512_castps_si512(y), magic)
+    });
+    all_agree(miss).then_some(fit)
+}
+
+/// `Σ W·d` from the two halves of `W`, and `Σ d²`, all in 32-bit lanes,
+/// with `q(x)` the rounded `w / s` of 16 values as i32 (below 2^14) and
+/// `d` that clamped to `[lo, hi]` in 16-bit lanes (clamping to integer
+/// bounds commutes with rounding).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn packed_fit_with(
+    w: &[f32],
+    p: &Packed,
+    lo: f32,
+    hi: f32,
+    mut q: impl FnMut(__m512) -> __m512i,
+) -> Fit {
+    let (lo, hi) = (_mm512_set1_epi16(lo as i16), _mm512_set1_epi16(hi as i16));
     let (mut high, mut low, mut dd) = (
         _mm512_setzero_si512(),
         _mm512_setzero_si512(),
         _mm512_setzero_si512(),
     );
     each32(w, |at, a, b| {
-        let d = _mm512_packs_epi32(d(a), d(b));
+        let d = _mm512_packs_epi32(q(a), q(b));
         let d = _mm512_min_epi16(_mm512_max_epi16(d, lo), hi);
         // SAFETY: `at + 32 <= PACKED_MAX`, as in `Packed::fill`.
         let (h, l) = unsafe {
@@ -380,46 +386,13 @@ fn fit_packed_bracketed(w: &[f32], p: &Packed, b: Bracket, lo: f32, hi: f32) -> 
         low = _mm512_add_epi32(low, _mm512_madd_epi16(d, l));
         dd = _mm512_add_epi32(dd, _mm512_madd_epi16(d, d));
     });
-    if !all_agree(miss) {
-        return None;
+    let wd =
+        (i64::from(_mm512_reduce_add_epi32(high)) << 15) + i64::from(_mm512_reduce_add_epi32(low));
+    Fit {
+        // Below 2^53 (`fit_is_exact`), times a power of two: exact.
+        wd: wd as f64 * power_of_two(p.exponent),
+        dd: f64::from(_mm512_reduce_add_epi32(dd)),
     }
-    Some(packed_fit(p, high, low, dd))
-}
-
-/// [`fit_avx512`] without the division: `d` from the [`Bracket`] of `s`,
-/// clamped as `ROUND_MAGIC + d` (the bounds are integers within ±2^8) and
-/// then taken out exactly. `None` if some value's two products round apart.
-#[inline]
-#[target_feature(enable = "avx512f,avx512dq")]
-fn fit_avx512_bracketed(w: &[f32], b: Bracket, lo: f32, hi: f32) -> Option<Fit> {
-    let (rlo, rhi) = (_mm512_set1_ps(b.lo), _mm512_set1_ps(b.hi));
-    let magic = _mm512_set1_ps(ROUND_MAGIC);
-    let (lo, hi) = (
-        _mm512_set1_ps(ROUND_MAGIC + lo),
-        _mm512_set1_ps(ROUND_MAGIC + hi),
-    );
-    let mut miss = _mm512_setzero_si512();
-    let (mut wd0, mut wd1) = (_mm512_setzero_pd(), _mm512_setzero_pd());
-    let (mut dd0, mut dd1) = (_mm512_setzero_pd(), _mm512_setzero_pd());
-    let mut at = 0;
-    while at < w.len() {
-        let x = load16(w, at);
-        let y = _mm512_min_ps(_mm512_max_ps(bracketed(x, rlo, rhi, &mut miss), lo), hi);
-        let (d0, d1) = halves_f64(_mm512_sub_ps(y, magic));
-        let (x0, x1) = halves_f64(x);
-        wd0 = _mm512_fmadd_pd(x0, d0, wd0);
-        wd1 = _mm512_fmadd_pd(x1, d1, wd1);
-        dd0 = _mm512_fmadd_pd(d0, d0, dd0);
-        dd1 = _mm512_fmadd_pd(d1, d1, dd1);
-        at += 16;
-    }
-    if !all_agree(miss) {
-        return None;
-    }
-    Some(Fit {
-        wd: _mm512_reduce_add_pd(_mm512_add_pd(wd0, wd1)),
-        dd: _mm512_reduce_add_pd(_mm512_add_pd(dd0, dd1)),
-    })
 }
 
 /// Eight lanes folded in the canonical order.
@@ -484,7 +457,10 @@ fn sq_error_avx512(w: &[f32], round_scale: f32, lo: f32, hi: f32, scale: f32) ->
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{check_passes, pass_value, ragged_groups, INT4_FITS, PASS_CASES};
+    use super::super::tests::{
+        check_bracketed_fits, check_passes, pass_value, ragged_groups, KernelFits, INT4_FITS,
+        PASS_CASES,
+    };
     use super::*;
     use proptest::prelude::*;
 
@@ -562,66 +538,34 @@ mod tests {
         }
     }
 
-    /// The bracketed fits of every int4 candidate of `w` at `scales`, each
-    /// against the division's bits where it gives one; how many did.
-    fn bracketed_fits(w: &[f32], scales: impl Iterator<Item = f32>) -> usize {
-        let r = IntRange::of(4);
+    /// The integer and the f64 fit of the int4 candidate of scale `s` on
+    /// `w`, each bracketed and with the division.
+    fn kernel_fits(w: &[f32], s: f32) -> KernelFits {
         let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
         let smallest = candidate_scale(minmax_choice(span, 4, true).scale, SHRINK_STEPS);
         // SAFETY: checked by the callers.
         let packed = unsafe { Packed::new(w, span, smallest) }.expect("a short group");
-        let (lo, hi) = d_range(0, r);
-        let mut given = 0;
-        for s in scales {
-            let b = Bracket::of(s).expect("a scale in range");
-            // SAFETY: as above.
-            let (fast, slow) = unsafe {
+        let (lo, hi) = d_range(0, IntRange::of(4));
+        let b = Bracket::of(s).expect("a scale in range");
+        // SAFETY: as above.
+        unsafe {
+            [
                 (
                     fit_packed_bracketed(w, &packed, b, lo, hi),
                     fit_packed(w, &packed, s, lo, hi),
-                )
-            };
-            // SAFETY: as above.
-            let (fast64, slow64) =
-                unsafe { (fit_avx512_bracketed(w, b, lo, hi), fit_avx512(w, s, lo, hi)) };
-            assert_eq!(fast.is_some(), fast64.is_some(), "s {s}");
-            for (fast, slow) in [(fast, slow), (fast64, slow64)] {
-                if let Some(f) = fast {
-                    assert_eq!(f.wd.to_bits(), slow.wd.to_bits(), "s {s}");
-                    assert_eq!(f.dd.to_bits(), slow.dd.to_bits(), "s {s}");
-                }
-            }
-            given += usize::from(fast.is_some());
+                ),
+                (fit_avx512_bracketed(w, b, lo, hi), fit_avx512(w, s, lo, hi)),
+            ]
         }
-        given
     }
 
     #[test]
     fn bracketed_fits_need_no_division_but_at_ties() {
-        if !has_avx512() {
-            return;
+        if has_avx512() {
+            check_bracketed_fits(kernel_fits, |w| {
+                check_group(w, 4, true);
+            });
         }
-        // An ordinary group: every candidate without a division.
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let w: Vec<f32> = (0..128)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.031
-            })
-            .collect();
-        let span = w.iter().fold(Span::ZERO, |s, &x| s.with(x));
-        let minmax = minmax_choice(span, 4, true).scale;
-        let steps = (0..=SHRINK_STEPS).map(|k| candidate_scale(minmax, k));
-        assert_eq!(bracketed_fits(&w, steps), usize::from(SHRINK_STEPS) + 1);
-        // Values on half steps of 1/8: that scale takes the division, and
-        // the passes still give the reference's fit.
-        let ties: Vec<f32> = (0..128)
-            .map(|i| ((i % 15) as f32 - 7.0 + 0.5) / 8.0)
-            .collect();
-        assert_eq!(bracketed_fits(&ties, [0.125f32].into_iter()), 0);
-        check_group(&ties, 4, true);
     }
 
     proptest! {
