@@ -321,12 +321,45 @@ pub fn quantize_int(data: &[f32], shape: MatrixShape, p: &IntQuant) -> Coded {
         };
         data.len().div_ceil(group_len)
     ];
+    #[cfg(target_arch = "x86_64")]
+    if super::batch::batch_serves(group_len, p) && has_avx512() {
+        use super::batch::{quantize_batch, GROUPS};
+        symbols
+            .par_chunks_mut(GROUPS * group_len)
+            .zip(data.par_chunks(GROUPS * group_len))
+            .zip(choices.par_chunks_mut(GROUPS))
+            .for_each(|((out, w), choices)| {
+                if choices.len() == GROUPS {
+                    // SAFETY: the CPU has the features, checked above, and
+                    // `batch_serves` holds.
+                    unsafe { quantize_batch(w, out, choices, p, r) };
+                } else {
+                    quantize_groups(w, out, choices, p, r);
+                }
+            });
+        return int_coded(symbols, &choices, group_len, p);
+    }
     symbols
         .par_chunks_mut(group_len)
         .zip(data.par_chunks(group_len))
         .zip(choices.par_iter_mut())
         .for_each(|((out, w), choice)| *choice = quantize_group(w, out, p, r));
     int_coded(symbols, &choices, group_len, p)
+}
+
+/// Consecutive groups one by one, in sequence.
+fn quantize_groups(w: &[f32], out: &mut [u8], choices: &mut [Choice], p: &IntQuant, r: IntRange) {
+    let n = w.len() / choices.len().max(1);
+    for ((out, w), c) in out.chunks_mut(n).zip(w.chunks(n)).zip(choices) {
+        *c = quantize_group(w, out, p, r);
+    }
+}
+
+/// Whether the CPU has the AVX-512 subsets the wide kernels use.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn has_avx512() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl")
 }
 
 /// One group's parameters and symbols, compiled for the widest vector
@@ -337,7 +370,7 @@ pub(super) fn quantize_group(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRang
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+        if has_avx512() {
             // SAFETY: the CPU has these features, checked just above.
             return unsafe { quantize_group_avx512(w, out, p, r) };
         }
@@ -351,7 +384,12 @@ pub(super) fn quantize_group(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRang
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn quantize_group_avx512(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRange) -> Choice {
+pub(super) unsafe fn quantize_group_avx512(
+    w: &[f32],
+    out: &mut [u8],
+    p: &IntQuant,
+    r: IntRange,
+) -> Choice {
     let span = span_fast(w);
     let choice = match p.scale_search {
         ScaleSearch::MinMax => minmax_choice(span, p.bits, p.symmetric),

@@ -20,6 +20,8 @@
 
 use crate::compress::coded::Granularity;
 
+#[cfg(target_arch = "x86_64")]
+mod batch;
 mod fp8;
 pub(crate) mod grid;
 mod int;

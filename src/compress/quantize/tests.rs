@@ -78,7 +78,7 @@ impl Rng {
 
 /// Laplace weights (scale 0.02) with about 1% outliers five to ten times
 /// that scale.
-fn heavy_tailed(n: usize, seed: u64) -> Vec<f32> {
+pub(super) fn heavy_tailed(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = Rng(seed);
     (0..n)
         .map(|_| {
