@@ -37,9 +37,6 @@ pub(super) const GROUPS: usize = 16;
 /// as halves of `W`) stay in the first-level cache.
 pub(super) const BATCH_MAX: usize = 256;
 
-/// Candidates of the symmetric search: one per shrink step.
-const STEPS: usize = SHRINK_STEPS as usize + 1;
-
 /// Whether [`quantize_batch`] serves groups of `n` values quantized with `p`.
 pub(super) fn batch_serves(n: usize, p: &IntQuant) -> bool {
     p.symmetric
@@ -58,10 +55,9 @@ struct Lane {
 }
 
 impl Lane {
-    fn of(w: &[f32], p: &IntQuant, r: IntRange) -> Self {
-        let span = span_fast(w);
+    fn of(n: usize, span: Span, p: &IntQuant, r: IntRange) -> Self {
         let minmax = minmax_choice(span, p.bits, true);
-        let exponent = Self::exponent(w.len(), span, minmax.scale, r);
+        let exponent = Self::exponent(n, span, minmax.scale, r);
         Lane {
             span,
             minmax,
@@ -102,6 +98,7 @@ impl Lane {
 /// The 16 groups' values, lane `g` of row `i` value `i` of group `g`, and
 /// the halves of their `W` in pairs of rows, ready for `vpmaddwd`.
 struct Rows {
+    n: usize,
     values: [MaybeUninit<__m512>; BATCH_MAX],
     high: [MaybeUninit<__m512i>; BATCH_MAX / 2],
     low: [MaybeUninit<__m512i>; BATCH_MAX / 2],
@@ -115,86 +112,221 @@ fn pair16(a: __m512i, b: __m512i) -> __m512i {
     _mm512_mask_blend_epi16(0xaaaa_aaaa, a, _mm512_slli_epi32::<16>(b))
 }
 
+/// The low and high eight lanes of `v` as f64.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn halves_f64(v: __m512) -> [__m512d; 2] {
+    [
+        _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+        _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(v)),
+    ]
+}
+
+/// Two registers of eight f64 as one of sixteen f32, each rounded.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn narrow_f32(v: [__m512d; 2]) -> __m512 {
+    _mm512_insertf32x8::<1>(
+        _mm512_castps256_ps512(_mm512_cvtpd_ps(v[0])),
+        _mm512_cvtpd_ps(v[1]),
+    )
+}
+
+/// `f` of each half.
+#[inline(always)]
+fn each_half(f: impl Fn(usize) -> __m512d) -> [__m512d; 2] {
+    [f(0), f(1)]
+}
+
+/// Sixteen registers transposed: lane `j` of register `i` of the result is
+/// lane `i` of register `j` of `r` (64 shuffles).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    let pd = _mm512_castps_pd;
+    let ps = _mm512_castpd_ps;
+    // Pairs of registers interleaved by 32 bits, then by 64 bits: each
+    // 128-bit lane of `b[4k + j]` holds element `4·lane + j` of registers
+    // `4k .. 4k + 4`.
+    let a: [__m512; 16] = std::array::from_fn(|i| {
+        let (x, y) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(x, y)
+        } else {
+            _mm512_unpackhi_ps(x, y)
+        }
+    });
+    let b: [__m512; 16] = std::array::from_fn(|i| {
+        let base = i & !3;
+        let (x, y) = (a[base + (i & 2) / 2], a[base + 2 + (i & 2) / 2]);
+        if i % 2 == 0 {
+            ps(_mm512_unpacklo_pd(pd(x), pd(y)))
+        } else {
+            ps(_mm512_unpackhi_pd(pd(x), pd(y)))
+        }
+    });
+    // Then whole 128-bit lanes: the even lanes of two registers four apart
+    // and the odd ones, twice.
+    let c: [__m512; 16] = std::array::from_fn(|i| {
+        let base = (i / 8) * 8 + i % 4;
+        let (x, y) = (b[base], b[base + 4]);
+        if i % 8 < 4 {
+            _mm512_shuffle_f32x4::<0x88>(x, y)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(x, y)
+        }
+    });
+    std::array::from_fn(|i| {
+        let (x, y) = (c[i % 8], c[i % 8 + 8]);
+        if i < 8 {
+            _mm512_shuffle_f32x4::<0x88>(x, y)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(x, y)
+        }
+    })
+}
+
+/// Two 8-lane masks as one of 16 lanes.
+#[inline(always)]
+fn mask16(m: [__mmask8; 2]) -> __mmask16 {
+    u16::from(m[0]) | (u16::from(m[1]) << 8)
+}
+
 impl Rows {
+    /// The rows of the 16 groups of `n` values in `w`, and each group's
+    /// [`Span`], lane by lane as [`Span::with`] takes it (strict
+    /// comparisons, a flag for an all-ones exponent).
+    ///
     /// # Safety
     /// `w` holds 16 groups of `n` values, `n` even and at most
     /// [`BATCH_MAX`]; the CPU has AVX-512 F and BW.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn fill(&mut self, w: &[f32], n: usize, exponents: __m512) {
+    unsafe fn gather(&mut self, w: &[f32], n: usize) -> [Span; GROUPS] {
         debug_assert!(w.len() == GROUPS * n && n.is_multiple_of(2) && n <= BATCH_MAX);
-        let step = n as i32;
-        let index = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(step),
-        );
-        // `W = w · 2^-exponent` truncated: exact for the values that can get
-        // a nonzero `d` (see `Packed::fill` in `wide`).
-        let split = |x: __m512| {
+        self.n = n;
+        let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut special = _mm512_setzero_si512();
+        let exponent = _mm512_set1_epi32(0x7f80_0000);
+        let mut at = 0;
+        while at < n {
+            let count = (n - at).min(16);
+            let mask = (((1u32 << count) - 1) & 0xffff) as __mmask16;
+            // SAFETY: the mask reads values `at .. at + count` of group
+            // `g`, inside `w` (`at + count <= n`, `g < 16`).
+            let block = std::array::from_fn(|g| unsafe {
+                _mm512_maskz_loadu_ps(mask, w.as_ptr().add(g * n + at))
+            });
+            let block = transpose16(block);
+            for (row, &x) in self.values[at..at + count].iter_mut().zip(&block) {
+                row.write(x);
+                lo = _mm512_min_ps(x, lo);
+                hi = _mm512_max_ps(x, hi);
+                // An all-ones exponent carries into bit 31.
+                let e = _mm512_and_si512(_mm512_castps_si512(x), exponent);
+                special =
+                    _mm512_or_si512(special, _mm512_add_epi32(e, _mm512_set1_epi32(0x0080_0000)));
+            }
+            at += count;
+        }
+        let (mut l, mut h) = ([0.0f32; GROUPS], [0.0f32; GROUPS]);
+        // SAFETY: each array holds 16 f32.
+        unsafe {
+            _mm512_storeu_ps(l.as_mut_ptr(), lo);
+            _mm512_storeu_ps(h.as_mut_ptr(), hi);
+        }
+        let finite = !_mm512_movepi32_mask(special);
+        std::array::from_fn(|g| Span {
+            lo: l[g],
+            hi: h[g],
+            all_finite: finite & (1 << g) != 0,
+        })
+    }
+
+    /// The halves of `W = w · 2^-exponent`, truncated: exact for the values
+    /// that can get a nonzero `d` (see `Packed::fill` in `wide`).
+    ///
+    /// # Safety
+    /// After [`Rows::gather`]; the CPU has AVX-512 F and BW.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn split(&mut self, exponents: __m512) {
+        let split = |x: &MaybeUninit<__m512>| {
+            // SAFETY: `gather` wrote the first `n` rows.
+            let x = unsafe { x.assume_init() };
             let v = _mm512_cvttps_epi32(_mm512_scalef_ps(x, exponents));
             (
                 _mm512_srai_epi32::<15>(v),
                 _mm512_and_si512(v, _mm512_set1_epi32(0x7fff)),
             )
         };
-        for j in 0..n / 2 {
-            // SAFETY: lane `g` reads `w[g·n + 2j]` and `w[g·n + 2j + 1]`,
-            // inside `w` (`2j + 1 < n`, `g < 16`).
-            let (a, b) = unsafe {
-                (
-                    _mm512_i32gather_ps::<4>(index, w.as_ptr().add(2 * j).cast()),
-                    _mm512_i32gather_ps::<4>(index, w.as_ptr().add(2 * j + 1).cast()),
-                )
-            };
-            self.values[2 * j].write(a);
-            self.values[2 * j + 1].write(b);
-            let ((ha, la), (hb, lb)) = (split(a), split(b));
+        for j in 0..self.n / 2 {
+            let ((ha, la), (hb, lb)) = (split(&self.values[2 * j]), split(&self.values[2 * j + 1]));
             self.high[j].write(pair16(ha, hb));
             self.low[j].write(pair16(la, lb));
         }
     }
+
+    /// Σ w² of each lane in the canonical order: value `i` into
+    /// accumulator `i % 8`, the accumulators folded as [`fold_lanes`]
+    /// does (one block: groups are shorter than [`BLOCK`]). `w²` is exact
+    /// in f64, so the fused multiply-add rounds as the separate product and
+    /// sum do.
+    ///
+    /// # Safety
+    /// After [`Rows::gather`]; the CPU has AVX-512 F and DQ.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn sum_sq(&self) -> [__m512d; 2] {
+        let mut acc = [[_mm512_setzero_pd(); 2]; LANES];
+        for (i, row) in self.values[..self.n].iter().enumerate() {
+            // SAFETY: `gather` wrote the first `n` rows.
+            let x = halves_f64(unsafe { row.assume_init() });
+            let a = &mut acc[i % LANES];
+            *a = each_half(|h| _mm512_fmadd_pd(x[h], x[h], a[h]));
+        }
+        let add = |a: [__m512d; 2], b: [__m512d; 2]| each_half(|h| _mm512_add_pd(a[h], b[h]));
+        add(
+            add(add(acc[0], acc[1]), add(acc[2], acc[3])),
+            add(add(acc[4], acc[5]), add(acc[6], acc[7])),
+        )
+    }
 }
 
-/// The fits of one candidate for the 16 lanes: the integer sums and the
-/// lanes where some value's two products rounded apart.
-#[derive(Clone, Copy)]
-struct LaneFits {
-    high: [i32; GROUPS],
-    low: [i32; GROUPS],
-    dd: [i32; GROUPS],
-    miss: u16,
+/// One candidate's sums for every lane, as f64, and the lanes where some
+/// value's two products rounded apart.
+struct LaneFit {
+    wd: [__m512d; 2],
+    dd: [__m512d; 2],
+    miss: __mmask16,
 }
 
 /// The [`Bracket`] of each lane's scale, computed as [`Bracket::of`] does.
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq")]
 fn brackets(s: __m512) -> (__m512, __m512) {
-    let (s0, s1) = (
-        _mm512_cvtps_pd(_mm512_castps512_ps256(s)),
-        _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(s)),
-    );
-    let one = _mm512_set1_pd(1.0);
-    let (r0, r1) = (_mm512_div_pd(one, s0), _mm512_div_pd(one, s1));
+    let s = halves_f64(s);
+    let r = each_half(|h| _mm512_div_pd(_mm512_set1_pd(1.0), s[h]));
     let e = power_of_two(-22);
-    let narrow = |f: f64| {
-        let f = _mm512_set1_pd(f);
-        let (a, b) = (
-            _mm512_cvtpd_ps(_mm512_mul_pd(r0, f)),
-            _mm512_cvtpd_ps(_mm512_mul_pd(r1, f)),
-        );
-        _mm512_insertf32x8::<1>(_mm512_castps256_ps512(a), b)
-    };
-    (narrow(1.0 - e), narrow(1.0 + e))
+    let times = |f: f64| narrow_f32(each_half(|h| _mm512_mul_pd(r[h], _mm512_set1_pd(f))));
+    (times(1.0 - e), times(1.0 + e))
 }
 
-/// One candidate's fits for every lane, `s` its scales.
+/// One candidate's fits for every lane: `s` its scales, `q` each lane's
+/// `Q` as f64.
+///
+/// `dot(acc, a, b)` adds the `vpmaddwd` products of `a` and `b` to `acc`.
 ///
 /// # Safety
-/// `rows` holds `n` rows filled by [`Rows::fill`]; the CPU has AVX-512 F,
-/// BW and DQ.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq")]
-unsafe fn fit_lanes(rows: &Rows, n: usize, s: __m512, r: IntRange) -> LaneFits {
+/// After [`Rows::split`]; the CPU has AVX-512 F, BW and DQ.
+#[inline(always)]
+unsafe fn fit_lanes_with(
+    rows: &Rows,
+    s: __m512,
+    q: [__m512d; 2],
+    r: IntRange,
+    dot: impl Fn(__m512i, __m512i, __m512i) -> __m512i,
+) -> LaneFit {
     let (rlo, rhi) = brackets(s);
     let magic = _mm512_set1_ps(ROUND_MAGIC);
     let (dlo, dhi) = (
@@ -217,8 +349,9 @@ unsafe fn fit_lanes(rows: &Rows, n: usize, s: __m512, r: IntRange) -> LaneFits {
             _mm512_ternarylogic_epi32::<0xf6>(miss, _mm512_castps_si512(a), _mm512_castps_si512(b));
         _mm512_castps_si512(a)
     };
-    for j in 0..n / 2 {
-        // SAFETY: rows `2j`, `2j + 1` and pair `j` were written by `fill`.
+    for j in 0..rows.n / 2 {
+        // SAFETY: rows `2j`, `2j + 1` and pair `j` were written by
+        // `gather` and `split`.
         let (a, b, h, l) = unsafe {
             (
                 rows.values[2 * j].assume_init(),
@@ -231,103 +364,119 @@ unsafe fn fit_lanes(rows: &Rows, n: usize, s: __m512, r: IntRange) -> LaneFits {
         // and low 16 bits all zero: its low 16 bits are `d`.
         let d = pair16(rounded(a), rounded(b));
         let d = _mm512_min_epi16(_mm512_max_epi16(d, dlo), dhi);
-        high = _mm512_add_epi32(high, _mm512_madd_epi16(d, h));
-        low = _mm512_add_epi32(low, _mm512_madd_epi16(d, l));
-        dd = _mm512_add_epi32(dd, _mm512_madd_epi16(d, d));
+        high = dot(high, d, h);
+        low = dot(low, d, l);
+        dd = dot(dd, d, d);
     }
-    let mut f = LaneFits {
-        high: [0; GROUPS],
-        low: [0; GROUPS],
-        dd: [0; GROUPS],
-        miss: _mm512_test_epi32_mask(miss, miss),
+    let f64_half = |v: __m512i, h: usize| {
+        _mm512_cvtepi32_pd(if h == 0 {
+            _mm512_castsi512_si256(v)
+        } else {
+            _mm512_extracti64x4_epi64::<1>(v)
+        })
     };
-    // SAFETY: each array holds 16 i32.
+    let shift = _mm512_set1_pd(power_of_two(15));
+    LaneFit {
+        // `2^15 · high + low` is the exact integer `Σ W·d` (below 2^53),
+        // times the power of two `Q`: exact.
+        wd: each_half(|h| {
+            let w = _mm512_fmadd_pd(f64_half(high, h), shift, f64_half(low, h));
+            _mm512_mul_pd(w, q[h])
+        }),
+        dd: each_half(|h| f64_half(dd, h)),
+        miss: _mm512_test_epi32_mask(miss, miss),
+    }
+}
+
+/// [`fit_lanes_with`] with a multiply-add and an add.
+///
+/// # Safety
+/// As [`fit_lanes_with`].
+#[target_feature(enable = "avx512f,avx512bw,avx512dq")]
+unsafe fn fit_lanes(rows: &Rows, s: __m512, q: [__m512d; 2], r: IntRange) -> LaneFit {
+    // SAFETY: as required of the caller.
     unsafe {
-        _mm512_storeu_si512(f.high.as_mut_ptr().cast(), high);
-        _mm512_storeu_si512(f.low.as_mut_ptr().cast(), low);
-        _mm512_storeu_si512(f.dd.as_mut_ptr().cast(), dd);
+        fit_lanes_with(rows, s, q, r, |acc, a, b| {
+            _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+        })
     }
-    f
 }
 
-/// The fits of a batch: each lane's group, which lanes the batch served
-/// to the end, and every candidate's scales and sums.
-struct BatchFits {
-    lanes: [Lane; GROUPS],
-    /// Bit `g`: group `g` has all its fits here.
-    served: u16,
-    fits: [LaneFits; STEPS],
-    scales: [[f32; GROUPS]; STEPS],
+/// [`fit_lanes_with`] with one `vpdpwssd` (the same sum, one instruction
+/// instead of two).
+///
+/// # Safety
+/// As [`fit_lanes_with`], and the CPU has AVX-512 VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
+unsafe fn fit_lanes_vnni(rows: &Rows, s: __m512, q: [__m512d; 2], r: IntRange) -> LaneFit {
+    // SAFETY: as required of the caller.
+    unsafe { fit_lanes_with(rows, s, q, r, |acc, a, b| _mm512_dpwssd_epi32(acc, a, b)) }
 }
 
-impl BatchFits {
-    /// # Safety
-    /// `w` holds 16 groups of `n` values and [`batch_serves`] holds for `n`
-    /// and `p`; the CPU has AVX-512 F, BW, DQ and VL.
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    unsafe fn of(w: &[f32], n: usize, p: &IntQuant, r: IntRange) -> Self {
-        let lanes: [Lane; GROUPS] = std::array::from_fn(|g| Lane::of(&w[g * n..][..n], p, r));
-        let mut served: u16 = 0;
-        // Lanes not served compute with scale 1 and are never read.
-        let (mut exponents, mut minmax) = ([0.0f32; GROUPS], [1.0f32; GROUPS]);
-        for (g, lane) in lanes.iter().enumerate() {
-            if let Some(e) = lane.exponent {
-                served |= 1 << g;
-                exponents[g] = -e as f32;
-                minmax[g] = lane.minmax.scale;
-            }
+/// Each lane's best candidate so far, as [`Candidates::best`] ranks them:
+/// a candidate's plain scale and then its least-squares one, replacing the
+/// best only when strictly smaller (the sequential scan it is proved equal
+/// to, `Candidates::best_reference`).
+struct Ranking {
+    err: [__m512d; 2],
+    round_scale: __m512,
+    scale: __m512,
+    /// Lanes with a finite error.
+    found: __mmask16,
+}
+
+impl Ranking {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn new() -> Self {
+        Ranking {
+            err: [_mm512_set1_pd(f64::INFINITY); 2],
+            round_scale: _mm512_setzero_ps(),
+            scale: _mm512_setzero_ps(),
+            found: 0,
         }
-        let mut b = BatchFits {
-            lanes,
-            served,
-            fits: [LaneFits {
-                high: [0; GROUPS],
-                low: [0; GROUPS],
-                dd: [0; GROUPS],
-                miss: 0,
-            }; STEPS],
-            scales: [[0.0; GROUPS]; STEPS],
-        };
-        if served == 0 {
-            return b;
-        }
-        let mut rows = Rows {
-            values: [const { MaybeUninit::uninit() }; BATCH_MAX],
-            high: [const { MaybeUninit::uninit() }; BATCH_MAX / 2],
-            low: [const { MaybeUninit::uninit() }; BATCH_MAX / 2],
-        };
-        // SAFETY: `w` holds 16 groups of `n`, `n` as `batch_serves` needs;
-        // the CPU features are required of the caller.
-        unsafe { rows.fill(w, n, _mm512_loadu_ps(exponents.as_ptr())) };
-        for (step, (fit, s)) in b.fits.iter_mut().zip(&mut b.scales).enumerate() {
-            *s = minmax.map(|m| candidate_scale(m, step as u16));
-            // SAFETY: as above; `rows` holds `n` rows.
-            *fit = unsafe { fit_lanes(&rows, n, _mm512_loadu_ps(s.as_ptr()), r) };
-            b.served &= !fit.miss;
-        }
-        b
     }
 
-    /// Group `g`'s candidates in [`search_choice`]'s order, if served.
-    fn candidates(&self, g: usize) -> Option<Candidates> {
-        let exponent = self.lanes[g].exponent?;
-        if self.served & (1 << g) == 0 {
-            return None;
-        }
-        let mut c = Candidates::default();
-        for (f, s) in self.fits.iter().zip(&self.scales) {
-            let wd = (i64::from(f.high[g]) << 15) + i64::from(f.low[g]);
-            c.push(
-                s[g],
-                0,
-                Fit {
-                    // Below 2^53, times a power of two: exact.
-                    wd: wd as f64 * power_of_two(exponent),
-                    dd: f64::from(f.dd[g]),
-                },
-            );
-        }
-        Some(c)
+    /// Offers a candidate of scales `s` with its fits.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn offer(&mut self, sum_sq: [__m512d; 2], f: &LaneFit, s: __m512, bits: u8) {
+        // `model_error`: sum_sq - 2·s·wd + s·s·dd, in that order.
+        let error = |s: [__m512d; 2]| {
+            each_half(|h| {
+                let two_s = _mm512_mul_pd(_mm512_set1_pd(2.0), s[h]);
+                let t = _mm512_sub_pd(sum_sq[h], _mm512_mul_pd(two_s, f.wd[h]));
+                _mm512_add_pd(t, _mm512_mul_pd(_mm512_mul_pd(s[h], s[h]), f.dd[h]))
+            })
+        };
+        let mut take =
+            |err: [__m512d; 2], round_scale: __m512, scale: __m512, allowed: __mmask16| {
+                let m = allowed
+                    & mask16([
+                        _mm512_cmp_pd_mask::<_CMP_LT_OQ>(err[0], self.err[0]),
+                        _mm512_cmp_pd_mask::<_CMP_LT_OQ>(err[1], self.err[1]),
+                    ]);
+                self.err = [
+                    _mm512_mask_blend_pd(m as __mmask8, self.err[0], err[0]),
+                    _mm512_mask_blend_pd((m >> 8) as __mmask8, self.err[1], err[1]),
+                ];
+                self.round_scale = _mm512_mask_blend_ps(m, self.round_scale, round_scale);
+                self.scale = _mm512_mask_blend_ps(m, self.scale, scale);
+                self.found |= m;
+            };
+        take(error(halves_f64(s)), s, s, !0);
+        // The least-squares scale `wd / dd` as f32, where `dd > 0` and it
+        // is positive, kept in `bounded_scale`'s range.
+        let ls = narrow_f32(each_half(|h| _mm512_div_pd(f.wd[h], f.dd[h])));
+        let has = mask16([
+            _mm512_cmp_pd_mask::<_CMP_GT_OQ>(f.dd[0], _mm512_setzero_pd()),
+            _mm512_cmp_pd_mask::<_CMP_GT_OQ>(f.dd[1], _mm512_setzero_pd()),
+        ]) & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(ls, _mm512_setzero_ps());
+        let ls = _mm512_min_ps(
+            _mm512_max_ps(ls, _mm512_set1_ps(f32::MIN_POSITIVE)),
+            _mm512_set1_ps(f32::MAX / f32::from(1u16 << bits)),
+        );
+        take(error(halves_f64(ls)), s, ls, has);
     }
 }
 
@@ -349,22 +498,107 @@ pub(super) unsafe fn quantize_batch(
     let n = w.len() / GROUPS;
     debug_assert!(batch_serves(n, p) && w.len() == GROUPS * n && out.len() == w.len());
     // SAFETY: as required of the caller.
-    let b = unsafe { BatchFits::of(w, n, p, r) };
+    let (lanes, served, best) = unsafe { search_lanes(w, n, p, r) };
     for (g, (choice, out)) in choices.iter_mut().zip(out.chunks_mut(n)).enumerate() {
         let w = &w[g * n..][..n];
-        let lane = b.lanes[g];
-        *choice = match b.candidates(g) {
-            Some(c) => {
-                // SAFETY: the CPU features are required of the caller.
-                let passes = unsafe { WidePasses::unpacked(w, lane.span, r) };
-                let choice = pick(&passes, &c, lane.minmax, p.bits);
-                write_symbols_fast(w, out, lane.span, choice, r);
-                choice
-            }
+        let lane = lanes[g];
+        *choice = if served & (1 << g) != 0 {
+            // SAFETY: the CPU features are required of the caller.
+            let passes = unsafe { WidePasses::unpacked(w, lane.span, r) };
+            let best = best[g].unwrap_or(lane.minmax);
+            let choice =
+                if best != lane.minmax && passes.sq_error(best) >= passes.sq_error(lane.minmax) {
+                    lane.minmax
+                } else {
+                    best
+                };
+            write_symbols_fast(w, out, lane.span, choice, r);
+            choice
+        } else {
             // SAFETY: as above.
-            None => unsafe { quantize_group_avx512(w, out, p, r) },
+            unsafe { quantize_group_avx512(w, out, p, r) }
         };
     }
+}
+
+/// The lanes of a batch, which of them it served to the end, and for
+/// those the best ranked candidate (`None`: no finite error).
+///
+/// # Safety
+/// `w` holds 16 groups of `n` values and [`batch_serves`] holds for `n`
+/// and `p`; the CPU has AVX-512 F, BW, DQ and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn search_lanes(
+    w: &[f32],
+    n: usize,
+    p: &IntQuant,
+    r: IntRange,
+) -> ([Lane; GROUPS], u16, [Option<Choice>; GROUPS]) {
+    let mut rows = Rows {
+        n,
+        values: [const { MaybeUninit::uninit() }; BATCH_MAX],
+        high: [const { MaybeUninit::uninit() }; BATCH_MAX / 2],
+        low: [const { MaybeUninit::uninit() }; BATCH_MAX / 2],
+    };
+    // SAFETY: `w` holds 16 groups of `n`, `n` as `batch_serves` needs; the
+    // CPU features are required of the caller.
+    let spans = unsafe { rows.gather(w, n) };
+    let lanes = spans.map(|span| Lane::of(n, span, p, r));
+    let mut served: u16 = 0;
+    // Lanes not served compute with scale 1 and are never read.
+    let (mut exponents, mut q, mut minmax) = ([0.0f32; GROUPS], [1.0f64; GROUPS], [1.0f32; GROUPS]);
+    for (g, lane) in lanes.iter().enumerate() {
+        if let Some(e) = lane.exponent {
+            served |= 1 << g;
+            exponents[g] = -e as f32;
+            q[g] = power_of_two(e);
+            minmax[g] = lane.minmax.scale;
+        }
+    }
+    let mut best = [None; GROUPS];
+    if served == 0 {
+        return (lanes, served, best);
+    }
+    // SAFETY: as above.
+    let ranking = unsafe {
+        rows.split(_mm512_loadu_ps(exponents.as_ptr()));
+        let q = [
+            _mm512_loadu_pd(q.as_ptr()),
+            _mm512_loadu_pd(q.as_ptr().add(8)),
+        ];
+        let minmax = _mm512_loadu_ps(minmax.as_ptr());
+        let sum_sq = rows.sum_sq();
+        let mut ranking = Ranking::new();
+        let vnni = is_x86_feature_detected!("avx512vnni");
+        for step in 0..=SHRINK_STEPS {
+            // `candidate_scale`, lane by lane.
+            let s = _mm512_mul_ps(minmax, _mm512_set1_ps(candidate_scale(1.0, step)));
+            let fit = if vnni {
+                fit_lanes_vnni(&rows, s, q, r)
+            } else {
+                fit_lanes(&rows, s, q, r)
+            };
+            served &= !fit.miss;
+            ranking.offer(sum_sq, &fit, s, p.bits);
+        }
+        ranking
+    };
+    let (mut round_scale, mut scale) = ([0.0f32; GROUPS], [0.0f32; GROUPS]);
+    // SAFETY: each array holds 16 f32.
+    unsafe {
+        _mm512_storeu_ps(round_scale.as_mut_ptr(), ranking.round_scale);
+        _mm512_storeu_ps(scale.as_mut_ptr(), ranking.scale);
+    }
+    for (g, b) in best.iter_mut().enumerate() {
+        if ranking.found & (1 << g) != 0 {
+            *b = Some(Choice {
+                round_scale: round_scale[g],
+                scale: scale[g],
+                zero: 0,
+            });
+        }
+    }
+    (lanes, served, best)
 }
 
 /// How many of the 16 groups in `w` the batch fits itself.
@@ -374,8 +608,8 @@ pub(super) unsafe fn quantize_batch(
 #[cfg(test)]
 pub(super) unsafe fn served_lanes(w: &[f32], p: &IntQuant) -> u32 {
     // SAFETY: as required of the caller.
-    unsafe { BatchFits::of(w, w.len() / GROUPS, p, IntRange::of(p.bits)) }
-        .served
+    unsafe { search_lanes(w, w.len() / GROUPS, p, IntRange::of(p.bits)) }
+        .1
         .count_ones()
 }
 
@@ -422,6 +656,27 @@ mod tests {
     }
 
     #[test]
+    fn sixteen_registers_transpose() {
+        if !has_avx512() {
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        // SAFETY: the CPU has AVX-512 F; each load reads 16 of the 256.
+        let t = unsafe {
+            transpose16(std::array::from_fn(|i| {
+                _mm512_loadu_ps(m.as_ptr().add(16 * i))
+            }))
+        };
+        for (i, r) in t.iter().enumerate() {
+            let mut lanes = [0.0f32; 16];
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *r) };
+            let expected: Vec<f32> = (0..16).map(|j| (16 * j + i) as f32).collect();
+            assert_eq!(lanes.to_vec(), expected, "row {i}");
+        }
+    }
+
+    #[test]
     fn ordinary_groups_are_fitted_in_the_batch_with_the_references_bits() {
         if !has_avx512() {
             return;
@@ -463,6 +718,58 @@ mod tests {
         }
         assert_eq!(served(&w, 4), GROUPS as u32 - 5);
         check_against_reference(&w, n, 4);
+    }
+
+    /// `vpdpwssd` and `vpmaddwd` + `vpaddd` give every lane the same fits.
+    #[test]
+    fn fits_are_the_same_with_and_without_vnni() {
+        if !has_avx512() || !is_x86_feature_detected!("avx512vnni") {
+            return;
+        }
+        let (n, bits) = (128, 4);
+        let r = IntRange::of(bits);
+        let w = heavy_tailed(GROUPS * n, 5);
+        let mut rows = Rows {
+            n,
+            values: [const { MaybeUninit::uninit() }; BATCH_MAX],
+            high: [const { MaybeUninit::uninit() }; BATCH_MAX / 2],
+            low: [const { MaybeUninit::uninit() }; BATCH_MAX / 2],
+        };
+        let bits_of = |v: [__m512d; 2]| {
+            let mut l = [0.0f64; GROUPS];
+            // SAFETY: `l` holds 16 f64; the CPU has AVX-512 F.
+            unsafe {
+                _mm512_storeu_pd(l.as_mut_ptr(), v[0]);
+                _mm512_storeu_pd(l.as_mut_ptr().add(8), v[1]);
+            }
+            l.map(f64::to_bits)
+        };
+        // SAFETY: the CPU has the features (checked above); `w` holds 16
+        // groups of `n`.
+        unsafe {
+            let spans = rows.gather(&w, n);
+            let lanes = spans.map(|span| Lane::of(n, span, &search(bits, n), r));
+            let e: [f32; GROUPS] = std::array::from_fn(|g| -lanes[g].exponent.unwrap() as f32);
+            let q: [f64; GROUPS] =
+                std::array::from_fn(|g| power_of_two(lanes[g].exponent.unwrap()));
+            let m: [f32; GROUPS] = std::array::from_fn(|g| lanes[g].minmax.scale);
+            rows.split(_mm512_loadu_ps(e.as_ptr()));
+            let q = [
+                _mm512_loadu_pd(q.as_ptr()),
+                _mm512_loadu_pd(q.as_ptr().add(8)),
+            ];
+            for step in 0..=SHRINK_STEPS {
+                let s = _mm512_mul_ps(
+                    _mm512_loadu_ps(m.as_ptr()),
+                    _mm512_set1_ps(candidate_scale(1.0, step)),
+                );
+                let (a, b) = (fit_lanes(&rows, s, q, r), fit_lanes_vnni(&rows, s, q, r));
+                assert_eq!(bits_of(a.wd), bits_of(b.wd), "step {step}");
+                assert_eq!(bits_of(a.dd), bits_of(b.dd), "step {step}");
+                assert_eq!((a.miss, b.miss), (0, 0), "step {step}");
+                assert!(bits_of(a.dd).iter().all(|&d| f64::from_bits(d) > 0.0));
+            }
+        }
     }
 
     proptest! {
