@@ -1,23 +1,28 @@
 //! The symmetric MSE search for 16 neighbouring groups at once, one group
 //! per AVX-512 lane.
 //!
-//! [`WidePasses`] fits one candidate scale of one group per call: a few
-//! instructions per value, but every call also pays a fixed cost (two
-//! reciprocals, three horizontal sums, the conversion to f64, and the
-//! latency of a short chain) that over the 21 candidates of a group of 128
-//! costs more than the values do. Here lane `g` of every register belongs
-//! to group `g` of a batch of [`GROUPS`]: one pass over the values fits
-//! one candidate of all 16 groups, the sums never leave their lane, and the
-//! reciprocals are taken once for 16 groups.
+//! [`WidePasses`](super::wide::WidePasses) fits one candidate scale of one
+//! group per call: a few instructions per value, but every call also pays
+//! a fixed cost (two reciprocals, three horizontal sums, the conversion to
+//! f64, and the latency of a short chain) that over the 21 candidates of a
+//! group of 128 costs more than the values do. Here the 16 groups of a
+//! batch are transposed so that lane `g` of every register belongs to
+//! group `g`: one pass over the values fits one candidate of all 16, the
+//! sums never leave their lane, and the reciprocals are taken once for 16
+//! groups.
 //!
-//! Each lane computes what [`WidePasses`]'s integer fit computes, with the
+//! Each lane computes what the one-group integer fit computes, with the
 //! same exact arithmetic (see [`wide`](super::wide)): `d` from the two
 //! products with a [`Bracket`] of the scale, read from the bits of
 //! `ROUND_MAGIC + d`; `Σ W·d` over the two 15-bit halves of `W = w / Q` and
 //! `Σ d²` in 32-bit lanes (`vpmaddwd` over two values of a group, the
 //! values `i` and `i + 1` in the two 16-bit halves of the group's lane).
-//! Every sum is exact, so each group gets the same fits, and through
-//! [`pick`] the same choice, as [`search_choice`] on it alone.
+//! Every sum is exact, so each group gets the fits it gets alone. The rest
+//! of [`search_choice`] runs lane by lane with its own order of operations:
+//! `Σ w²` and the final squared errors in the canonical order (value `i`
+//! into accumulator `i % 8`), the ranking as the sequential scan with
+//! masks, [`pick`]'s comparison of the winner with min-max. The symbols are
+//! transposed back, sixteen values of a group at a time.
 //!
 //! A group the batch does not serve (NaN or infinity, all zeros, a scale
 //! out of the brackets' range or the bounds [`fit_is_exact`] and
@@ -27,7 +32,6 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-use super::wide::WidePasses;
 use super::*;
 
 /// Groups per batch: the f32 lanes of a register.
@@ -48,7 +52,6 @@ pub(super) fn batch_serves(n: usize, p: &IntQuant) -> bool {
 /// What the batch knows of one of its groups.
 #[derive(Clone, Copy)]
 struct Lane {
-    span: Span,
     minmax: Choice,
     /// `Q = 2^exponent`, the step of `W`; `None`: the one-group path.
     exponent: Option<i32>,
@@ -58,11 +61,7 @@ impl Lane {
     fn of(n: usize, span: Span, p: &IntQuant, r: IntRange) -> Self {
         let minmax = minmax_choice(span, p.bits, true);
         let exponent = Self::exponent(n, span, minmax.scale, r);
-        Lane {
-            span,
-            minmax,
-            exponent,
-        }
+        Lane { minmax, exponent }
     }
 
     /// The exponent of `Q` when every candidate's fit is exact in the
@@ -285,12 +284,111 @@ impl Rows {
             let a = &mut acc[i % LANES];
             *a = each_half(|h| _mm512_fmadd_pd(x[h], x[h], a[h]));
         }
-        let add = |a: [__m512d; 2], b: [__m512d; 2]| each_half(|h| _mm512_add_pd(a[h], b[h]));
-        add(
-            add(add(acc[0], acc[1]), add(acc[2], acc[3])),
-            add(add(acc[4], acc[5]), add(acc[6], acc[7])),
-        )
+        fold_rows(acc)
     }
+}
+
+impl Rows {
+    /// `d = clamp(round(w / s))` of a row as `ROUND_MAGIC + d`, from the
+    /// lower product of the [`Bracket`] of `s` (`rlo`): where the two
+    /// products of every value agree, as they do at every candidate scale
+    /// of a served lane, that is the quotient's rounding.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn magic_d(x: __m512, rlo: __m512, r: IntRange) -> __m512 {
+        let magic = _mm512_set1_ps(ROUND_MAGIC);
+        let (lo, hi) = (
+            _mm512_set1_ps(ROUND_MAGIC + r.qmin as f32),
+            _mm512_set1_ps(ROUND_MAGIC + r.qmax as f32),
+        );
+        _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(x, rlo, magic), lo), hi)
+    }
+
+    /// Σ (w - w')² of each lane in the canonical order, `w' = d · scale`
+    /// in f32 with `d` rounded at `round_scale`, as `sq_error_avx512` in
+    /// `wide` takes it for one group (a product, then a sum: no fused
+    /// multiply-add, the square of a difference rounds).
+    ///
+    /// # Safety
+    /// After [`Rows::gather`]; every `round_scale` is a candidate scale of
+    /// its lane; the CPU has AVX-512 F and DQ.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn sq_errors(&self, round_scale: __m512, scale: __m512, r: IntRange) -> [__m512d; 2] {
+        let (rlo, _) = brackets(round_scale);
+        let magic = _mm512_set1_ps(ROUND_MAGIC);
+        let mut acc = [[_mm512_setzero_pd(); 2]; LANES];
+        for (i, row) in self.values[..self.n].iter().enumerate() {
+            // SAFETY: `gather` wrote the first `n` rows.
+            let x = unsafe { row.assume_init() };
+            let d = _mm512_sub_ps(Self::magic_d(x, rlo, r), magic);
+            let (x, v) = (halves_f64(x), halves_f64(_mm512_mul_ps(d, scale)));
+            let a = &mut acc[i % LANES];
+            *a = each_half(|h| {
+                let t = _mm512_sub_pd(x[h], v[h]);
+                _mm512_add_pd(a[h], _mm512_mul_pd(t, t))
+            });
+        }
+        fold_rows(acc)
+    }
+
+    /// The symbols `q - qmin` of the lanes in `lanes`, rounded at
+    /// `round_scale`, into their groups in `out`: sixteen rows at a time
+    /// transposed back, sixteen bytes per group.
+    ///
+    /// # Safety
+    /// As [`Rows::sq_errors`]; `out` holds 16 groups of `n`; the CPU has
+    /// AVX-512 F, BW and DQ.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq")]
+    unsafe fn write_symbols(&self, out: &mut [u8], round_scale: __m512, lanes: u16, r: IntRange) {
+        let n = self.n;
+        debug_assert!(out.len() == GROUPS * n);
+        let (rlo, _) = brackets(round_scale);
+        // `ROUND_MAGIC + d` minus the bits of `ROUND_MAGIC + qmin` is
+        // `d - qmin`, the symbol (`d` within 2^14, see `fit_lanes_with`).
+        let base = _mm512_set1_epi32((ROUND_MAGIC + r.qmin as f32).to_bits() as i32);
+        let mut at = 0;
+        while at < n {
+            let count = (n - at).min(16);
+            let block: [__m512; 16] = std::array::from_fn(|j| {
+                if j < count {
+                    // SAFETY: `gather` wrote the first `n` rows.
+                    let x = unsafe { self.values[at + j].assume_init() };
+                    let y = _mm512_castps_si512(Self::magic_d(x, rlo, r));
+                    _mm512_castsi512_ps(_mm512_sub_epi32(y, base))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            let mask = (((1u32 << count) - 1) & 0xffff) as __mmask16;
+            for (g, v) in transpose16(block).into_iter().enumerate() {
+                if lanes & (1 << g) != 0 {
+                    // SAFETY: the mask writes bytes `at .. at + count` of
+                    // group `g`, inside `out`.
+                    unsafe {
+                        _mm512_mask_cvtepi32_storeu_epi8(
+                            out.as_mut_ptr().add(g * n + at).cast(),
+                            mask,
+                            _mm512_castps_si512(v),
+                        )
+                    };
+                }
+            }
+            at += count;
+        }
+    }
+}
+
+/// Eight accumulators of each lane folded as [`fold_lanes`] does.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn fold_rows(acc: [[__m512d; 2]; LANES]) -> [__m512d; 2] {
+    let add = |a: [__m512d; 2], b: [__m512d; 2]| each_half(|h| _mm512_add_pd(a[h], b[h]));
+    add(
+        add(add(acc[0], acc[1]), add(acc[2], acc[3])),
+        add(add(acc[4], acc[5]), add(acc[6], acc[7])),
+    )
 }
 
 /// One candidate's sums for every lane, as f64, and the lanes where some
@@ -498,42 +596,32 @@ pub(super) unsafe fn quantize_batch(
     let n = w.len() / GROUPS;
     debug_assert!(batch_serves(n, p) && w.len() == GROUPS * n && out.len() == w.len());
     // SAFETY: as required of the caller.
-    let (lanes, served, best) = unsafe { search_lanes(w, n, p, r) };
+    let (served, chosen) = unsafe { quantize_lanes(w, out, n, p, r) };
     for (g, (choice, out)) in choices.iter_mut().zip(out.chunks_mut(n)).enumerate() {
-        let w = &w[g * n..][..n];
-        let lane = lanes[g];
         *choice = if served & (1 << g) != 0 {
-            // SAFETY: the CPU features are required of the caller.
-            let passes = unsafe { WidePasses::unpacked(w, lane.span, r) };
-            let best = best[g].unwrap_or(lane.minmax);
-            let choice =
-                if best != lane.minmax && passes.sq_error(best) >= passes.sq_error(lane.minmax) {
-                    lane.minmax
-                } else {
-                    best
-                };
-            write_symbols_fast(w, out, lane.span, choice, r);
-            choice
+            chosen[g]
         } else {
             // SAFETY: as above.
-            unsafe { quantize_group_avx512(w, out, p, r) }
+            unsafe { quantize_group_avx512(&w[g * n..][..n], out, p, r) }
         };
     }
 }
 
-/// The lanes of a batch, which of them it served to the end, and for
-/// those the best ranked candidate (`None`: no finite error).
+/// The search of the 16 groups lane by lane: which lanes it served to the
+/// end, their choices, and their symbols written to `out` (the other
+/// groups' symbols are left alone).
 ///
 /// # Safety
-/// `w` holds 16 groups of `n` values and [`batch_serves`] holds for `n`
-/// and `p`; the CPU has AVX-512 F, BW, DQ and VL.
+/// `w` and `out` hold 16 groups of `n` values and [`batch_serves`] holds
+/// for `n` and `p`; the CPU has AVX-512 F, BW, DQ and VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn search_lanes(
+unsafe fn quantize_lanes(
     w: &[f32],
+    out: &mut [u8],
     n: usize,
     p: &IntQuant,
     r: IntRange,
-) -> ([Lane; GROUPS], u16, [Option<Choice>; GROUPS]) {
+) -> (u16, [Choice; GROUPS]) {
     let mut rows = Rows {
         n,
         values: [const { MaybeUninit::uninit() }; BATCH_MAX],
@@ -555,12 +643,12 @@ unsafe fn search_lanes(
             minmax[g] = lane.minmax.scale;
         }
     }
-    let mut best = [None; GROUPS];
+    let mut chosen = lanes.map(|l| l.minmax);
     if served == 0 {
-        return (lanes, served, best);
+        return (served, chosen);
     }
     // SAFETY: as above.
-    let ranking = unsafe {
+    let (round_scale, scale) = unsafe {
         rows.split(_mm512_loadu_ps(exponents.as_ptr()));
         let q = [
             _mm512_loadu_pd(q.as_ptr()),
@@ -581,24 +669,42 @@ unsafe fn search_lanes(
             served &= !fit.miss;
             ranking.offer(sum_sq, &fit, s, p.bits);
         }
-        ranking
+        // `pick`: no finite error leaves min-max; a best that differs
+        // from min-max is kept only if its direct error is strictly
+        // smaller. Every round scale here is a candidate's, whose
+        // bracket agreed at every value of a served lane.
+        let best_round = _mm512_mask_blend_ps(ranking.found, minmax, ranking.round_scale);
+        let best_scale = _mm512_mask_blend_ps(ranking.found, minmax, ranking.scale);
+        let differs = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(best_round, minmax)
+            | _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(best_scale, minmax);
+        let (e_best, e_minmax) = (
+            rows.sq_errors(best_round, best_scale, r),
+            rows.sq_errors(minmax, minmax, r),
+        );
+        let not_smaller = mask16([
+            _mm512_cmp_pd_mask::<_CMP_GE_OQ>(e_best[0], e_minmax[0]),
+            _mm512_cmp_pd_mask::<_CMP_GE_OQ>(e_best[1], e_minmax[1]),
+        ]);
+        let keep_minmax = differs & not_smaller;
+        let round_scale = _mm512_mask_blend_ps(keep_minmax, best_round, minmax);
+        let scale = _mm512_mask_blend_ps(keep_minmax, best_scale, minmax);
+        rows.write_symbols(out, round_scale, served, r);
+        (round_scale, scale)
     };
-    let (mut round_scale, mut scale) = ([0.0f32; GROUPS], [0.0f32; GROUPS]);
+    let (mut rs, mut sc) = ([0.0f32; GROUPS], [0.0f32; GROUPS]);
     // SAFETY: each array holds 16 f32.
     unsafe {
-        _mm512_storeu_ps(round_scale.as_mut_ptr(), ranking.round_scale);
-        _mm512_storeu_ps(scale.as_mut_ptr(), ranking.scale);
+        _mm512_storeu_ps(rs.as_mut_ptr(), round_scale);
+        _mm512_storeu_ps(sc.as_mut_ptr(), scale);
     }
-    for (g, b) in best.iter_mut().enumerate() {
-        if ranking.found & (1 << g) != 0 {
-            *b = Some(Choice {
-                round_scale: round_scale[g],
-                scale: scale[g],
-                zero: 0,
-            });
-        }
+    for (g, c) in chosen.iter_mut().enumerate() {
+        *c = Choice {
+            round_scale: rs[g],
+            scale: sc[g],
+            zero: 0,
+        };
     }
-    (lanes, served, best)
+    (served, chosen)
 }
 
 /// How many of the 16 groups in `w` the batch fits itself.
@@ -607,9 +713,10 @@ unsafe fn search_lanes(
 /// As [`quantize_batch`].
 #[cfg(test)]
 pub(super) unsafe fn served_lanes(w: &[f32], p: &IntQuant) -> u32 {
-    // SAFETY: as required of the caller.
-    unsafe { search_lanes(w, w.len() / GROUPS, p, IntRange::of(p.bits)) }
-        .1
+    let mut out = vec![0u8; w.len()];
+    // SAFETY: as required of the caller; `out` holds 16 groups of `n`.
+    unsafe { quantize_lanes(w, &mut out, w.len() / GROUPS, p, IntRange::of(p.bits)) }
+        .0
         .count_ones()
 }
 

@@ -65,22 +65,6 @@ impl<'a> WidePasses<'a> {
         let packed = unsafe { Packed::new(w, span, smallest_scale) };
         Some(Self { w, span, r, packed })
     }
-
-    /// The passes without the integer fits, for a group of finite values
-    /// of at most [`PAR_GROUP`] elements whose fits are taken elsewhere.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F, BW, DQ and VL.
-    #[inline(always)]
-    pub(super) unsafe fn unpacked(w: &'a [f32], span: Span, r: IntRange) -> Self {
-        debug_assert!(span.all_finite && w.len() <= PAR_GROUP);
-        Self {
-            w,
-            span,
-            r,
-            packed: None,
-        }
-    }
 }
 
 /// Groups of at most this many elements can take the integer fits.
