@@ -277,14 +277,43 @@ impl Rows {
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq")]
     unsafe fn sum_sq(&self) -> [__m512d; 2] {
-        let mut acc = [[_mm512_setzero_pd(); 2]; LANES];
-        for (i, row) in self.values[..self.n].iter().enumerate() {
-            // SAFETY: `gather` wrote the first `n` rows.
-            let x = halves_f64(unsafe { row.assume_init() });
-            let a = &mut acc[i % LANES];
-            *a = each_half(|h| _mm512_fmadd_pd(x[h], x[h], a[h]));
+        // SAFETY: as required of the caller.
+        unsafe {
+            self.canonical(|a, x| {
+                let x = halves_f64(x);
+                each_half(|h| _mm512_fmadd_pd(x[h], x[h], a[h]))
+            })
         }
-        fold_rows(acc)
+    }
+
+    /// Sums of each lane in the canonical order: `add(acc, row)` adds row
+    /// `i`'s term to accumulator `i % 8`; the accumulators are then folded
+    /// as [`fold_lanes`] does (one block: groups are shorter than
+    /// [`BLOCK`]). Eight rows per step, so the accumulators stay in
+    /// registers.
+    ///
+    /// # Safety
+    /// After [`Rows::gather`]; the CPU has AVX-512 F.
+    #[inline(always)]
+    unsafe fn canonical(
+        &self,
+        mut add: impl FnMut([__m512d; 2], __m512) -> [__m512d; 2],
+    ) -> [__m512d; 2] {
+        // SAFETY: as required of the caller.
+        let mut acc = [[unsafe { _mm512_setzero_pd() }; 2]; LANES];
+        let mut rows = self.values[..self.n].chunks_exact(LANES);
+        for c in &mut rows {
+            for (a, row) in acc.iter_mut().zip(c) {
+                // SAFETY: `gather` wrote the first `n` rows.
+                *a = add(*a, unsafe { row.assume_init() });
+            }
+        }
+        for (a, row) in acc.iter_mut().zip(rows.remainder()) {
+            // SAFETY: as above.
+            *a = add(*a, unsafe { row.assume_init() });
+        }
+        // SAFETY: as required of the caller.
+        unsafe { fold_rows(acc) }
     }
 }
 
@@ -317,19 +346,17 @@ impl Rows {
     unsafe fn sq_errors(&self, round_scale: __m512, scale: __m512, r: IntRange) -> [__m512d; 2] {
         let (rlo, _) = brackets(round_scale);
         let magic = _mm512_set1_ps(ROUND_MAGIC);
-        let mut acc = [[_mm512_setzero_pd(); 2]; LANES];
-        for (i, row) in self.values[..self.n].iter().enumerate() {
-            // SAFETY: `gather` wrote the first `n` rows.
-            let x = unsafe { row.assume_init() };
-            let d = _mm512_sub_ps(Self::magic_d(x, rlo, r), magic);
-            let (x, v) = (halves_f64(x), halves_f64(_mm512_mul_ps(d, scale)));
-            let a = &mut acc[i % LANES];
-            *a = each_half(|h| {
-                let t = _mm512_sub_pd(x[h], v[h]);
-                _mm512_add_pd(a[h], _mm512_mul_pd(t, t))
-            });
+        // SAFETY: as required of the caller.
+        unsafe {
+            self.canonical(|a, x| {
+                let d = _mm512_sub_ps(Self::magic_d(x, rlo, r), magic);
+                let (x, v) = (halves_f64(x), halves_f64(_mm512_mul_ps(d, scale)));
+                each_half(|h| {
+                    let t = _mm512_sub_pd(x[h], v[h]);
+                    _mm512_add_pd(a[h], _mm512_mul_pd(t, t))
+                })
+            })
         }
-        fold_rows(acc)
     }
 
     /// The symbols `q - qmin` of the lanes in `lanes`, rounded at
