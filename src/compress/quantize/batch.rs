@@ -21,7 +21,7 @@
 //! of [`search_choice`] runs lane by lane with its own order of operations:
 //! `Σ w²` and the final squared errors in the canonical order (value `i`
 //! into accumulator `i % 8`), the ranking as the sequential scan with
-//! masks, [`pick`]'s comparison of the winner with min-max. The symbols are
+//! masks, the comparison of the winner with min-max. The symbols are
 //! transposed back, sixteen values of a group at a time.
 //!
 //! A group the batch does not serve (NaN or infinity, all zeros, a scale
@@ -32,6 +32,7 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
+use super::wide::{bracketed, halves_f64, packed_exponent, split_w};
 use super::*;
 
 /// Groups per batch: the f32 lanes of a register.
@@ -70,10 +71,9 @@ impl Lane {
     /// Candidate scales fall with the step, and every bound below is
     /// monotone in the scale, so checking the largest and the smallest
     /// candidate checks them all: the brackets exist, every partial sum
-    /// is exact ([`fit_is_exact`]: `Q` falls with the scale), `W` of
-    /// every value that can round to a nonzero `d` is an integer below
-    /// 2^30 and `w / s` is below 2^14 (as [`Packed`](super::wide) needs),
-    /// and the 32-bit sums hold (below `n · 2^15 · dmax`).
+    /// is exact ([`fit_is_exact`]: `Q` falls with the scale), the integer
+    /// fits take the group ([`packed_exponent`]), and the 32-bit sums hold
+    /// (below `n · 2^15 · dmax`).
     fn exponent(n: usize, span: Span, scale: f32, r: IntRange) -> Option<i32> {
         let smallest = candidate_scale(scale, SHRINK_STEPS);
         let dmax = r.qmax.max(-r.qmin) as usize;
@@ -86,12 +86,65 @@ impl Lane {
         {
             return None;
         }
-        let exponent = step_exponent(smallest);
-        let a = f64::from(span.hi.max(-span.lo));
-        (a / power_of_two(exponent) < power_of_two(30)
-            && a / f64::from(smallest) < power_of_two(14))
-        .then_some(exponent)
+        packed_exponent(span, smallest)
     }
+}
+
+/// What the passes need of the lanes, as registers. Lanes not served
+/// compute with scale 1 and `Q = 1`, and are never read.
+struct LaneVectors {
+    /// The lanes the batch serves so far.
+    served: u16,
+    /// `-exponent` of each lane's `Q`.
+    minus_exponents: __m512,
+    /// `Q` of each lane.
+    q: [__m512d; 2],
+    /// The min-max scale of each lane.
+    minmax: __m512,
+}
+
+impl LaneVectors {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn of(lanes: &[Lane; GROUPS]) -> Self {
+        let mut served: u16 = 0;
+        let (mut exponents, mut q, mut minmax) =
+            ([0.0f32; GROUPS], [1.0f64; GROUPS], [1.0f32; GROUPS]);
+        for (g, lane) in lanes.iter().enumerate() {
+            if let Some(e) = lane.exponent {
+                served |= 1 << g;
+                exponents[g] = -e as f32;
+                q[g] = power_of_two(e);
+                minmax[g] = lane.minmax.scale;
+            }
+        }
+        // SAFETY: each array holds 16 values.
+        unsafe {
+            LaneVectors {
+                served,
+                minus_exponents: _mm512_loadu_ps(exponents.as_ptr()),
+                q: [
+                    _mm512_loadu_pd(q.as_ptr()),
+                    _mm512_loadu_pd(q.as_ptr().add(8)),
+                ],
+                minmax: _mm512_loadu_ps(minmax.as_ptr()),
+            }
+        }
+    }
+}
+
+/// [`candidate_scale`] of each lane's min-max scale at `step`: the same
+/// f32 product.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn candidate_scales(minmax: __m512, step: u16) -> __m512 {
+    _mm512_mul_ps(minmax, _mm512_set1_ps(candidate_scale(1.0, step)))
+}
+
+/// The first `count` (at most 16) lanes.
+#[inline(always)]
+fn first_lanes(count: usize) -> __mmask16 {
+    (((1u32 << count) - 1) & 0xffff) as __mmask16
 }
 
 /// The 16 groups' values, lane `g` of row `i` value `i` of group `g`, and
@@ -109,16 +162,6 @@ struct Rows {
 #[target_feature(enable = "avx512f,avx512bw")]
 fn pair16(a: __m512i, b: __m512i) -> __m512i {
     _mm512_mask_blend_epi16(0xaaaa_aaaa, a, _mm512_slli_epi32::<16>(b))
-}
-
-/// The low and high eight lanes of `v` as f64.
-#[inline]
-#[target_feature(enable = "avx512f,avx512dq")]
-fn halves_f64(v: __m512) -> [__m512d; 2] {
-    [
-        _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
-        _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(v)),
-    ]
 }
 
 /// Two registers of eight f64 as one of sixteen f32, each rounded.
@@ -192,6 +235,16 @@ fn mask16(m: [__mmask8; 2]) -> __mmask16 {
 }
 
 impl Rows {
+    /// No rows yet: [`Rows::gather`] writes them.
+    fn uninit() -> Self {
+        Rows {
+            n: 0,
+            values: [const { MaybeUninit::uninit() }; BATCH_MAX],
+            high: [const { MaybeUninit::uninit() }; BATCH_MAX / 2],
+            low: [const { MaybeUninit::uninit() }; BATCH_MAX / 2],
+        }
+    }
+
     /// The rows of the 16 groups of `n` values in `w`, and each group's
     /// [`Span`], lane by lane as [`Span::with`] takes it (strict
     /// comparisons, a flag for an all-ones exponent).
@@ -210,7 +263,7 @@ impl Rows {
         let mut at = 0;
         while at < n {
             let count = (n - at).min(16);
-            let mask = (((1u32 << count) - 1) & 0xffff) as __mmask16;
+            let mask = first_lanes(count);
             // SAFETY: the mask reads values `at .. at + count` of group
             // `g`, inside `w` (`at + count <= n`, `g < 16`).
             let block = std::array::from_fn(|g| unsafe {
@@ -242,8 +295,7 @@ impl Rows {
         })
     }
 
-    /// The halves of `W = w · 2^-exponent`, truncated: exact for the values
-    /// that can get a nonzero `d` (see `Packed::fill` in `wide`).
+    /// The halves of `W = w · 2^-exponent` ([`split_w`]), in pairs of rows.
     ///
     /// # Safety
     /// After [`Rows::gather`]; the CPU has AVX-512 F and BW.
@@ -252,12 +304,7 @@ impl Rows {
     unsafe fn split(&mut self, exponents: __m512) {
         let split = |x: &MaybeUninit<__m512>| {
             // SAFETY: `gather` wrote the first `n` rows.
-            let x = unsafe { x.assume_init() };
-            let v = _mm512_cvttps_epi32(_mm512_scalef_ps(x, exponents));
-            (
-                _mm512_srai_epi32::<15>(v),
-                _mm512_and_si512(v, _mm512_set1_epi32(0x7fff)),
-            )
+            split_w(unsafe { x.assume_init() }, exponents)
         };
         for j in 0..self.n / 2 {
             let ((ha, la), (hb, lb)) = (split(&self.values[2 * j]), split(&self.values[2 * j + 1]));
@@ -388,7 +435,7 @@ impl Rows {
                     _mm512_setzero_ps()
                 }
             });
-            let mask = (((1u32 << count) - 1) & 0xffff) as __mmask16;
+            let mask = first_lanes(count);
             for (g, v) in transpose16(block).into_iter().enumerate() {
                 if lanes & (1 << g) != 0 {
                     // SAFETY: the mask writes bytes `at .. at + count` of
@@ -453,7 +500,6 @@ unsafe fn fit_lanes_with(
     dot: impl Fn(__m512i, __m512i, __m512i) -> __m512i,
 ) -> LaneFit {
     let (rlo, rhi) = brackets(s);
-    let magic = _mm512_set1_ps(ROUND_MAGIC);
     let (dlo, dhi) = (
         _mm512_set1_epi16(r.qmin as i16),
         _mm512_set1_epi16(r.qmax as i16),
@@ -464,16 +510,7 @@ unsafe fn fit_lanes_with(
         _mm512_setzero_si512(),
         _mm512_setzero_si512(),
     );
-    let mut rounded = |x: __m512| {
-        let (a, b) = (
-            _mm512_fmadd_ps(x, rlo, magic),
-            _mm512_fmadd_ps(x, rhi, magic),
-        );
-        // `miss | (a ^ b)`.
-        miss =
-            _mm512_ternarylogic_epi32::<0xf6>(miss, _mm512_castps_si512(a), _mm512_castps_si512(b));
-        _mm512_castps_si512(a)
-    };
+    let mut rounded = |x: __m512| _mm512_castps_si512(bracketed(x, rlo, rhi, &mut miss));
     for j in 0..rows.n / 2 {
         // SAFETY: rows `2j`, `2j + 1` and pair `j` were written by
         // `gather` and `split`.
@@ -649,54 +686,35 @@ unsafe fn quantize_lanes(
     p: &IntQuant,
     r: IntRange,
 ) -> (u16, [Choice; GROUPS]) {
-    let mut rows = Rows {
-        n,
-        values: [const { MaybeUninit::uninit() }; BATCH_MAX],
-        high: [const { MaybeUninit::uninit() }; BATCH_MAX / 2],
-        low: [const { MaybeUninit::uninit() }; BATCH_MAX / 2],
-    };
+    let mut rows = Rows::uninit();
     // SAFETY: `w` holds 16 groups of `n`, `n` as `batch_serves` needs; the
     // CPU features are required of the caller.
     let spans = unsafe { rows.gather(w, n) };
     let lanes = spans.map(|span| Lane::of(n, span, p, r));
-    let mut served: u16 = 0;
-    // Lanes not served compute with scale 1 and are never read.
-    let (mut exponents, mut q, mut minmax) = ([0.0f32; GROUPS], [1.0f64; GROUPS], [1.0f32; GROUPS]);
-    for (g, lane) in lanes.iter().enumerate() {
-        if let Some(e) = lane.exponent {
-            served |= 1 << g;
-            exponents[g] = -e as f32;
-            q[g] = power_of_two(e);
-            minmax[g] = lane.minmax.scale;
-        }
-    }
     let mut chosen = lanes.map(|l| l.minmax);
+    let v = LaneVectors::of(&lanes);
+    let mut served = v.served;
     if served == 0 {
         return (served, chosen);
     }
     // SAFETY: as above.
     let (round_scale, scale) = unsafe {
-        rows.split(_mm512_loadu_ps(exponents.as_ptr()));
-        let q = [
-            _mm512_loadu_pd(q.as_ptr()),
-            _mm512_loadu_pd(q.as_ptr().add(8)),
-        ];
-        let minmax = _mm512_loadu_ps(minmax.as_ptr());
+        rows.split(v.minus_exponents);
+        let minmax = v.minmax;
         let sum_sq = rows.sum_sq();
         let mut ranking = Ranking::new();
         let vnni = is_x86_feature_detected!("avx512vnni");
         for step in 0..=SHRINK_STEPS {
-            // `candidate_scale`, lane by lane.
-            let s = _mm512_mul_ps(minmax, _mm512_set1_ps(candidate_scale(1.0, step)));
+            let s = candidate_scales(minmax, step);
             let fit = if vnni {
-                fit_lanes_vnni(&rows, s, q, r)
+                fit_lanes_vnni(&rows, s, v.q, r)
             } else {
-                fit_lanes(&rows, s, q, r)
+                fit_lanes(&rows, s, v.q, r)
             };
             served &= !fit.miss;
             ranking.offer(sum_sq, &fit, s, p.bits);
         }
-        // `pick`: no finite error leaves min-max; a best that differs
+        // As in `search_choice`: no finite error leaves min-max; a best that differs
         // from min-max is kept only if its direct error is strictly
         // smaller. Every round scale here is a candidate's, whose
         // bracket agreed at every value of a served lane.
@@ -863,12 +881,7 @@ mod tests {
         let (n, bits) = (128, 4);
         let r = IntRange::of(bits);
         let w = heavy_tailed(GROUPS * n, 5);
-        let mut rows = Rows {
-            n,
-            values: [const { MaybeUninit::uninit() }; BATCH_MAX],
-            high: [const { MaybeUninit::uninit() }; BATCH_MAX / 2],
-            low: [const { MaybeUninit::uninit() }; BATCH_MAX / 2],
-        };
+        let mut rows = Rows::uninit();
         let bits_of = |v: [__m512d; 2]| {
             let mut l = [0.0f64; GROUPS];
             // SAFETY: `l` holds 16 f64; the CPU has AVX-512 F.
@@ -883,21 +896,15 @@ mod tests {
         unsafe {
             let spans = rows.gather(&w, n);
             let lanes = spans.map(|span| Lane::of(n, span, &search(bits, n), r));
-            let e: [f32; GROUPS] = std::array::from_fn(|g| -lanes[g].exponent.unwrap() as f32);
-            let q: [f64; GROUPS] =
-                std::array::from_fn(|g| power_of_two(lanes[g].exponent.unwrap()));
-            let m: [f32; GROUPS] = std::array::from_fn(|g| lanes[g].minmax.scale);
-            rows.split(_mm512_loadu_ps(e.as_ptr()));
-            let q = [
-                _mm512_loadu_pd(q.as_ptr()),
-                _mm512_loadu_pd(q.as_ptr().add(8)),
-            ];
+            let v = LaneVectors::of(&lanes);
+            assert_eq!(v.served, u16::MAX);
+            rows.split(v.minus_exponents);
             for step in 0..=SHRINK_STEPS {
-                let s = _mm512_mul_ps(
-                    _mm512_loadu_ps(m.as_ptr()),
-                    _mm512_set1_ps(candidate_scale(1.0, step)),
+                let s = candidate_scales(v.minmax, step);
+                let (a, b) = (
+                    fit_lanes(&rows, s, v.q, r),
+                    fit_lanes_vnni(&rows, s, v.q, r),
                 );
-                let (a, b) = (fit_lanes(&rows, s, q, r), fit_lanes_vnni(&rows, s, q, r));
                 assert_eq!(bits_of(a.wd), bits_of(b.wd), "step {step}");
                 assert_eq!(bits_of(a.dd), bits_of(b.dd), "step {step}");
                 assert_eq!((a.miss, b.miss), (0, 0), "step {step}");

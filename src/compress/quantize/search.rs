@@ -43,6 +43,7 @@ pub(super) fn search_choice(p: &impl GroupPasses, span: Span, bits: u8, symmetri
         return minmax;
     }
     let r = IntRange::of(bits);
+    let sum_sq = p.sum_sq();
     // All fits first, then the ranking over arrays: the fits do not depend
     // on each other or on the ranking, so they overlap, and the ranking's
     // loops have no branches to mispredict.
@@ -68,15 +69,7 @@ pub(super) fn search_choice(p: &impl GroupPasses, span: Span, bits: u8, symmetri
             c.push(s, zero, p.fit(s, zero));
         }
     }
-    pick(p, &c, minmax, bits)
-}
-
-/// The search's choice from its fitted candidates `c`: the best by the
-/// expanded error, kept only if its directly computed error is strictly
-/// smaller than min-max's.
-#[inline(always)]
-pub(super) fn pick(p: &impl GroupPasses, c: &Candidates, minmax: Choice, bits: u8) -> Choice {
-    let best = c.best(p.sum_sq(), bits).unwrap_or(minmax);
+    let best = c.best(sum_sq, bits).unwrap_or(minmax);
     if best != minmax && p.sq_error(best) >= p.sq_error(minmax) {
         minmax
     } else {

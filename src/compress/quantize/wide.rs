@@ -89,23 +89,10 @@ impl Packed {
     /// The CPU has AVX-512 F and BW.
     #[inline(always)]
     unsafe fn new(w: &[f32], span: Span, smallest_scale: f32) -> Option<Self> {
-        // A NaN scale fails the comparison too.
-        if w.len() > PACKED_MAX
-            || smallest_scale
-                .partial_cmp(&f32::MIN_POSITIVE)
-                .is_none_or(|o| o.is_lt())
-        {
+        if w.len() > PACKED_MAX {
             return None;
         }
-        let exponent = step_exponent(smallest_scale);
-        let a = f64::from(span.hi.max(-span.lo));
-        // `W` fits the split; `w / s` stays below 2^14, as
-        // `fit_packed_bracketed` needs.
-        if a / power_of_two(exponent) >= power_of_two(30)
-            || a / f64::from(smallest_scale) >= power_of_two(14)
-        {
-            return None;
-        }
+        let exponent = packed_exponent(span, smallest_scale)?;
         let mut p = Packed {
             high: [0; PACKED_MAX],
             low: [0; PACKED_MAX],
@@ -120,21 +107,11 @@ impl Packed {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     fn fill(&mut self, w: &[f32]) {
-        // `w · 2^-exponent` is exact for the values that matter (a power of
-        // two scaling, below 2^30); smaller ones truncate, but their `d` is
-        // 0 at every scale this serves.
         let scale = _mm512_set1_ps(-self.exponent as f32);
-        let split = |x: __m512| {
-            let v = _mm512_cvttps_epi32(_mm512_scalef_ps(x, scale));
-            (
-                _mm512_srai_epi32::<15>(v),
-                _mm512_and_si512(v, _mm512_set1_epi32(0x7fff)),
-            )
-        };
         let mut at = 0;
         while at < w.len() {
-            let (ha, la) = split(load16(w, at));
-            let (hb, lb) = split(load16(w, at + 16));
+            let (ha, la) = split_w(load16(w, at), scale);
+            let (hb, lb) = split_w(load16(w, at + 16), scale);
             // SAFETY: `at + 32 <= PACKED_MAX`: `w.len() <= PACKED_MAX`, a
             // multiple of 32.
             unsafe {
@@ -146,6 +123,41 @@ impl Packed {
             at += 32;
         }
     }
+}
+
+/// The exponent of the step `Q` of `W = w / Q` for every scale from
+/// `smallest_scale` up, where the integer fits can take a group of `span`:
+/// `W` of every value that can round to a nonzero `d` (those above half
+/// the smallest scale, see [`fit_is_exact`]) is an integer below 2^30, and
+/// `w / s` stays below 2^14, as the bracketed integer fits need. `None`
+/// where they cannot (a NaN scale fails the comparison too).
+#[inline(always)]
+pub(super) fn packed_exponent(span: Span, smallest_scale: f32) -> Option<i32> {
+    if smallest_scale
+        .partial_cmp(&f32::MIN_POSITIVE)
+        .is_none_or(|o| o.is_lt())
+    {
+        return None;
+    }
+    let exponent = step_exponent(smallest_scale);
+    let a = f64::from(span.hi.max(-span.lo));
+    (a / power_of_two(exponent) < power_of_two(30)
+        && a / f64::from(smallest_scale) < power_of_two(14))
+    .then_some(exponent)
+}
+
+/// `W = w · 2^minus_exponent` of 16 values, truncated, split into
+/// `2^15 · high + low` with `low` in `[0, 2^15)`: `(high, low)`. Exact for
+/// the values that matter (a power-of-two scaling, below 2^30); smaller
+/// ones truncate, but their `d` is 0 at every scale the step serves.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) fn split_w(x: __m512, minus_exponent: __m512) -> (__m512i, __m512i) {
+    let v = _mm512_cvttps_epi32(_mm512_scalef_ps(x, minus_exponent));
+    (
+        _mm512_srai_epi32::<15>(v),
+        _mm512_and_si512(v, _mm512_set1_epi32(0x7fff)),
+    )
 }
 
 impl GroupPasses for WidePasses<'_> {
@@ -207,11 +219,11 @@ fn d_of(w: __m512, s: __m512, lo: __m512, hi: __m512) -> __m512 {
 /// The low and high eight lanes of `v` as f64.
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq")]
-fn halves_f64(v: __m512) -> (__m512d, __m512d) {
-    (
+pub(super) fn halves_f64(v: __m512) -> [__m512d; 2] {
+    [
         _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
         _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(v)),
-    )
+    ]
 }
 
 /// The first `n` (at most 16) values at `at`, zeros after them (all zeros
@@ -289,8 +301,8 @@ fn fit_with(w: &[f32], mut d: impl FnMut(__m512) -> __m512) -> Fit {
     let mut at = 0;
     while at < w.len() {
         let x = load16(w, at);
-        let (d0, d1) = halves_f64(d(x));
-        let (x0, x1) = halves_f64(x);
+        let [d0, d1] = halves_f64(d(x));
+        let [x0, x1] = halves_f64(x);
         wd0 = _mm512_fmadd_pd(x0, d0, wd0);
         wd1 = _mm512_fmadd_pd(x1, d1, wd1);
         dd0 = _mm512_fmadd_pd(d0, d0, dd0);
@@ -318,7 +330,7 @@ fn fit_packed(w: &[f32], p: &Packed, s: f32, lo: f32, hi: f32) -> Fit {
 /// it differs from `w · hi`'s are ORed into `miss` (one ternary-logic instruction).
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn bracketed(w: __m512, lo: __m512, hi: __m512, miss: &mut __m512i) -> __m512 {
+pub(super) fn bracketed(w: __m512, lo: __m512, hi: __m512, miss: &mut __m512i) -> __m512 {
     let magic = _mm512_set1_ps(ROUND_MAGIC);
     let (a, b) = (_mm512_fmadd_ps(w, lo, magic), _mm512_fmadd_ps(w, hi, magic));
     // `miss | (a ^ b)`.
@@ -415,7 +427,7 @@ fn sum_sq_avx512(w: &[f32]) -> f64 {
         let mut acc = _mm512_setzero_pd();
         let mut at = 0;
         while at < block.len() {
-            let (x0, x1) = halves_f64(load16(block, at));
+            let [x0, x1] = halves_f64(load16(block, at));
             acc = _mm512_fmadd_pd(x0, x0, acc);
             acc = _mm512_fmadd_pd(x1, x1, acc);
             at += 16;
@@ -443,8 +455,8 @@ fn sq_error_avx512(w: &[f32], round_scale: f32, lo: f32, hi: f32, scale: f32) ->
         while at < block.len() {
             let x = load16(block, at);
             let v = _mm512_mul_ps(d_of(x, rs, lo, hi), scale);
-            let (x0, x1) = halves_f64(x);
-            let (v0, v1) = halves_f64(v);
+            let [x0, x1] = halves_f64(x);
+            let [v0, v1] = halves_f64(v);
             let (t0, t1) = (_mm512_sub_pd(x0, v0), _mm512_sub_pd(x1, v1));
             acc = _mm512_add_pd(acc, _mm512_mul_pd(t0, t0));
             acc = _mm512_add_pd(acc, _mm512_mul_pd(t1, t1));
@@ -463,12 +475,6 @@ mod tests {
     };
     use super::*;
     use proptest::prelude::*;
-
-    fn has_avx512() -> bool {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512dq")
-            && is_x86_feature_detected!("avx512vl")
-    }
 
     /// [`check_passes`] with the AVX-512 passes, and whether the integer
     /// fits were ready.
