@@ -322,21 +322,7 @@ pub fn quantize_int(data: &[f32], shape: MatrixShape, p: &IntQuant) -> Coded {
         data.len().div_ceil(group_len)
     ];
     #[cfg(target_arch = "x86_64")]
-    if super::batch::batch_serves(group_len, p) && has_avx512() {
-        use super::batch::{quantize_batch, GROUPS};
-        symbols
-            .par_chunks_mut(GROUPS * group_len)
-            .zip(data.par_chunks(GROUPS * group_len))
-            .zip(choices.par_chunks_mut(GROUPS))
-            .for_each(|((out, w), choices)| {
-                if choices.len() == GROUPS {
-                    // SAFETY: the CPU has the features, checked above, and
-                    // `batch_serves` holds.
-                    unsafe { quantize_batch(w, out, choices, p, r) };
-                } else {
-                    quantize_groups(w, out, choices, p, r);
-                }
-            });
+    if super::batch::quantize_batches(data, &mut symbols, &mut choices, group_len, p, r) {
         return int_coded(symbols, &choices, group_len, p);
     }
     symbols
@@ -348,7 +334,13 @@ pub fn quantize_int(data: &[f32], shape: MatrixShape, p: &IntQuant) -> Coded {
 }
 
 /// Consecutive groups one by one, in sequence.
-fn quantize_groups(w: &[f32], out: &mut [u8], choices: &mut [Choice], p: &IntQuant, r: IntRange) {
+pub(super) fn quantize_groups(
+    w: &[f32],
+    out: &mut [u8],
+    choices: &mut [Choice],
+    p: &IntQuant,
+    r: IntRange,
+) {
     let n = w.len() / choices.len().max(1);
     for ((out, w), c) in out.chunks_mut(n).zip(w.chunks(n)).zip(choices) {
         *c = quantize_group(w, out, p, r);
@@ -362,6 +354,13 @@ pub(super) fn has_avx512() -> bool {
     has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl")
 }
 
+/// Whether the CPU has what the AVX2 kernels use.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn has_avx2() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx2") && has!("fma")
+}
+
 /// One group's parameters and symbols, compiled for the widest vector
 /// registers the CPU has. Wider registers make the same IEEE operations in
 /// the same order (Rust never fuses a multiply and an add on its own), so
@@ -369,12 +368,11 @@ pub(super) fn has_avx512() -> bool {
 pub(super) fn quantize_group(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRange) -> Choice {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::is_x86_feature_detected as has;
         if has_avx512() {
             // SAFETY: the CPU has these features, checked just above.
             return unsafe { quantize_group_avx512(w, out, p, r) };
         }
-        if has!("avx2") && has!("fma") {
+        if has_avx2() {
             // SAFETY: as above.
             return unsafe { quantize_group_avx2(w, out, p, r) };
         }
@@ -407,7 +405,12 @@ pub(super) unsafe fn quantize_group_avx512(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_group_avx2(w: &[f32], out: &mut [u8], p: &IntQuant, r: IntRange) -> Choice {
+pub(super) unsafe fn quantize_group_avx2(
+    w: &[f32],
+    out: &mut [u8],
+    p: &IntQuant,
+    r: IntRange,
+) -> Choice {
     let span = span_fast(w);
     let choice = match p.scale_search {
         ScaleSearch::MinMax => minmax_choice(span, p.bits, p.symmetric),

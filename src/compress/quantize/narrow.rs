@@ -145,24 +145,10 @@ impl<'a> Packed<'a> {
 #[inline]
 #[target_feature(enable = "avx2")]
 fn fill(w: &[f32], exponent: i32, high: &mut [MaybeUninit<i16>], low: &mut [MaybeUninit<i16>]) {
-    // `w · 2^-exponent` in f64 is exact for the values that matter (below
-    // 2^30); smaller ones truncate, but their `d` is 0 at every scale this
-    // serves.
-    let k = _mm256_set1_pd(power_of_two(-exponent));
-    let split = |x: __m256| {
-        let (x0, x1) = halves_f64(x);
-        let v = _mm256_set_m128i(
-            _mm256_cvttpd_epi32(_mm256_mul_pd(x1, k)),
-            _mm256_cvttpd_epi32(_mm256_mul_pd(x0, k)),
-        );
-        (
-            _mm256_srai_epi32::<15>(v),
-            _mm256_and_si256(v, _mm256_set1_epi32(0x7fff)),
-        )
-    };
+    let k = [_mm256_set1_pd(power_of_two(-exponent)); 2];
     each::<16>(w, |at, c| {
-        let (ha, la) = split(load8(c, 0));
-        let (hb, lb) = split(load8(c, 8));
+        let (ha, la) = split_w(load8(c, 0), k);
+        let (hb, lb) = split_w(load8(c, 8), k);
         let (h, l) = (&mut high[at..at + 16], &mut low[at..at + 16]);
         // SAFETY: `h` and `l` hold 16 i16 each.
         unsafe {
@@ -170,6 +156,26 @@ fn fill(w: &[f32], exponent: i32, high: &mut [MaybeUninit<i16>], low: &mut [Mayb
             _mm256_storeu_si256(l.as_mut_ptr().cast(), _mm256_packs_epi32(la, lb));
         }
     });
+}
+
+/// `W = w · k` of eight values, `k` the powers of two `2^-exponent` of the
+/// low four lanes and of the high four, truncated and split into
+/// `2^15 · high + low` with `low` in `[0, 2^15)`: `(high, low)`. Exact for
+/// the values that matter (a power-of-two scaling in f64, below 2^30);
+/// smaller ones truncate, but their `d` is 0 at every scale the step
+/// serves.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn split_w(x: __m256, k: [__m256d; 2]) -> (__m256i, __m256i) {
+    let (x0, x1) = halves_f64(x);
+    let v = _mm256_set_m128i(
+        _mm256_cvttpd_epi32(_mm256_mul_pd(x1, k[1])),
+        _mm256_cvttpd_epi32(_mm256_mul_pd(x0, k[0])),
+    );
+    (
+        _mm256_srai_epi32::<15>(v),
+        _mm256_and_si256(v, _mm256_set1_epi32(0x7fff)),
+    )
 }
 
 impl GroupPasses for NarrowPasses<'_> {
@@ -232,7 +238,7 @@ fn d_of(w: __m256, s: __m256, lo: __m256, hi: __m256) -> __m256 {
 /// The low and high four lanes of `v` as f64.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn halves_f64(v: __m256) -> (__m256d, __m256d) {
+pub(super) fn halves_f64(v: __m256) -> (__m256d, __m256d) {
     (
         _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
         _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
@@ -345,7 +351,7 @@ fn fit_packed(w: &[f32], p: &Packed, s: f32, lo: i16, hi: i16) -> Fit {
 /// it differs from `w · hi`'s are ORed into `miss`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn bracketed(w: __m256, lo: __m256, hi: __m256, miss: &mut __m256) -> __m256 {
+pub(super) fn bracketed(w: __m256, lo: __m256, hi: __m256, miss: &mut __m256) -> __m256 {
     let magic = _mm256_set1_ps(ROUND_MAGIC);
     let (a, b) = (_mm256_fmadd_ps(w, lo, magic), _mm256_fmadd_ps(w, hi, magic));
     *miss = _mm256_or_ps(*miss, _mm256_xor_ps(a, b));

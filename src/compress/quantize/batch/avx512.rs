@@ -1,94 +1,14 @@
-//! The symmetric MSE search for 16 neighbouring groups at once, one group
-//! per AVX-512 lane.
-//!
-//! [`WidePasses`](super::wide::WidePasses) fits one candidate scale of one
-//! group per call: a few instructions per value, but every call also pays
-//! a fixed cost (two reciprocals, three horizontal sums, the conversion to
-//! f64, and the latency of a short chain) that over the 21 candidates of a
-//! group of 128 costs more than the values do. Here the 16 groups of a
-//! batch are transposed so that lane `g` of every register belongs to
-//! group `g`: one pass over the values fits one candidate of all 16, the
-//! sums never leave their lane, and the reciprocals are taken once for 16
-//! groups.
-//!
-//! Each lane computes what the one-group integer fit computes, with the
-//! same exact arithmetic (see [`wide`](super::wide)): `d` from the two
-//! products with a [`Bracket`] of the scale, read from the bits of
-//! `ROUND_MAGIC + d`; `Σ W·d` over the two 15-bit halves of `W = w / Q` and
-//! `Σ d²` in 32-bit lanes (`vpmaddwd` over two values of a group, the
-//! values `i` and `i + 1` in the two 16-bit halves of the group's lane).
-//! Every sum is exact, so each group gets the fits it gets alone. The rest
-//! of [`search_choice`] runs lane by lane with its own order of operations:
-//! `Σ w²` and the final squared errors in the canonical order (value `i`
-//! into accumulator `i % 8`), the ranking as the sequential scan with
-//! masks, the comparison of the winner with min-max. The symbols are
-//! transposed back, sixteen values of a group at a time.
-//!
-//! A group the batch does not serve (NaN or infinity, all zeros, a scale
-//! out of the brackets' range or the bounds [`fit_is_exact`] and
-//! [`Packed`](super::wide) need) and a group where some value's two
-//! products round apart at some candidate take the one-group path whole.
+//! The batch search ([`super`]) for 16 groups in AVX-512 registers.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-use super::wide::{bracketed, halves_f64, packed_exponent, split_w};
-use super::*;
+use super::super::wide::{bracketed, halves_f64, split_w};
+use super::super::*;
+use super::{batch_serves, canonical, finish, fold, Lane, BATCH_MAX};
 
 /// Groups per batch: the f32 lanes of a register.
 pub(super) const GROUPS: usize = 16;
-
-/// The longest group a batch takes: its values (32 KiB at most, as f32 and
-/// as halves of `W`) stay in the first-level cache.
-pub(super) const BATCH_MAX: usize = 256;
-
-/// Whether [`quantize_batch`] serves groups of `n` values quantized with `p`.
-pub(super) fn batch_serves(n: usize, p: &IntQuant) -> bool {
-    p.symmetric
-        && p.scale_search == ScaleSearch::Mse
-        && (2..=BATCH_MAX).contains(&n)
-        && n.is_multiple_of(2)
-}
-
-/// What the batch knows of one of its groups.
-#[derive(Clone, Copy)]
-struct Lane {
-    minmax: Choice,
-    /// `Q = 2^exponent`, the step of `W`; `None`: the one-group path.
-    exponent: Option<i32>,
-}
-
-impl Lane {
-    fn of(n: usize, span: Span, p: &IntQuant, r: IntRange) -> Self {
-        let minmax = minmax_choice(span, p.bits, true);
-        let exponent = Self::exponent(n, span, minmax.scale, r);
-        Lane { minmax, exponent }
-    }
-
-    /// The exponent of `Q` when every candidate's fit is exact in the
-    /// lane's integers, else `None`.
-    ///
-    /// Candidate scales fall with the step, and every bound below is
-    /// monotone in the scale, so checking the largest and the smallest
-    /// candidate checks them all: the brackets exist, every partial sum
-    /// is exact ([`fit_is_exact`]: `Q` falls with the scale), the integer
-    /// fits take the group ([`packed_exponent`]), and the 32-bit sums hold
-    /// (below `n · 2^15 · dmax`).
-    fn exponent(n: usize, span: Span, scale: f32, r: IntRange) -> Option<i32> {
-        let smallest = candidate_scale(scale, SHRINK_STEPS);
-        let dmax = r.qmax.max(-r.qmin) as usize;
-        if !span.all_finite
-            || span.is_zero()
-            || Bracket::of(scale).is_none()
-            || Bracket::of(smallest).is_none()
-            || !fit_is_exact(n, span, smallest, 0, r)
-            || n * dmax >= 1 << 16
-        {
-            return None;
-        }
-        packed_exponent(span, smallest)
-    }
-}
 
 /// What the passes need of the lanes, as registers. Lanes not served
 /// compute with scale 1 and `Q = 1`, and are never read.
@@ -344,21 +264,10 @@ impl Rows {
     #[inline(always)]
     unsafe fn canonical(
         &self,
-        mut add: impl FnMut([__m512d; 2], __m512) -> [__m512d; 2],
+        add: impl FnMut([__m512d; 2], __m512) -> [__m512d; 2],
     ) -> [__m512d; 2] {
         // SAFETY: as required of the caller.
-        let mut acc = [[unsafe { _mm512_setzero_pd() }; 2]; LANES];
-        let mut rows = self.values[..self.n].chunks_exact(LANES);
-        for c in &mut rows {
-            for (a, row) in acc.iter_mut().zip(c) {
-                // SAFETY: `gather` wrote the first `n` rows.
-                *a = add(*a, unsafe { row.assume_init() });
-            }
-        }
-        for (a, row) in acc.iter_mut().zip(rows.remainder()) {
-            // SAFETY: as above.
-            *a = add(*a, unsafe { row.assume_init() });
-        }
+        let acc = unsafe { canonical(&self.values[..self.n], [_mm512_setzero_pd(); 2], add) };
         // SAFETY: as required of the caller.
         unsafe { fold_rows(acc) }
     }
@@ -458,11 +367,7 @@ impl Rows {
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn fold_rows(acc: [[__m512d; 2]; LANES]) -> [__m512d; 2] {
-    let add = |a: [__m512d; 2], b: [__m512d; 2]| each_half(|h| _mm512_add_pd(a[h], b[h]));
-    add(
-        add(add(acc[0], acc[1]), add(acc[2], acc[3])),
-        add(add(acc[4], acc[5]), add(acc[6], acc[7])),
-    )
+    fold(acc, |a, b| each_half(|h| _mm512_add_pd(a[h], b[h])))
 }
 
 /// One candidate's sums for every lane, as f64, and the lanes where some
@@ -661,14 +566,10 @@ pub(super) unsafe fn quantize_batch(
     debug_assert!(batch_serves(n, p) && w.len() == GROUPS * n && out.len() == w.len());
     // SAFETY: as required of the caller.
     let (served, chosen) = unsafe { quantize_lanes(w, out, n, p, r) };
-    for (g, (choice, out)) in choices.iter_mut().zip(out.chunks_mut(n)).enumerate() {
-        *choice = if served & (1 << g) != 0 {
-            chosen[g]
-        } else {
-            // SAFETY: as above.
-            unsafe { quantize_group_avx512(&w[g * n..][..n], out, p, r) }
-        };
-    }
+    finish(w, out, choices, u32::from(served), &chosen, |w, out| {
+        // SAFETY: as above.
+        unsafe { quantize_group_avx512(w, out, p, r) }
+    });
 }
 
 /// The search of the 16 groups lane by lane: which lanes it served to the
@@ -767,45 +668,9 @@ pub(super) unsafe fn served_lanes(w: &[f32], p: &IntQuant) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{heavy_tailed, pass_value};
+    use super::super::super::tests::heavy_tailed;
+    use super::super::tests::search;
     use super::*;
-    use crate::compress::coded::{Granularity, MatrixShape};
-    use crate::compress::testing::first_difference;
-    use proptest::prelude::*;
-
-    fn search(bits: u8, n: usize) -> IntQuant {
-        IntQuant {
-            bits,
-            symmetric: true,
-            granularity: Granularity::Group(n),
-            scale_search: ScaleSearch::Mse,
-        }
-    }
-
-    /// `quantize_int` (batches of 16 groups where the CPU has AVX-512)
-    /// against the plain reference, bit for bit.
-    fn check_against_reference(w: &[f32], n: usize, bits: u8) {
-        let shape = MatrixShape {
-            rows: 1,
-            cols: w.len(),
-        };
-        let p = search(bits, n);
-        let fast = quantize_int(w, shape, &p);
-        let reference = quantize_int_reference(w, shape, &p);
-        assert_eq!(
-            first_difference(&fast, &reference),
-            None,
-            "n {n}, bits {bits}"
-        );
-    }
-
-    /// Lanes the batch serves itself, for 16 groups of `n` at `bits`.
-    fn served(w: &[f32], bits: u8) -> u32 {
-        let n = w.len() / GROUPS;
-        assert!(batch_serves(n, &search(bits, n)));
-        // SAFETY: the callers check the CPU.
-        unsafe { served_lanes(w, &search(bits, n)) }
-    }
 
     #[test]
     fn sixteen_registers_transpose() {
@@ -826,50 +691,6 @@ mod tests {
             let expected: Vec<f32> = (0..16).map(|j| (16 * j + i) as f32).collect();
             assert_eq!(lanes.to_vec(), expected, "row {i}");
         }
-    }
-
-    #[test]
-    fn ordinary_groups_are_fitted_in_the_batch_with_the_references_bits() {
-        if !has_avx512() {
-            return;
-        }
-        for n in [2, 32, 128, 256] {
-            let w = heavy_tailed(GROUPS * n, n as u64);
-            assert_eq!(served(&w, 4), GROUPS as u32, "n {n}");
-            for bits in 2..=8 {
-                check_against_reference(&w, n, bits);
-            }
-            // Whole batches and a ragged rest of groups.
-            let w = heavy_tailed(3 * GROUPS * n + 5 * n, 3);
-            check_against_reference(&w, n, 4);
-        }
-    }
-
-    #[test]
-    fn groups_the_batch_cannot_fit_take_the_one_group_path() {
-        if !has_avx512() {
-            return;
-        }
-        let n = 128;
-        let mut w = heavy_tailed(GROUPS * n, 11);
-        // A NaN, an infinity, all zeros, a subnormal group (no bracket).
-        w[3] = f32::NAN;
-        w[n + 5] = f32::NEG_INFINITY;
-        w[2 * n..3 * n].fill(0.0);
-        for (i, x) in w[3 * n..4 * n].iter_mut().enumerate() {
-            *x = f32::from_bits(i as u32 + 1);
-        }
-        // Exact ties at the first candidate scale, 0.875 / 7 = 1/8: values
-        // on odd multiples of 1/16 whose two products round apart.
-        for (i, x) in w[4 * n..5 * n].iter_mut().enumerate() {
-            *x = if i == 0 {
-                0.875
-            } else {
-                ((i % 14) as f32 - 6.5) / 8.0
-            };
-        }
-        assert_eq!(served(&w, 4), GROUPS as u32 - 5);
-        check_against_reference(&w, n, 4);
     }
 
     /// `vpdpwssd` and `vpmaddwd` + `vpaddd` give every lane the same fits.
@@ -909,30 +730,6 @@ mod tests {
                 assert_eq!(bits_of(a.dd), bits_of(b.dd), "step {step}");
                 assert_eq!((a.miss, b.miss), (0, 0), "step {step}");
                 assert!(bits_of(a.dd).iter().all(|&d| f64::from_bits(d) > 0.0));
-            }
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
-
-        /// Any values, group lengths and widths: the batch's choices and
-        /// symbols are the reference's.
-        #[test]
-        fn batches_match_the_reference(
-            n in prop::sample::select(vec![2usize, 4, 6, 16, 30, 64, 128, 256]),
-            groups in GROUPS..3 * GROUPS,
-            bits in 2..=8u8,
-            seed in any::<u64>(),
-            odd in prop::collection::vec((any::<prop::sample::Index>(), pass_value()), 0..8),
-        ) {
-            if has_avx512() {
-                let mut w = heavy_tailed(groups * n, seed);
-                let len = w.len();
-                for (i, v) in odd {
-                    w[i.index(len)] = v;
-                }
-                check_against_reference(&w, n, bits);
             }
         }
     }
