@@ -14,8 +14,8 @@
 //! eight interleaved lanes inside blocks of 4096 elements, blocks added in
 //! sequence, so the parallel kernels and the plain reference agree bit for
 //! bit however the work is split. The AVX-512 and AVX2 passes of the MSE
-//! search (`wide`, `narrow`), its AVX-512 search across 16 groups at once
-//! (`batch`) and its portable fits keep those bits too: they take the fits'
+//! search (`wide`, `narrow`), its search across 16 (AVX-512) or 8 (AVX2)
+//! groups at once (`batch`) and its portable fits keep those bits too: they take the fits'
 //! sums in any order only where those sums are provably exact, and the rest
 //! in the fixed order.
 

@@ -351,27 +351,33 @@ impl Rows {
     /// Σ (w - w')² of each lane in the canonical order, `w' = d · scale`
     /// in f32 with `d` rounded at `round_scale`, as `sq_error_avx2` in
     /// `narrow` takes it for one group (a product, then a sum: no fused
-    /// multiply-add, the square of a difference rounds).
+    /// multiply-add, the square of a difference rounds): for two pairs
+    /// `(round_scale, scale)` in one pass.
     ///
     /// # Safety
     /// After [`Rows::gather`]; every `round_scale` is a candidate scale of
     /// its lane; the CPU has AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn sq_errors(&self, round_scale: __m256, scale: __m256, r: IntRange) -> Halves {
-        let (rlo, _) = brackets(round_scale);
+    unsafe fn sq_errors(&self, scales: [(__m256, __m256); 2], r: IntRange) -> [Halves; 2] {
+        let rlo = scales.map(|(round_scale, _)| brackets(round_scale).0);
         let magic = _mm256_set1_ps(ROUND_MAGIC);
+        let zero = [[_mm256_setzero_pd(); 2]; 2];
         // SAFETY: as required of the caller.
-        unsafe {
-            self.canonical(|a, x| {
-                let d = _mm256_sub_ps(Self::magic_d(x, rlo, r), magic);
-                let (x, v) = (halves(x), halves(_mm256_mul_ps(d, scale)));
-                each_half(|h| {
-                    let t = _mm256_sub_pd(x[h], v[h]);
-                    _mm256_add_pd(a[h], _mm256_mul_pd(t, t))
+        let acc = unsafe {
+            canonical(&self.values[..self.n], zero, |a: [Halves; 2], x| {
+                let wide = halves(x);
+                std::array::from_fn(|k| {
+                    let d = _mm256_sub_ps(Self::magic_d(x, rlo[k], r), magic);
+                    let v = halves(_mm256_mul_ps(d, scales[k].1));
+                    each_half(|h| {
+                        let t = _mm256_sub_pd(wide[h], v[h]);
+                        _mm256_add_pd(a[k][h], _mm256_mul_pd(t, t))
+                    })
                 })
             })
-        }
+        };
+        std::array::from_fn(|k| fold_rows(acc.map(|a| a[k])))
     }
 
     /// The symbols `q - qmin` of the lanes in `lanes`, rounded at
@@ -649,10 +655,7 @@ unsafe fn quantize_lanes(
         let best_scale = _mm256_blendv_ps(minmax, ranking.scale, found);
         let differs = bits_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(best_round, minmax))
             | bits_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(best_scale, minmax));
-        let (e_best, e_minmax) = (
-            rows.sq_errors(best_round, best_scale, r),
-            rows.sq_errors(minmax, minmax, r),
-        );
+        let [e_best, e_minmax] = rows.sq_errors([(best_round, best_scale), (minmax, minmax)], r);
         let not_smaller = bits_pd(each_half(|h| {
             _mm256_cmp_pd::<_CMP_GE_OQ>(e_best[h], e_minmax[h])
         }));
