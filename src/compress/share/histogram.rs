@@ -49,21 +49,14 @@ pub(super) const HISTOGRAM_CHUNKS_PER_TABLE: usize = 16;
 pub(super) const NONZERO_BATCH: usize = 1024;
 
 /// Adds `values` to the table: zeros are only counted (in the last slot),
-/// and the other values are first gathered without a branch, so the table
+/// and the other values are first gathered ([`select_nonzero`]), so the table
 /// sees no run of updates to one slot that would wait on each other's
 /// stores (pruning leaves many zeros, scattered at random).
 pub(super) fn add_to_bins(mut table: Box<BinTable>, values: &[f32]) -> Box<BinTable> {
     const _: () = assert!(NONZERO_BATCH.is_power_of_two());
     let mut batch = [0u32; NONZERO_BATCH];
     for chunk in values.chunks(NONZERO_BATCH) {
-        let mut n = 0;
-        for &x in chunk {
-            let bits = x.to_bits();
-            // `n` is at most the index in `chunk`, so the mask changes
-            // nothing; it only spares the bounds check.
-            batch[n & (NONZERO_BATCH - 1)] = bits;
-            n += usize::from(bits << 1 != 0);
-        }
+        let n = select_nonzero(chunk, &mut batch);
         table[BINS].count += (chunk.len() - n) as u64;
         add_nonzero(&mut table, &batch[..n]);
     }

@@ -33,6 +33,7 @@ mod assign;
 mod histogram;
 mod init;
 mod pruned;
+mod select;
 mod sorted;
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,7 @@ pub use histogram::{initial_centroids_binned, kmeans_1d_binned, ValueHistogram};
 pub use init::initial_centroids;
 use init::*;
 pub use pruned::{prune_and_share, PrunedShare};
+use select::*;
 use sorted::*;
 pub use sorted::{kmeans_1d, kmeans_1d_reference};
 

@@ -75,18 +75,7 @@ impl Gathered {
         let mut inside = [0u32; NONZERO_BATCH];
         let mut in_bin = Vec::new();
         for chunk in values.chunks(NONZERO_BATCH) {
-            // Both gathered without a branch: which weights survive is as
-            // good as random. `n` and `m` are at most the index in `chunk`,
-            // so the masks change nothing; they only spare bounds checks.
-            let (mut n, mut m) = (0, 0);
-            for &x in chunk {
-                let bits = x.to_bits();
-                let bin = magnitude_key(x) >> 16;
-                above[n & (NONZERO_BATCH - 1)] = bits;
-                n += usize::from(bin > high);
-                inside[m & (NONZERO_BATCH - 1)] = bits;
-                m += usize::from(bin == high);
-            }
+            let (n, m) = select_around(chunk, high, &mut above, &mut inside);
             add_nonzero(&mut self.table, &above[..n]);
             in_bin.extend(
                 inside[..m]
