@@ -167,7 +167,7 @@ fn fill(w: &[f32], exponent: i32, high: &mut [MaybeUninit<i16>], low: &mut [Mayb
 #[inline]
 #[target_feature(enable = "avx2")]
 pub(super) fn split_w(x: __m256, k: [__m256d; 2]) -> (__m256i, __m256i) {
-    let (x0, x1) = halves_f64(x);
+    let [x0, x1] = halves_f64(x);
     let v = _mm256_set_m128i(
         _mm256_cvttpd_epi32(_mm256_mul_pd(x1, k[1])),
         _mm256_cvttpd_epi32(_mm256_mul_pd(x0, k[0])),
@@ -238,11 +238,11 @@ fn d_of(w: __m256, s: __m256, lo: __m256, hi: __m256) -> __m256 {
 /// The low and high four lanes of `v` as f64.
 #[inline]
 #[target_feature(enable = "avx2")]
-pub(super) fn halves_f64(v: __m256) -> (__m256d, __m256d) {
-    (
+pub(super) fn halves_f64(v: __m256) -> [__m256d; 2] {
+    [
         _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
         _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
-    )
+    ]
 }
 
 /// `f(at, chunk)` for the chunks of `N` values of `w` from the start, the
@@ -323,8 +323,8 @@ fn fit_with(w: &[f32], mut d: impl FnMut(__m256) -> __m256) -> Fit {
     let (mut wd0, mut wd1, mut dd0, mut dd1) = (zero, zero, zero, zero);
     each::<8>(w, |_, c| {
         let x = load8(c, 0);
-        let (d0, d1) = halves_f64(d(x));
-        let (x0, x1) = halves_f64(x);
+        let [d0, d1] = halves_f64(d(x));
+        let [x0, x1] = halves_f64(x);
         wd0 = _mm256_fmadd_pd(x0, d0, wd0);
         wd1 = _mm256_fmadd_pd(x1, d1, wd1);
         dd0 = _mm256_fmadd_pd(d0, d0, dd0);
@@ -469,7 +469,7 @@ fn sum_sq_avx2(w: &[f32]) -> f64 {
     for block in w.chunks(BLOCK) {
         let (mut a, mut b) = (_mm256_setzero_pd(), _mm256_setzero_pd());
         each::<8>(block, |_, c| {
-            let (x0, x1) = halves_f64(load8(c, 0));
+            let [x0, x1] = halves_f64(load8(c, 0));
             a = _mm256_fmadd_pd(x0, x0, a);
             b = _mm256_fmadd_pd(x1, x1, b);
         });
@@ -496,8 +496,8 @@ fn sq_error_avx2(w: &[f32], round_scale: f32, lo: f32, hi: f32, scale: f32) -> f
         each::<8>(block, |_, c| {
             let x = load8(c, 0);
             let v = _mm256_mul_ps(d_of(x, rs, lo, hi), scale);
-            let (x0, x1) = halves_f64(x);
-            let (v0, v1) = halves_f64(v);
+            let [x0, x1] = halves_f64(x);
+            let [v0, v1] = halves_f64(v);
             let (t0, t1) = (_mm256_sub_pd(x0, v0), _mm256_sub_pd(x1, v1));
             a = _mm256_add_pd(a, _mm256_mul_pd(t0, t0));
             b = _mm256_add_pd(b, _mm256_mul_pd(t1, t1));

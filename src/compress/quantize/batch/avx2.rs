@@ -16,27 +16,13 @@ use std::mem::MaybeUninit;
 
 use super::super::narrow::{bracketed, halves_f64, split_w};
 use super::super::*;
-use super::{batch_serves, canonical, finish, fold, Lane, BATCH_MAX};
+use super::{batch_serves, canonical, each_half, finish, fold, symmetric_choices, Lane, BATCH_MAX};
 
 /// Groups per batch: the f32 lanes of a register.
 pub(super) const GROUPS: usize = 8;
 
 /// Eight f64: the low four lanes of a register of f32, and the high four.
 type Halves = [__m256d; 2];
-
-/// The low and high four lanes of `v` as f64.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn halves(v: __m256) -> Halves {
-    let (a, b) = halves_f64(v);
-    [a, b]
-}
-
-/// `f` of each half.
-#[inline(always)]
-fn each_half(f: impl Fn(usize) -> __m256d) -> Halves {
-    [f(0), f(1)]
-}
 
 /// Eight f64 as f32, each rounded.
 #[inline]
@@ -312,7 +298,7 @@ impl Rows {
         // SAFETY: as required of the caller.
         unsafe {
             self.canonical(|a, x| {
-                let x = halves(x);
+                let x = halves_f64(x);
                 each_half(|h| _mm256_fmadd_pd(x[h], x[h], a[h]))
             })
         }
@@ -366,10 +352,10 @@ impl Rows {
         // SAFETY: as required of the caller.
         let acc = unsafe {
             canonical(&self.values[..self.n], zero, |a: [Halves; 2], x| {
-                let wide = halves(x);
+                let wide = halves_f64(x);
                 std::array::from_fn(|k| {
                     let d = _mm256_sub_ps(Self::magic_d(x, rlo[k], r), magic);
-                    let v = halves(_mm256_mul_ps(d, scales[k].1));
+                    let v = halves_f64(_mm256_mul_ps(d, scales[k].1));
                     each_half(|h| {
                         let t = _mm256_sub_pd(wide[h], v[h]);
                         _mm256_add_pd(a[k][h], _mm256_mul_pd(t, t))
@@ -456,7 +442,7 @@ struct LaneFit {
 #[inline]
 #[target_feature(enable = "avx2")]
 fn brackets(s: __m256) -> (__m256, __m256) {
-    let s = halves(s);
+    let s = halves_f64(s);
     let r = each_half(|h| _mm256_div_pd(_mm256_set1_pd(1.0), s[h]));
     let e = power_of_two(-22);
     let times = |f: f64| narrow_f32(each_half(|h| _mm256_mul_pd(r[h], _mm256_set1_pd(f))));
@@ -569,7 +555,7 @@ impl Ranking {
             self.scale = _mm256_blendv_ps(self.scale, scale, ms);
             self.found |= m;
         };
-        take(error(halves(s)), s, s, 0xff);
+        take(error(halves_f64(s)), s, s, 0xff);
         // The least-squares scale `wd / dd` as f32, where `dd > 0` and it
         // is positive, kept in `bounded_scale`'s range.
         let ls = narrow_f32(each_half(|h| _mm256_div_pd(f.wd[h], f.dd[h])));
@@ -580,7 +566,7 @@ impl Ranking {
             _mm256_max_ps(ls, _mm256_set1_ps(f32::MIN_POSITIVE)),
             _mm256_set1_ps(f32::MAX / f32::from(1u16 << bits)),
         );
-        take(error(halves(ls)), s, ls, has);
+        take(error(halves_f64(ls)), s, ls, has);
     }
 }
 
@@ -628,7 +614,7 @@ unsafe fn quantize_lanes(
     // CPU features are required of the caller.
     let spans = unsafe { rows.gather(w, n) };
     let lanes = spans.map(|span| Lane::of(n, span, p, r));
-    let mut chosen = lanes.map(|l| l.minmax);
+    let chosen = lanes.map(|l| l.minmax);
     let v = LaneVectors::of(&lanes);
     let mut served = v.served;
     if served == 0 {
@@ -671,14 +657,7 @@ unsafe fn quantize_lanes(
         _mm256_storeu_ps(rs.as_mut_ptr(), round_scale);
         _mm256_storeu_ps(sc.as_mut_ptr(), scale);
     }
-    for (g, c) in chosen.iter_mut().enumerate() {
-        *c = Choice {
-            round_scale: rs[g],
-            scale: sc[g],
-            zero: 0,
-        };
-    }
-    (served, chosen)
+    (served, symmetric_choices(rs, sc))
 }
 
 /// How many of the 8 groups in `w` the batch fits itself.

@@ -5,7 +5,7 @@ use std::mem::MaybeUninit;
 
 use super::super::wide::{bracketed, halves_f64, split_w};
 use super::super::*;
-use super::{batch_serves, canonical, finish, fold, Lane, BATCH_MAX};
+use super::{batch_serves, canonical, each_half, finish, fold, symmetric_choices, Lane, BATCH_MAX};
 
 /// Groups per batch: the f32 lanes of a register.
 pub(super) const GROUPS: usize = 16;
@@ -92,12 +92,6 @@ fn narrow_f32(v: [__m512d; 2]) -> __m512 {
         _mm512_castps256_ps512(_mm512_cvtpd_ps(v[0])),
         _mm512_cvtpd_ps(v[1]),
     )
-}
-
-/// `f` of each half.
-#[inline(always)]
-fn each_half(f: impl Fn(usize) -> __m512d) -> [__m512d; 2] {
-    [f(0), f(1)]
 }
 
 /// Sixteen registers transposed: lane `j` of register `i` of the result is
@@ -592,7 +586,7 @@ unsafe fn quantize_lanes(
     // CPU features are required of the caller.
     let spans = unsafe { rows.gather(w, n) };
     let lanes = spans.map(|span| Lane::of(n, span, p, r));
-    let mut chosen = lanes.map(|l| l.minmax);
+    let chosen = lanes.map(|l| l.minmax);
     let v = LaneVectors::of(&lanes);
     let mut served = v.served;
     if served == 0 {
@@ -643,14 +637,7 @@ unsafe fn quantize_lanes(
         _mm512_storeu_ps(rs.as_mut_ptr(), round_scale);
         _mm512_storeu_ps(sc.as_mut_ptr(), scale);
     }
-    for (g, c) in chosen.iter_mut().enumerate() {
-        *c = Choice {
-            round_scale: rs[g],
-            scale: sc[g],
-            zero: 0,
-        };
-    }
-    (served, chosen)
+    (served, symmetric_choices(rs, sc))
 }
 
 /// How many of the 16 groups in `w` the batch fits itself.

@@ -67,9 +67,12 @@ pub(super) fn quantize_batches(
     p: &IntQuant,
     r: IntRange,
 ) -> bool {
-    let Some(isa) = Isa::of_cpu().filter(|_| batch_serves(n, p)) else {
+    let Some(isa) = Isa::of_cpu() else {
         return false;
     };
+    if !batch_serves(n, p) {
+        return false;
+    }
     let groups = isa.groups();
     symbols
         .par_chunks_mut(groups * n)
@@ -163,6 +166,22 @@ fn finish<const G: usize>(
             alone(w, out)
         };
     }
+}
+
+/// The symmetric choices of a batch's lanes: lane `g` rounds with
+/// `round_scale[g]` and decodes with `scale[g]`.
+fn symmetric_choices<const G: usize>(round_scale: [f32; G], scale: [f32; G]) -> [Choice; G] {
+    std::array::from_fn(|g| Choice {
+        round_scale: round_scale[g],
+        scale: scale[g],
+        zero: 0,
+    })
+}
+
+/// `f` of each half of a batch's lanes (as f64, two registers).
+#[inline(always)]
+fn each_half<T>(f: impl Fn(usize) -> T) -> [T; 2] {
+    [f(0), f(1)]
 }
 
 /// What the batch knows of one of its groups.
