@@ -8,10 +8,14 @@
 #   scripts/bench.sh              # ~1 GiB checkpoint
 #   GIB=4 scripts/bench.sh        # larger
 #   WORK=/path scripts/bench.sh   # keep the generated files there
-#   RUNS=3 scripts/bench.sh       # best of 3 runs per preset (default 3)
+#   RUNS=3 scripts/bench.sh       # best of 3 rounds per preset (default 3)
 #   DURABLE=1 scripts/bench.sh    # also `cp` + `sync` against `compress --sync`
 #   BASE_BIN=/path/modelpress scripts/bench.sh
 #                                 # also time another build, in the same run
+#
+# Each preset runs in RUNS rounds of `cp`, the base build (if any) and this
+# build back to back, so a change in the load of a shared machine falls on
+# all of them alike; each is compared with the fastest `cp` of its rounds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,62 +60,83 @@ measure() {
   echo "$(echo "$end - $start" | bc -l) $peak"
 }
 
-# The fastest of RUNS runs of a command that writes $1 (removed before each
-# run); prints "seconds peak_bytes" (the highest peak).
-best() {
-  local out=$1 t= peak=0 ti pi
-  shift
-  for _ in $(seq "$RUNS"); do
-    rm -rf "$out"
-    read -r ti pi < <(measure "$@")
-    if [ -z "$t" ] || (( $(echo "$ti < $t" | bc -l) )); then t=$ti; fi
-    [ "$pi" -gt "$peak" ] && peak=$pi
-  done
-  echo "$t $peak"
+# Best (fastest) seconds and highest peak per key, over the rounds.
+declare -A BEST PEAK
+
+# Measures one run of a command that writes $2 (removed before the run)
+# and folds it into key $1's best time and peak.
+take() {
+  local key=$1 out=$2 ti pi
+  shift 2
+  rm -rf "$out"
+  read -r ti pi < <(measure "$@")
+  if [ -z "${BEST[$key]:-}" ] || (( $(echo "$ti < ${BEST[$key]}" | bc -l) )); then
+    BEST[$key]=$ti
+  fi
+  [ "$pi" -gt "${PEAK[$key]:-0}" ] && PEAK[$key]=$pi
+  return 0
 }
 
 cat "$IN" >/dev/null   # warm the page cache
 COPY=$WORK/copy.safetensors
-read -r cp_t _ < <(best "$COPY" cp --reflink=never "$IN" "$COPY")
-if [ "$DURABLE" = 1 ]; then
-  read -r cp_sync_t _ < <(best "$COPY" sh -c "cp --reflink=never '$IN' '$COPY' && sync '$COPY'")
-fi
-rm -f "$COPY"
+copy() { take "$1" "$COPY" cp --reflink=never "$IN" "$COPY"; rm -f "$COPY"; }
+copy_sync() {
+  take "$1" "$COPY" sh -c "cp --reflink=never '$IN' '$COPY' && sync '$COPY'"
+  rm -f "$COPY"
+}
 
 printf 'input: %s (%.2f GiB), largest tensor %.0f MiB (f32), memory limit %.0f MiB\n' \
   "$IN" "$(echo "$SIZE / 1073741824" | bc -l)" "$(echo "$LARGEST / 1048576" | bc -l)" \
   "$(echo "$LIMIT / 1048576" | bc -l)"
 echo "load before the runs:$(uptime | sed 's/.*load average//')"
+echo "each preset: $RUNS rounds, each round cp, then the base build (if any), then this"
+echo "build, back to back; every figure is the fastest of its rounds, and x cp is"
+echo "against the fastest cp of the same preset's rounds"
 printf '%-30s %9s %9s %14s %10s\n' run seconds 'x cp' 'peak anon MiB' ratio
-printf '%-30s %9.2f %9.2f %14s %10s\n' "cp" "$cp_t" 1.00 - -
-[ "$DURABLE" = 1 ] && printf '%-30s %9.2f %9.2f %14s %10s\n' "cp + sync" "$cp_sync_t" 1.00 - -
 
 MINMAX=$WORK/int4-g128-minmax.json
 cat >"$MINMAX" <<'JSON'
 {"stages":[{"stage":"quantize","bits":4,"symmetric":true,"granularity":"group","group_size":128,"ignore":["re:.*(embed|wte|wpe|lm_head).*"]}]}
 JSON
 
-# One line per (binary, preset, durability): seconds, x the matching cp.
-row() {
-  local label=$1 bin=$2 preset=$3 floor=$4 out=$WORK/out-$preset t peak ratio how
-  shift 4
+# One compression of a preset by a binary, folded into key $1.
+compress_run() {
+  local key=$1 bin=$2 preset=$3 out=$WORK/out-$1 how
+  shift 3
   how=(--preset "$preset")
   [ "$preset" = int4-g128-minmax ] && how=(--pipeline "$MINMAX")
-  read -r t peak < <(best "$out" "$bin" compress "$IN" -o "$out" "${how[@]}" "$@")
-  ratio=$(python3 -c "import json;print('%.2f' % json.load(open('$out/report.json'))['totals']['ratio'])")
-  printf '%-30s %9.2f %9.2f %14.0f %10s\n' "$label" "$t" "$(echo "$t / $floor" | bc -l)" \
-    "$(echo "$peak / 1048576" | bc -l)" "${ratio}x"
-  [ "$peak" -le "$LIMIT" ] || echo "  peak memory above the limit"
+  take "$key" "$out" "$bin" compress "$IN" -o "$out" "${how[@]}" "$@"
+  RATIO[$key]=$(python3 -c "import json;print('%.2f' % json.load(open('$out/report.json'))['totals']['ratio'])")
   rm -rf "$out"
+}
+declare -A RATIO
+
+# One line per key: seconds, x the floor's seconds, peak, compression ratio.
+row() {
+  local label=$1 key=$2 floor=$3
+  printf '%-30s %9.2f %9.2f %14.0f %10s\n' "$label" "${BEST[$key]}" \
+    "$(echo "${BEST[$key]} / ${BEST[$floor]}" | bc -l)" \
+    "$(echo "${PEAK[$key]} / 1048576" | bc -l)" "${RATIO[$key]}x"
+  [ "${PEAK[$key]}" -le "$LIMIT" ] || echo "  peak memory above the limit"
 }
 
 for preset in $PRESETS; do
-  if [ -n "$BASE_BIN" ]; then
-    row "$preset (base)" "$BASE_BIN" "$preset" "$cp_t"
-  fi
-  row "$preset" "$BIN" "$preset" "$cp_t"
+  BEST=() PEAK=()
+  for _ in $(seq "$RUNS"); do
+    copy cp
+    [ -n "$BASE_BIN" ] && compress_run base "$BASE_BIN" "$preset"
+    compress_run new "$BIN" "$preset"
+    if [ "$DURABLE" = 1 ]; then
+      copy_sync cp-sync
+      compress_run new-sync "$BIN" "$preset" --sync
+    fi
+  done
+  printf '%-30s %9.2f %9.2f %14s %10s\n' "cp" "${BEST[cp]}" 1.00 - -
+  [ -n "$BASE_BIN" ] && row "$preset (base)" base cp
+  row "$preset" new cp
   if [ "$DURABLE" = 1 ]; then
-    row "$preset --sync (x cp + sync)" "$BIN" "$preset" "$cp_sync_t" --sync
+    printf '%-30s %9.2f %9.2f %14s %10s\n' "cp + sync" "${BEST[cp-sync]}" 1.00 - -
+    row "$preset --sync (x cp + sync)" new-sync cp-sync
   fi
 done
 echo "load after the runs:$(uptime | sed 's/.*load average//')"
