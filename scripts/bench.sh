@@ -64,11 +64,14 @@ measure() {
 declare -A BEST PEAK
 
 # Measures one run of a command that writes $2 (removed before the run)
-# and folds it into key $1's best time and peak.
+# and folds it into key $1's best time and peak. Every run starts with no
+# dirty pages (an untimed `sync` first): otherwise the run after `cp` would
+# share the machine with the writeback of `cp`'s gigabyte.
 take() {
   local key=$1 out=$2 ti pi
   shift 2
   rm -rf "$out"
+  sync
   read -r ti pi < <(measure "$@")
   if [ -z "${BEST[$key]:-}" ] || (( $(echo "$ti < ${BEST[$key]}" | bc -l) )); then
     BEST[$key]=$ti
