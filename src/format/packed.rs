@@ -560,9 +560,16 @@ fn split_zeros(c: &Coded) -> (Vec<u8>, Vec<u8>, [u64; 256]) {
 /// `all` is 1; returns how many bits are set.
 fn mask_bytes(sym: &[u8], mask: &mut [u8], zero: u8, all: u8) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bw") {
-        // SAFETY: the CPU has AVX-512 BW, checked just above.
-        return unsafe { mask_bytes_avx512(sym, mask, zero, all) };
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512bw") {
+            // SAFETY: the CPU has AVX-512 BW, checked just above.
+            return unsafe { mask_bytes_avx512(sym, mask, zero, all) };
+        }
+        if has!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { mask_bytes_avx2(sym, mask, zero, all) };
+        }
     }
     mask_bytes_portable(sym, mask, zero, all)
 }
@@ -598,15 +605,91 @@ unsafe fn mask_bytes_avx512(sym: &[u8], mask: &mut [u8], zero: u8, all: u8) -> u
     nonzero + mask_bytes_portable(&sym[whole..], &mut mask[whole / 8..], zero, all)
 }
 
+/// [`mask_bytes_portable`] 32 symbols at a time: one byte compare and its
+/// sign bits give four mask bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn mask_bytes_avx2(sym: &[u8], mask: &mut [u8], zero: u8, all: u8) -> usize {
+    use std::arch::x86_64::*;
+    let whole = sym.len() / 32 * 32;
+    let zeros = _mm256_set1_epi8(zero as i8);
+    let always = 0u32.wrapping_sub(u32::from(all));
+    let mut nonzero = 0;
+    for (bytes, at) in mask.chunks_exact_mut(4).zip((0..whole).step_by(32)) {
+        // SAFETY: `at + 32 <= whole <= sym.len()`.
+        let v = unsafe { _mm256_loadu_si256(sym.as_ptr().add(at).cast()) };
+        let equal = _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, zeros)) as u32;
+        let bits = !equal | always;
+        bytes.copy_from_slice(&bits.to_le_bytes());
+        nonzero += bits.count_ones() as usize;
+    }
+    nonzero + mask_bytes_portable(&sym[whole..], &mut mask[whole / 8..], zero, all)
+}
+
 /// Copies the symbols whose mask bit is set, in order, to `out` (exactly
 /// as long as there are such symbols).
 fn gather_kept(sym: &[u8], mask: &[u8], out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512vbmi2") {
-        // SAFETY: the CPU has AVX-512 VBMI2, checked just above.
-        return unsafe { gather_kept_avx512(sym, mask, out) };
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512vbmi2") {
+            // SAFETY: the CPU has AVX-512 VBMI2, checked just above.
+            return unsafe { gather_kept_avx512(sym, mask, out) };
+        }
+        if has!("ssse3") && has!("popcnt") {
+            // SAFETY: the CPU has SSSE3 and POPCNT, checked just above.
+            return unsafe { gather_kept_ssse3(sym, mask, out) };
+        }
     }
     gather_kept_portable(sym, mask, out)
+}
+
+/// For each mask byte, the indices of its set bits in order, one per byte
+/// from the lowest, then `0x80` (a shuffle writes 0 there): the shuffle
+/// that packs the kept ones of 8 symbols to the front.
+#[cfg(target_arch = "x86_64")]
+const KEPT_SHUFFLES: [u64; 256] = {
+    let mut table = [0u64; 256];
+    let mut bits = 0;
+    while bits < 256 {
+        let mut entry = 0x8080_8080_8080_8080u64;
+        let mut n = 0;
+        let mut k = 0;
+        while k < 8 {
+            if bits >> k & 1 == 1 {
+                entry = entry & !(0xff << (8 * n)) | (k as u64) << (8 * n);
+                n += 1;
+            }
+            k += 1;
+        }
+        table[bits] = entry;
+        bits += 1;
+    }
+    table
+};
+
+/// [`gather_kept_portable`] 8 symbols at a time: the kept ones packed to
+/// the front of a register by a shuffle from [`KEPT_SHUFFLES`] and stored
+/// as 8 bytes while 8 bytes of `out` are left (the bytes past the kept ones
+/// are overwritten by the next store); the rest plainly.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3,popcnt")]
+unsafe fn gather_kept_ssse3(sym: &[u8], mask: &[u8], out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let mut j = 0;
+    let mut at = 0;
+    while at + 8 <= sym.len() && j + 8 <= out.len() {
+        let bits = mask[at / 8];
+        let order = _mm_cvtsi64_si128(KEPT_SHUFFLES[usize::from(bits)] as i64);
+        // SAFETY: `at + 8 <= sym.len()` and `j + 8 <= out.len()`.
+        unsafe {
+            let v = _mm_loadl_epi64(sym.as_ptr().add(at).cast());
+            _mm_storel_epi64(out.as_mut_ptr().add(j).cast(), _mm_shuffle_epi8(v, order));
+        }
+        j += bits.count_ones() as usize;
+        at += 8;
+    }
+    gather_kept_portable(&sym[at..], &mask[at / 8..], &mut out[j..]);
 }
 
 fn gather_kept_portable(sym: &[u8], mask: &[u8], out: &mut [u8]) {
@@ -1270,6 +1353,46 @@ mod tests {
         #[test]
         fn split_zeros_matches_the_reference(c in coded_tensors()) {
             prop_assert_eq!(split_zeros(&c), split_zeros_reference(&c));
+        }
+
+        /// Each x86 kernel the CPU has, against the portable one: the mask
+        /// bytes and their count, then the kept symbols of that mask.
+        #[test]
+        #[cfg(target_arch = "x86_64")]
+        fn mask_and_gather_kernels_match_the_portable_ones(
+            sym in prop::collection::vec(prop_oneof![Just(0u8), Just(3u8), any::<u8>()], 0..300),
+            zero in prop_oneof![Just(0u8), Just(3u8)],
+            all in 0u8..2,
+        ) {
+            use std::arch::is_x86_feature_detected as has;
+            let whole = sym.len() / 8 * 8;
+            let mut expected = vec![0u8; whole / 8];
+            let count = mask_bytes_portable(&sym[..whole], &mut expected, zero, all);
+            let mut kept = vec![0u8; count];
+            gather_kept_portable(&sym[..whole], &expected, &mut kept);
+            type Mask = unsafe fn(&[u8], &mut [u8], u8, u8) -> usize;
+            type Gather = unsafe fn(&[u8], &[u8], &mut [u8]);
+            let masks: [(bool, Mask); 2] = [
+                (has!("avx2"), mask_bytes_avx2),
+                (has!("avx512bw"), mask_bytes_avx512),
+            ];
+            let gathers: [(bool, Gather); 2] = [
+                (has!("ssse3") && has!("popcnt"), gather_kept_ssse3),
+                (has!("avx512vbmi2"), gather_kept_avx512),
+            ];
+            for (_, kernel) in masks.into_iter().filter(|&(present, _)| present) {
+                let mut mask = vec![0u8; whole / 8];
+                // SAFETY: the CPU has the kernel's features, checked above.
+                let n = unsafe { kernel(&sym[..whole], &mut mask, zero, all) };
+                prop_assert_eq!(n, count);
+                prop_assert_eq!(&mask, &expected);
+            }
+            for (_, kernel) in gathers.into_iter().filter(|&(present, _)| present) {
+                let mut out = vec![0xeeu8; count];
+                // SAFETY: as above.
+                unsafe { kernel(&sym[..whole], &expected, &mut out) };
+                prop_assert_eq!(&out, &kept);
+            }
         }
 
         #[test]
