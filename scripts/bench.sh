@@ -60,8 +60,9 @@ measure() {
   echo "$(echo "$end - $start" | bc -l) $peak"
 }
 
-# Best (fastest) seconds and highest peak per key, over the rounds.
-declare -A BEST PEAK
+# Best (fastest) seconds, highest peak and compression ratio per key, over
+# the rounds.
+declare -A BEST PEAK RATIO
 
 # Measures one run of a command that writes $2 (removed before the run)
 # and folds it into key $1's best time and peak. Every run starts with no
@@ -112,7 +113,11 @@ compress_run() {
   RATIO[$key]=$(python3 -c "import json;print('%.2f' % json.load(open('$out/report.json'))['totals']['ratio'])")
   rm -rf "$out"
 }
-declare -A RATIO
+
+# The line of a floor's key: its seconds.
+floor_row() {
+  printf '%-30s %9.2f %9.2f %14s %10s\n' "$1" "${BEST[$2]}" 1.00 - -
+}
 
 # One line per key: seconds, x the floor's seconds, peak, compression ratio.
 row() {
@@ -134,11 +139,11 @@ for preset in $PRESETS; do
       compress_run new-sync "$BIN" "$preset" --sync
     fi
   done
-  printf '%-30s %9.2f %9.2f %14s %10s\n' "cp" "${BEST[cp]}" 1.00 - -
+  floor_row cp cp
   [ -n "$BASE_BIN" ] && row "$preset (base)" base cp
   row "$preset" new cp
   if [ "$DURABLE" = 1 ]; then
-    printf '%-30s %9.2f %9.2f %14s %10s\n' "cp + sync" "${BEST[cp-sync]}" 1.00 - -
+    floor_row "cp + sync" cp-sync
     row "$preset --sync (x cp + sync)" new-sync cp-sync
   fi
 done

@@ -39,6 +39,28 @@ const PARALLEL_MIN: usize = 1 << 16;
 /// Escape symbol of each width 1..=8.
 const ESCAPES: [u64; 8] = [1, 3, 7, 15, 31, 63, 127, 255];
 
+/// For each byte of a [bitmask](self), the indices of its set bits in
+/// order, then zeros: the permutation that packs the selected ones of eight
+/// lanes to the front (the lanes past them take lane 0, for the caller to
+/// overwrite).
+#[cfg(target_arch = "x86_64")]
+pub(crate) static LEFT_PACK: [[u8; 8]; 256] = {
+    let mut table = [[0u8; 8]; 256];
+    let mut mask = 0;
+    while mask < 256 {
+        let (mut lane, mut k) = (0, 0);
+        while lane < 8 {
+            if mask & (1 << lane) != 0 {
+                table[mask][k] = lane as u8;
+                k += 1;
+            }
+            lane += 1;
+        }
+        mask += 1;
+    }
+    table
+};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Positions {
     /// One bit per element, LSB-first, 1 = nonzero.

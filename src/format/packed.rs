@@ -644,45 +644,23 @@ fn gather_kept(sym: &[u8], mask: &[u8], out: &mut [u8]) {
     gather_kept_portable(sym, mask, out)
 }
 
-/// For each mask byte, the indices of its set bits in order, one per byte
-/// from the lowest, then `0x80` (a shuffle writes 0 there): the shuffle
-/// that packs the kept ones of 8 symbols to the front.
-#[cfg(target_arch = "x86_64")]
-const KEPT_SHUFFLES: [u64; 256] = {
-    let mut table = [0u64; 256];
-    let mut bits = 0;
-    while bits < 256 {
-        let mut entry = 0x8080_8080_8080_8080u64;
-        let mut n = 0;
-        let mut k = 0;
-        while k < 8 {
-            if bits >> k & 1 == 1 {
-                entry = entry & !(0xff << (8 * n)) | (k as u64) << (8 * n);
-                n += 1;
-            }
-            k += 1;
-        }
-        table[bits] = entry;
-        bits += 1;
-    }
-    table
-};
-
 /// [`gather_kept_portable`] 8 symbols at a time: the kept ones packed to
-/// the front of a register by a shuffle from [`KEPT_SHUFFLES`] and stored
-/// as 8 bytes while 8 bytes of `out` are left (the bytes past the kept ones
-/// are overwritten by the next store); the rest plainly.
+/// the front of a register by a shuffle from [`LEFT_PACK`] and stored as 8
+/// bytes while 8 bytes of `out` are left (the bytes past the kept ones are
+/// overwritten by the next store); the rest plainly.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "ssse3,popcnt")]
 unsafe fn gather_kept_ssse3(sym: &[u8], mask: &[u8], out: &mut [u8]) {
+    use crate::compress::sparse::LEFT_PACK;
     use std::arch::x86_64::*;
     let mut j = 0;
     let mut at = 0;
     while at + 8 <= sym.len() && j + 8 <= out.len() {
         let bits = mask[at / 8];
-        let order = _mm_cvtsi64_si128(KEPT_SHUFFLES[usize::from(bits)] as i64);
-        // SAFETY: `at + 8 <= sym.len()` and `j + 8 <= out.len()`.
+        // SAFETY: `at + 8 <= sym.len()` and `j + 8 <= out.len()`; a table
+        // entry holds 8 bytes.
         unsafe {
+            let order = _mm_loadl_epi64(LEFT_PACK[usize::from(bits)].as_ptr().cast());
             let v = _mm_loadl_epi64(sym.as_ptr().add(at).cast());
             _mm_storel_epi64(out.as_mut_ptr().add(j).cast(), _mm_shuffle_epi8(v, order));
         }

@@ -88,25 +88,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
-
-    /// For each mask of eight lanes, the indices of its set lanes in
-    /// order, then zeros.
-    const LEFT_PACK: [[u8; 8]; 256] = {
-        let mut table = [[0u8; 8]; 256];
-        let mut mask = 0;
-        while mask < 256 {
-            let (mut lane, mut k) = (0, 0);
-            while lane < 8 {
-                if mask & (1 << lane) != 0 {
-                    table[mask][k] = lane as u8;
-                    k += 1;
-                }
-                lane += 1;
-            }
-            mask += 1;
-        }
-        table
-    };
+    use crate::compress::sparse::LEFT_PACK;
 
     /// The lanes of `v` set in `mask` (the low eight bits) stored in order
     /// at `out[n..]`; the new end of the list. Writes all eight lanes, so
