@@ -17,6 +17,7 @@ pub mod blobs;
 pub mod compress;
 #[cfg(feature = "service")]
 pub mod config;
+pub mod cpu;
 pub mod format;
 #[cfg(feature = "service")]
 pub mod outbound;

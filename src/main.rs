@@ -182,6 +182,7 @@ fn load_pipeline(preset_name: Option<&str>, file: Option<&Path>) -> anyhow::Resu
 }
 
 fn run_command(cli: Cli) -> anyhow::Result<()> {
+    modelpress::cpu::check_env().map_err(BadInput)?;
     let cancel = AtomicBool::new(false);
     match cli.command {
         Command::Serve(config) => serve(*config)?,

@@ -179,7 +179,7 @@ impl Coded {
     /// element: the same bits either way).
     pub fn decode_range(&self, start: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if crate::cpu::has!("avx2") {
             // SAFETY: the CPU has AVX2, checked just above.
             return unsafe { self.decode_range_avx2(start, out) };
         }
@@ -255,7 +255,7 @@ impl Coded {
 pub(crate) fn decode_codebook(symbols: &[u8], book: &[f32], out: &mut [f32]) {
     debug_assert!(symbols.iter().all(|&s| usize::from(s) < book.len()));
     #[cfg(target_arch = "x86_64")]
-    if book.len() <= 32 && std::arch::is_x86_feature_detected!("avx512f") {
+    if book.len() <= 32 && crate::cpu::has!("avx512f") {
         // SAFETY: the CPU has AVX-512 F, checked just above.
         return unsafe { decode_codebook_avx512(symbols, book, out) };
     }

@@ -178,7 +178,7 @@ impl Tile<'_> {
     /// order (no fused multiply-add), so the bits do not depend on the CPU.
     fn product_rows(&self, block: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx") {
+        if crate::cpu::has!("avx") {
             // SAFETY: the CPU supports AVX, checked just above.
             unsafe { self.product_rows_avx(block) };
             return;

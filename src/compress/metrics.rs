@@ -67,7 +67,7 @@ impl Sums {
 /// the same order (no fused multiply-add), so the same bits.
 fn chunk_sums(a: &[f32], b: &[f32]) -> Sums {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if crate::cpu::has!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
         return unsafe { chunk_sums_avx2(a, b) };
     }

@@ -561,7 +561,7 @@ fn split_zeros(c: &Coded) -> (Vec<u8>, Vec<u8>, [u64; 256]) {
 fn mask_bytes(sym: &[u8], mask: &mut [u8], zero: u8, all: u8) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::is_x86_feature_detected as has;
+        use crate::cpu::has;
         if has!("avx512bw") {
             // SAFETY: the CPU has AVX-512 BW, checked just above.
             return unsafe { mask_bytes_avx512(sym, mask, zero, all) };
@@ -631,7 +631,7 @@ unsafe fn mask_bytes_avx2(sym: &[u8], mask: &mut [u8], zero: u8, all: u8) -> usi
 fn gather_kept(sym: &[u8], mask: &[u8], out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::is_x86_feature_detected as has;
+        use crate::cpu::has;
         if has!("avx512vbmi2") {
             // SAFETY: the CPU has AVX-512 VBMI2, checked just above.
             return unsafe { gather_kept_avx512(sym, mask, out) };
@@ -1342,7 +1342,7 @@ mod tests {
             zero in prop_oneof![Just(0u8), Just(3u8)],
             all in 0u8..2,
         ) {
-            use std::arch::is_x86_feature_detected as has;
+            use crate::cpu::has;
             let whole = sym.len() / 8 * 8;
             let mut expected = vec![0u8; whole / 8];
             let count = mask_bytes_portable(&sym[..whole], &mut expected, zero, all);

@@ -350,14 +350,14 @@ pub(super) fn quantize_groups(
 /// Whether the CPU has the AVX-512 subsets the wide kernels use.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn has_avx512() -> bool {
-    use std::arch::is_x86_feature_detected as has;
+    use crate::cpu::has;
     has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl")
 }
 
 /// Whether the CPU has what the AVX2 kernels use.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn has_avx2() -> bool {
-    use std::arch::is_x86_feature_detected as has;
+    use crate::cpu::has;
     has!("avx2") && has!("fma")
 }
 

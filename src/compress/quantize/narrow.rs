@@ -517,7 +517,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn has_avx2() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        crate::cpu::has!("avx2") && crate::cpu::has!("fma")
     }
 
     /// [`check_passes`] with the AVX2 passes, and whether the integer fits

@@ -172,7 +172,7 @@ pub(super) fn assign_by_thresholds(
     );
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::is_x86_feature_detected as has;
+        use crate::cpu::has;
         if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
             // SAFETY: the CPU has these features, checked just above.
             return unsafe {

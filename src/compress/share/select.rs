@@ -18,7 +18,7 @@ use crate::compress::prune::magnitude_key;
 #[inline(always)]
 pub(super) fn select_nonzero(chunk: &[f32], out: &mut [u32; NONZERO_BATCH]) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if crate::cpu::has!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
         return unsafe { avx2::select_nonzero(chunk, out) };
     }
@@ -52,7 +52,7 @@ pub(super) fn select_around(
     inside: &mut [u32; NONZERO_BATCH],
 ) -> (usize, usize) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if crate::cpu::has!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
         return unsafe { avx2::select_around(chunk, high, above, inside) };
     }

@@ -297,7 +297,7 @@ fn looking_clusters_up_by_bin_matches_searching_at_every_boundary() {
     // The AVX2 kernel also where a wider one is taken, with limits on the
     // magnitude keys from none to all.
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
+    if crate::cpu::has!("avx2") {
         let key = data[data.len() / 2].to_bits() & 0x7fff_ffff;
         for zero_below in [0, 1, key, key + 1, 1 << 31, u32::MAX] {
             let mut want = vec![0u8; data.len()];

@@ -598,7 +598,7 @@ unsafe fn quantize_lanes(
         let minmax = v.minmax;
         let sum_sq = rows.sum_sq();
         let mut ranking = Ranking::new();
-        let vnni = is_x86_feature_detected!("avx512vnni");
+        let vnni = crate::cpu::has!("avx512vnni");
         for step in 0..=SHRINK_STEPS {
             let s = candidate_scales(minmax, step);
             let fit = if vnni {
@@ -683,7 +683,7 @@ mod tests {
     /// `vpdpwssd` and `vpmaddwd` + `vpaddd` give every lane the same fits.
     #[test]
     fn fits_are_the_same_with_and_without_vnni() {
-        if !has_avx512() || !is_x86_feature_detected!("avx512vnni") {
+        if !has_avx512() || !crate::cpu::has!("avx512vnni") {
             return;
         }
         let (n, bits) = (128, 4);
