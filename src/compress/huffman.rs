@@ -219,18 +219,20 @@ impl Huffman {
         // Symbols that pair codes settle, two pairs to a store when four
         // codes fit in what the accumulator has free.
         let mut done = 0;
-        if symbols.len() >= PAIR_MIN {
+        // The pair table covers the symbols below PAIR_SYMBOLS, and only
+        // those have codes when it exists; one OR over the input (which
+        // vectorizes) tells whether every symbol is in it, so the loops
+        // below index without a test per pair. Otherwise the symbols go one
+        // at a time, which reports the first without a code.
+        let in_table = |s: &[u8]| s.iter().fold(0u8, |m, &x| m | x) < PAIR_SYMBOLS as u8;
+        if symbols.len() >= PAIR_MIN && in_table(symbols) {
             if let Some(table) = self.pair_codes() {
                 let quads = 4 * longest + 7 <= 64;
                 let pair = |a: u8, b: u8| {
-                    if usize::from(a | b) < PAIR_SYMBOLS {
-                        let e = table[(usize::from(a) * PAIR_SYMBOLS + usize::from(b))
-                            & (PAIR_SYMBOLS * PAIR_SYMBOLS - 1)];
-                        // 0: one of the two has no code.
-                        (e != 0).then_some(((e & 0xff) as u32, e >> 8))
-                    } else {
-                        None
-                    }
+                    let e = table[(usize::from(a) * PAIR_SYMBOLS + usize::from(b))
+                        & (PAIR_SYMBOLS * PAIR_SYMBOLS - 1)];
+                    // 0: one of the two has no code.
+                    (e != 0).then_some(((e & 0xff) as u32, e >> 8))
                 };
                 if quads {
                     for four in symbols.chunks_exact(4) {
@@ -239,8 +241,12 @@ impl Huffman {
                         else {
                             break;
                         };
-                        acc = (((acc << l0) | c0) << l1) | c1;
-                        pending += l0 + l1;
+                        // The two pairs joined first, off the accumulator's
+                        // dependency chain: the same bits as shifting each
+                        // in (both fit in 64 with the pending ones).
+                        let (l, c) = (l0 + l1, (c0 << l1) | c1);
+                        acc = (acc << l) | c;
+                        pending += l;
                         flush(acc, &mut pending, &mut pos);
                         done += 4;
                     }
