@@ -19,6 +19,15 @@
 
 use std::sync::OnceLock;
 
+/// `is_x86_feature_detected!` under the ceiling: whether the CPU has the
+/// extension and the kernels may use it.
+macro_rules! has {
+    ($feature:tt) => {
+        $crate::cpu::allows($feature) && std::arch::is_x86_feature_detected!($feature)
+    };
+}
+pub(crate) use has;
+
 /// The environment variable that lowers the ceiling.
 pub const ENV: &str = "MODELPRESS_SIMD";
 
@@ -45,6 +54,36 @@ impl std::str::FromStr for Level {
             )),
         }
     }
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Portable => "portable",
+            Self::Sse4 => "sse4",
+            Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512",
+        })
+    }
+}
+
+/// The widest level whose main extensions the CPU has and the ceiling
+/// allows: what the kernels run at here (some kernels of a level also
+/// need a further extension of it, and fall back a level without it).
+pub fn level() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+            return Level::Avx512;
+        }
+        if has!("avx2") && has!("fma") {
+            return Level::Avx2;
+        }
+        if has!("sse4.2") && has!("popcnt") {
+            return Level::Sse4;
+        }
+    }
+    Level::Portable
 }
 
 /// The ceiling `MODELPRESS_SIMD` sets, or why its value is not one.
@@ -83,15 +122,6 @@ pub fn allows(feature: &str) -> bool {
     level_of(feature) <= ceiling()
 }
 
-/// `is_x86_feature_detected!` under the ceiling: whether the CPU has the
-/// extension and the kernels may use it.
-macro_rules! has {
-    ($feature:tt) => {
-        $crate::cpu::allows($feature) && std::arch::is_x86_feature_detected!($feature)
-    };
-}
-pub(crate) use has;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +134,14 @@ mod tests {
         let err = "avx3".parse::<Level>().unwrap_err();
         assert!(err.contains("\"avx3\"") && err.contains(ENV), "{err}");
         assert!(Level::Portable < Level::Sse4 && Level::Avx2 < Level::Avx512);
+        for level in [Level::Portable, Level::Sse4, Level::Avx2, Level::Avx512] {
+            assert_eq!(level.to_string().parse::<Level>(), Ok(level));
+        }
+    }
+
+    #[test]
+    fn the_level_in_use_is_under_the_ceiling() {
+        assert!(level() <= ceiling());
     }
 
     #[test]

@@ -283,10 +283,11 @@ fn serve(config: ServeConfig) -> anyhow::Result<()> {
     runtime.block_on(async {
         let app = modelpress::startup::Application::build(&config).await?;
         tracing::info!(
-            "listening on http://{} (data directory {}, {} workers)",
+            "listening on http://{} (data directory {}, {} workers, {} kernels)",
             app.local_addr(),
             config.data_dir.display(),
-            config.worker_count()
+            config.worker_count(),
+            modelpress::cpu::level()
         );
         app.run_until_stopped(shutdown_signal()).await
     })
