@@ -73,10 +73,10 @@ impl std::fmt::Display for Level {
 pub fn level() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
-        if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+        if has_avx512() {
             return Level::Avx512;
         }
-        if has!("avx2") && has!("fma") {
+        if has_avx2() {
             return Level::Avx2;
         }
         if has!("sse4.2") && has!("popcnt") {
@@ -84,6 +84,20 @@ pub fn level() -> Level {
         }
     }
     Level::Portable
+}
+
+/// Whether the kernels may use the AVX-512 subsets the wide kernels are
+/// compiled for (F, BW, DQ, VL): the CPU has them and the ceiling allows.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512() -> bool {
+    has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl")
+}
+
+/// Whether the kernels may use what the AVX2 kernels are compiled for
+/// (AVX2 and FMA).
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx2() -> bool {
+    has!("avx2") && has!("fma")
 }
 
 /// The ceiling `MODELPRESS_SIMD` sets, or why its value is not one.

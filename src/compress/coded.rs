@@ -255,22 +255,24 @@ impl Coded {
 pub(crate) fn decode_codebook(symbols: &[u8], book: &[f32], out: &mut [f32]) {
     debug_assert!(symbols.iter().all(|&s| usize::from(s) < book.len()));
     #[cfg(target_arch = "x86_64")]
-    if book.len() <= 32 && crate::cpu::has!("avx512f") {
-        // SAFETY: the CPU has AVX-512 F, checked just above.
-        return unsafe { decode_codebook_avx512(symbols, book, out) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if book.len() <= 32 && crate::cpu::has!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just above; the tables are
-        // enough for the book.
-        return unsafe {
-            match book.len().div_ceil(8) {
-                0 | 1 => decode_codebook_avx2::<1>(symbols, book, out),
-                2 => decode_codebook_avx2::<2>(symbols, book, out),
-                3 => decode_codebook_avx2::<3>(symbols, book, out),
-                _ => decode_codebook_avx2::<4>(symbols, book, out),
-            }
-        };
+    if book.len() <= 32 {
+        use crate::cpu::has;
+        if has!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F, checked just above.
+            return unsafe { decode_codebook_avx512(symbols, book, out) };
+        }
+        if has!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above; the tables are
+            // enough for the book.
+            return unsafe {
+                match book.len().div_ceil(8) {
+                    0 | 1 => decode_codebook_avx2::<1>(symbols, book, out),
+                    2 => decode_codebook_avx2::<2>(symbols, book, out),
+                    3 => decode_codebook_avx2::<3>(symbols, book, out),
+                    _ => decode_codebook_avx2::<4>(symbols, book, out),
+                }
+            };
+        }
     }
     decode_codebook_portable(symbols, book, out)
 }

@@ -347,19 +347,8 @@ pub(super) fn quantize_groups(
     }
 }
 
-/// Whether the CPU has the AVX-512 subsets the wide kernels use.
 #[cfg(target_arch = "x86_64")]
-pub(super) fn has_avx512() -> bool {
-    use crate::cpu::has;
-    has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl")
-}
-
-/// Whether the CPU has what the AVX2 kernels use.
-#[cfg(target_arch = "x86_64")]
-pub(super) fn has_avx2() -> bool {
-    use crate::cpu::has;
-    has!("avx2") && has!("fma")
-}
+pub(super) use crate::cpu::{has_avx2, has_avx512};
 
 /// One group's parameters and symbols, compiled for the widest vector
 /// registers the CPU has. Wider registers make the same IEEE operations in
